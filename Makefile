@@ -1,0 +1,51 @@
+# The two commands a newcomer runs: `make demo` and `make test`. Both create .venv here.
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+PIP       := $(PY) -m pip
+# CPU build of torch for machines without CUDA; a torch already in .venv (say a CUDA build) is kept.
+TORCH_CPU ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PYTEST_ARGS ?=
+DEMO_SIZE ?= full
+
+.PHONY: setup test test-fast demo browser clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	    echo "setup: keeping installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+	    echo "setup: CUDA machine without torch: installing PyPI's default (CUDA) torch"; \
+	    $(PIP) install -q torch; \
+	else \
+	    echo "setup: no CUDA: installing the CPU build $(TORCH_CPU)"; \
+	    $(PIP) install -q $(TORCH_CPU) --extra-index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(PIP) install -q -e ".[dev]"
+	@$(MAKE) --no-print-directory browser
+	@touch $@
+
+# Headless Chromium renders the HTML report in a test. Installed with apt where we may;
+# the report test skips with a message saying so where it cannot be installed.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "setup: installing Debian's chromium for the report test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "setup: chromium could not be installed; the browser test will be skipped"; \
+	else echo "setup: no chromium and no root apt-get; the browser test will be skipped"; fi
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Everything but the slow end-to-end runs.
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	DEMO_SIZE=$(DEMO_SIZE) PYTHON=$(PY) bash scripts/demo.sh
+
+clean:
+	rm -rf outputs .pytest_cache
