@@ -1,0 +1,225 @@
+"""Collators: examples become one model batch with a gather plan for response log-probabilities.
+
+Every collator returns a dict with the same keys, so one forward function serves SFT, DPO and
+MCM-DPO, packed or naive (``B`` records, ``R`` rows, ``L`` positions, ``C`` conditions, ``T``
+scored tokens per condition, ``N`` images)::
+
+    input_ids      [R, L]        long   image tokens expanded in place
+    attention_mask [R, L] bool   (padding only), or [R, 1, L, L] bool (tree: True = may attend)
+    position_ids   [R, L]        long   (packed only; absent means 0..L-1)
+    pixel_values   [N, 3, S, S] or [N, P, 3, S, S] (anyres)   images in the order they occur
+    image_sizes    [N, 2]        long   (height, width), anyres only
+    logp_index     [B, C, T]     long   flat index into the R*L hidden states that predicts ...
+    logp_target    [B, C, T]     long   ... this token
+    logp_mask      [B, C, T]     bool   which of the T slots are real
+    index          [B]           long   dataset index of each record (reference-cache key)
+
+``logp_index`` points at the position *before* each scored token: a response's first token is
+predicted at the last position of its parent segment, wherever packing placed that segment.
+
+A packed preference record is one row holding its tree of segments, each written once::
+
+    prefix | image m_w | question c_w | y_w | y_l | question c_l | y_w | y_l | image m_l | ...
+
+Each segment attends to itself (causally) and to its ancestors only; its position ids continue
+from its parent's end, so every branch sees exactly the positions of its own full sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from llava.constants import IGNORE_INDEX
+from llava.data.datasets import PreferenceExample, SFTExample, condition_factors
+from llava.data.images import ProcessedImage
+
+
+@dataclass(frozen=True)
+class _Placed:
+    """Where a segment landed in its row."""
+
+    segment: int
+    start: int  # index of its first token in the row
+    last: int  # index of its last token
+    next_position: int  # position id its children start from
+
+
+@dataclass
+class _Row:
+    """One row under construction: token ids, position ids, segment of each token, images."""
+
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    segments: list[int] = field(default_factory=list)
+    ancestors: list[set[int]] = field(default_factory=list)  # per segment: itself and its ancestors
+    images: list[ProcessedImage] = field(default_factory=list)
+
+    def add(self, ids: list[int], parent: _Placed | None) -> _Placed:
+        """Append a segment after everything already in the row, as a child of ``parent``."""
+        seg = len(self.ancestors)
+        self.ancestors.append((self.ancestors[parent.segment] if parent else set()) | {seg})
+        first_position = parent.next_position if parent else 0
+        start = len(self.ids)
+        self.ids += ids
+        self.positions += range(first_position, first_position + len(ids))
+        self.segments += [seg] * len(ids)
+        return _Placed(seg, start, start + len(ids) - 1, first_position + len(ids))
+
+    def add_image(self, image: ProcessedImage, image_token_id: int, parent: _Placed | None) -> _Placed:
+        self.images.append(image)
+        return self.add([image_token_id] * image.num_tokens, parent)
+
+
+def _image_tensors(images: list[ProcessedImage]) -> dict[str, torch.Tensor]:
+    if not images:
+        return {}
+    pix = [im.pixel_values for im in images]
+    if pix[0].dim() == 4:  # anyres: [patches, 3, S, S], padded to the most patches in the batch
+        most = max(p.shape[0] for p in pix)
+        pix = [torch.cat([p, p.new_zeros(most - p.shape[0], *p.shape[1:])]) for p in pix]
+        sizes = torch.tensor([im.image_size for im in images], dtype=torch.long)
+        return {"pixel_values": torch.stack(pix), "image_sizes": sizes}
+    return {"pixel_values": torch.stack(pix)}
+
+
+def _gather_plan(scored: list[list[list[tuple[int, int]]]]) -> dict[str, torch.Tensor]:
+    """``scored[b][c]`` = [(flat index, target token), ...] -> padded ``[B, C, T]`` tensors."""
+    b, c = len(scored), len(scored[0])
+    t = max(len(s) for per in scored for s in per)
+    index = torch.zeros(b, c, t, dtype=torch.long)
+    target = torch.zeros(b, c, t, dtype=torch.long)
+    mask = torch.zeros(b, c, t, dtype=torch.bool)
+    for i, per in enumerate(scored):
+        for j, pairs in enumerate(per):
+            if pairs:
+                idx, tgt = zip(*pairs)
+                index[i, j, : len(idx)] = torch.tensor(idx)
+                target[i, j, : len(tgt)] = torch.tensor(tgt)
+                mask[i, j, : len(idx)] = True
+    return {"logp_index": index, "logp_target": target, "logp_mask": mask}
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def _response_pairs(parent: _Placed, response: _Placed, ids: Sequence[int]) -> list[tuple[int, int]]:
+    """(row position, token) scored for a response: token 0 is predicted at the parent's last position."""
+    before = [parent.last] + list(range(response.start, response.last))
+    return list(zip(before, ids))
+
+
+_WINNER_FIRST = {"w": 0, "l": 1}
+
+
+class PreferenceCollator:
+    """Batches ``PreferenceExample``s for ``conditions``, packed as trees (default) or naive."""
+
+    def __init__(self, conditions: Sequence[str], pad_token_id: int, image_token_id: int, packed: bool = True):
+        self.conditions, self.packed = tuple(conditions), packed
+        self.pad_token_id, self.image_token_id = pad_token_id, image_token_id
+
+    def __call__(self, examples: list[PreferenceExample]) -> dict[str, torch.Tensor]:
+        rows, scored = self._packed_rows(examples) if self.packed else self._naive_rows(examples)
+        batch = {"input_ids": _pad([r.ids for r in rows], self.pad_token_id)}
+        width = batch["input_ids"].shape[1]
+        if self.packed:
+            batch["position_ids"] = _pad([r.positions for r in rows], 0)
+            batch["attention_mask"] = torch.stack([_tree_mask(r, width) for r in rows]).unsqueeze(1)
+        else:
+            batch["attention_mask"] = _pad([[1] * len(r.ids) for r in rows], 0).bool()
+        batch.update(_image_tensors([im for r in rows for im in r.images]))
+        # scored positions are row-local: make them flat indices into the [R * L] hidden states
+        batch.update(_gather_plan([[[(row * width + p, t) for p, t in pairs] for row, pairs in per] for per in scored]))
+        batch["index"] = torch.tensor([e.index for e in examples], dtype=torch.long)
+        return batch
+
+    def _packed_rows(self, examples: list[PreferenceExample]):
+        rows, scored = [], []
+        for e in examples:
+            row = _Row()
+            placed = {(): row.add(e.prefix, None)}
+            pairs = {}
+            # Depth first over image, context, response (winners first): parents precede children.
+            keys = {(m, c, y) for c, m, y in map(condition_factors, self.conditions)}
+            for m, c, y in sorted(keys, key=lambda k: [_WINNER_FIRST[x] for x in k]):
+                if (m,) not in placed:
+                    placed[(m,)] = row.add_image(e.image(m), self.image_token_id, placed[()])
+                if (m, c) not in placed:
+                    placed[(m, c)] = row.add(e.question(c), placed[(m,)])
+                response = row.add(e.response(y), placed[(m, c)])
+                pairs[f"c{c}_m{m}_y{y}"] = _response_pairs(placed[(m, c)], response, e.response(y))
+            scored.append([(len(rows), pairs[name]) for name in self.conditions])
+            rows.append(row)
+        return rows, scored
+
+    def _naive_rows(self, examples: list[PreferenceExample]):
+        """One full sequence per condition, each with its own copy of the image (the published way)."""
+        rows, scored = [], []
+        for e in examples:
+            per = []
+            for name in self.conditions:
+                c, m, y = condition_factors(name)
+                row = _Row()
+                # Plain sequences: every segment is the child of the one before it.
+                image = row.add_image(e.image(m), self.image_token_id, row.add(e.prefix, None))
+                question = row.add(e.question(c), image)
+                response = row.add(e.response(y), question)
+                per.append((len(rows), _response_pairs(question, response, e.response(y))))
+                rows.append(row)
+            scored.append(per)
+        return rows, scored
+
+
+def _tree_mask(row: _Row, width: int) -> torch.Tensor:
+    """``[L, L]`` bool: token i may attend token j iff j <= i and j's segment is i's or an ancestor's.
+
+    Padding attends only to itself, so no softmax row is empty.
+    """
+    n = len(row.ids)
+    seg = torch.tensor(row.segments)
+    k = len(row.ancestors)
+    anc = torch.zeros(k, k, dtype=torch.bool)
+    for s, a in enumerate(row.ancestors):
+        anc[s, list(a)] = True
+    mask = torch.zeros(width, width, dtype=torch.bool)
+    mask[:n, :n] = anc[seg][:, seg] & torch.ones(n, n, dtype=torch.bool).tril()
+    pad = torch.arange(n, width)
+    mask[pad, pad] = True
+    return mask
+
+
+class SFTCollator:
+    """Right-padded conversations; scored tokens are the label positions (answers and their EOS)."""
+
+    def __init__(self, pad_token_id: int, image_token_id: int):
+        self.pad_token_id, self.image_token_id = pad_token_id, image_token_id
+
+    def __call__(self, examples: list[SFTExample]) -> dict[str, torch.Tensor]:
+        rows, labels, images = [], [], []
+        for e in examples:
+            ids, lab = [], []
+            for t, l in zip(e.input_ids, e.labels):
+                if t == self.image_token_id and e.image is not None:
+                    ids += [t] * e.image.num_tokens
+                    lab += [IGNORE_INDEX] * e.image.num_tokens
+                else:
+                    ids.append(t)
+                    lab.append(l)
+            if e.image is not None:
+                images.append(e.image)
+            rows.append(ids)
+            labels.append(lab)
+        batch = {"input_ids": _pad(rows, self.pad_token_id)}
+        width = batch["input_ids"].shape[1]
+        batch["attention_mask"] = _pad([[1] * len(r) for r in rows], 0).bool()
+        batch.update(_image_tensors(images))
+        scored = [[[(b * width + p - 1, t) for p, t in enumerate(lab) if t != IGNORE_INDEX and p > 0]]
+                  for b, lab in enumerate(labels)]
+        batch.update(_gather_plan(scored))
+        batch["index"] = torch.tensor([e.index for e in examples], dtype=torch.long)
+        return batch

@@ -1,0 +1,133 @@
+"""Images: open a record's image and turn it into the pixel tensor its model expects.
+
+``--image_aspect_ratio``:
+
+* ``pad``: pad to a square in the processor's mean colour, then resize (LLaVA-1.5's choice, and how
+  the paper runs LLaVA-1.6: one view, ``(size / patch)^2`` image tokens, no multi-crop);
+* ``square``: the processor's own resize and centre crop (what LLaVA does for any other value);
+* ``anyres``: LLaVA-NeXT's multi-crop tiling (LLaVA-NeXT models only), with its variable token count.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from llava.data.records import DataError, DataProblem, ImageRef, Record
+
+ASPECT_RATIOS = ("pad", "square", "anyres")
+
+
+def image_path(ref: ImageRef, image_folder: str | Path | None) -> Path | None:
+    if ref.path is None:
+        return None
+    p = Path(ref.path)
+    return p if p.is_absolute() or image_folder is None else Path(image_folder) / p
+
+
+def open_image(record: Record, image_folder: str | Path | None) -> Image.Image:
+    """The record's image as RGB; a missing or unreadable image raises ``DataError`` naming it."""
+    ref = record.image
+    if ref is None:
+        raise record.error("image", "no image")
+    path = image_path(ref, image_folder)
+    try:
+        if path is not None:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        with Image.open(io.BytesIO(ref.data)) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise record.error("image", f"image file not found: {path}")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise record.error("image", f"unreadable image {ref.describe()} ({type(e).__name__}: {e})")
+
+
+def missing_images(records: list[Record], image_folder: str | Path | None) -> list[DataProblem]:
+    """Records whose image file does not exist (a cheap stat, run before training starts)."""
+    problems = []
+    for r in records:
+        if r.image is None:
+            continue
+        path = image_path(r.image, image_folder)
+        if path is not None and not path.is_file():
+            problems.append(DataProblem(r.source, r.number, "image", f"image file not found: {path}", r.line))
+    return problems
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    pixel_values: torch.Tensor  # [3, S, S] (pad/square) or [patches, 3, S, S] (anyres)
+    image_size: tuple[int, int]  # (height, width) of the image given to the processor
+    num_tokens: int  # image tokens this image occupies in the sequence
+
+
+class ImageProcessor:
+    """Pixels and token count of one image for a model's processor and an aspect-ratio mode."""
+
+    def __init__(self, processor, aspect_ratio: str = "pad", vision_feature_select_strategy: str = "default"):
+        if aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(f"--image_aspect_ratio must be one of {ASPECT_RATIOS}, got {aspect_ratio!r}")
+        self.processor = processor
+        self.aspect_ratio = aspect_ratio
+        ip = processor.image_processor
+        self.is_next = hasattr(ip, "image_grid_pinpoints")
+        if aspect_ratio == "anyres" and not self.is_next:
+            raise ValueError("--image_aspect_ratio anyres needs a LLaVA-NeXT model (its processor tiles images)")
+        crop = getattr(ip, "crop_size", None) or {}
+        size = getattr(ip, "size", None) or {}
+        crop = dict(crop) if not isinstance(crop, dict) else crop
+        size = dict(size) if not isinstance(size, dict) else size
+        self.side = int(crop.get("height") or size.get("shortest_edge") or size.get("height"))
+        self.mean = tuple(float(x) for x in ip.image_mean)
+        self.fill = tuple(int(round(255 * m)) for m in self.mean)
+        patch = int(processor.patch_size)
+        extra = 1 if vision_feature_select_strategy == "full" else 0
+        self.flat_tokens = (self.side // patch) ** 2 + extra
+        self._single_view = self._clip_processor(ip)
+
+    def _clip_processor(self, ip):
+        """A plain resize + centre-crop + normalise processor with ``ip``'s settings (one view)."""
+        from transformers import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil(
+            size={"shortest_edge": self.side}, crop_size={"height": self.side, "width": self.side},
+            image_mean=list(ip.image_mean), image_std=list(ip.image_std), resample=getattr(ip, "resample", 3),
+        )
+
+    def __call__(self, image: Image.Image) -> ProcessedImage:
+        if self.aspect_ratio == "anyres":
+            out = self.processor.image_processor(images=[image], return_tensors="pt")
+            h, w = (int(x) for x in out["image_sizes"][0])
+            n = self.processor._get_num_multimodal_tokens(image_sizes=[(h, w)])["num_image_tokens"][0]
+            return ProcessedImage(out["pixel_values"][0], (h, w), int(n))
+        if self.aspect_ratio == "pad":
+            image = expand_to_square(image, self.fill)
+        pixels = self._single_view(images=[image], return_tensors="pt")["pixel_values"][0]
+        return ProcessedImage(pixels, (image.size[1], image.size[0]), self.flat_tokens)
+
+    def black(self, like: ProcessedImage) -> ProcessedImage:
+        """An all-zero normalised tensor: the processor's mean colour everywhere."""
+        return ProcessedImage(torch.zeros_like(like.pixel_values), like.image_size, like.num_tokens)
+
+
+def check_image_readable(record: Record, image_folder) -> DataProblem | None:
+    try:
+        open_image(record, image_folder)
+    except DataError as e:
+        return e.problems[0]
+    return None
