@@ -1,0 +1,400 @@
+"""Score inference outputs (JSON Lines) against reference alt-text.
+
+Command line (``python get_score.py`` is a thin front for :func:`main`)::
+
+    python get_score.py --file A.jsonl [B.jsonl ...] [--out_dir DIR]
+    python get_score.py --dir DIR [--out_dir DIR]
+
+``--dir`` scores every ``*.jsonl`` in DIR (sorted) except ``*_score.jsonl``.
+``--out_dir`` defaults to the directory of the first file (or to DIR).
+
+Input records
+-------------
+One JSON object per line with ``response`` (model output) and ``chosen`` (reference
+alt-text); usually also ``idx``, ``image_path`` and ``question``.
+
+* **Yes/no files**: when any (non-error) record of a file has a ``label`` field, the
+  file is a yes/no benchmark: every record needs ``label`` ("yes"/"no", any case)
+  and ``chosen`` is not needed (and ignored).
+* **Error rows**: a record with a truthy ``error`` field (its image failed) is
+  counted in ``errors`` and excluded from every metric and from ``n``; it needs no
+  other field.
+* **Unparseable lines** (not JSON, or not a JSON object) are reported on stderr as
+  ``FILE, line N: ...``, skipped and counted in ``bad_lines``. Blank lines are ignored.
+* **Missing fields**: a record without ``response`` (or ``chosen``/``label``), or
+  with a non-string value, is an error naming file, line and field; the command
+  exits with status 2 before writing anything.
+* **Duplicate idx**: reported on stderr with the idx and both line numbers, counted
+  in ``duplicate_idx``; both records are scored.
+
+Outputs (written atomically: temp file + rename)
+-----------------------------------------------
+``scores.json``: a list with one row per file; every row has exactly ``ROW_KEYS``:
+
+* ``file`` (path as given), ``kind`` ("caption" or "yesno"), ``n`` (scored records),
+  ``errors``, ``bad_lines``, ``duplicate_idx`` (counts);
+* caption metrics, x100: ``Bleu_1`` .. ``Bleu_4``, ``METEOR``, ``ROUGE_L``, ``CIDEr``
+  (pycocoevalcap, see :mod:`llava.eval.metrics`); ``edit_distance`` (mean word-level
+  Levenshtein distance, lower-cased whitespace tokens); null in yes/no rows;
+* response length, every kind: ``mean_words``, ``mean_chars``, ``over_125_chars``
+  and ``empty`` (shares of responses longer than 125 characters / empty, in percent);
+* yes/no metrics, x100: ``accuracy``, ``precision``, ``recall``, ``f1``,
+  ``yes_ratio``, and ``unparsed`` (count of responses without a yes/no word); null
+  in caption rows.
+
+A metric is null when the file has no scored record. Empty responses are scored
+(as zero, see :mod:`llava.eval.metrics`) and counted in ``empty``.
+
+``scores.csv`` has the same columns, ``scores.md`` a Markdown table (printed too;
+numbers with 2 decimals, columns that are null in every row left out, count columns
+left out when zero in every row). ``<name>_score.jsonl`` beside each input holds one
+line per parsed record: the record plus ``SAMPLE_KEYS_CAPTION`` or
+``SAMPLE_KEYS_YESNO`` (null for error rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from llava.eval import metrics as M
+
+CAPTION_KEYS = M.COCO_KEYS + ("edit_distance",)
+LENGTH_KEYS = ("mean_words", "mean_chars", "over_125_chars", "empty")
+YESNO_KEYS = ("accuracy", "precision", "recall", "f1", "yes_ratio", "unparsed")
+COUNT_KEYS = ("n", "errors", "bad_lines", "duplicate_idx", "unparsed")
+
+#: Keys of every ``scores.json`` row, in column order.
+ROW_KEYS = ("file", "kind", "n", "errors", "bad_lines", "duplicate_idx") + CAPTION_KEYS + LENGTH_KEYS + YESNO_KEYS
+
+#: Per-sample keys added to each record of a caption file's ``<name>_score.jsonl``.
+SAMPLE_KEYS_CAPTION = M.COCO_KEYS + ("edit_distance", "words", "chars", "over_125", "empty")
+#: Per-sample keys added to each record of a yes/no file's ``<name>_score.jsonl``.
+SAMPLE_KEYS_YESNO = ("pred", "correct", "words", "chars", "over_125", "empty")
+
+
+class InputError(Exception):
+    """Bad input that stops scoring; the message is meant for the user as it is."""
+
+
+@dataclass
+class Loaded:
+    """One parsed input file."""
+
+    path: Path
+    kind: str = "caption"
+    records: list[tuple[int, dict]] = field(default_factory=list)  # (line number, record)
+    bad_lines: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason)
+    duplicates: list[tuple[Any, int, int]] = field(default_factory=list)  # (idx, first, again)
+    problems: list[str] = field(default_factory=list)  # missing / invalid fields
+
+
+def is_error_record(record: dict) -> bool:
+    """A record whose inference failed (e.g. unreadable image)."""
+    return bool(record.get("error"))
+
+
+def _idx_key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def load_file(path: str | Path, warn=None) -> Loaded:
+    """Parse a JSON Lines file. Unparseable lines and duplicate idx are reported with
+    ``warn`` (default: print to stderr); field problems are collected in ``problems``."""
+    if warn is None:
+        warn = _warn
+    path = Path(path)
+    loaded = Loaded(path=path)
+    try:
+        with open(path, "rb") as fh:
+            raw_lines = fh.read().split(b"\n")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    seen: dict[str, int] = {}
+    for lineno, raw in enumerate(raw_lines, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            loaded.bad_lines.append((lineno, f"not UTF-8 ({exc.reason})"))
+            continue
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            loaded.bad_lines.append((lineno, f"not valid JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        if not isinstance(record, dict):
+            loaded.bad_lines.append((lineno, f"not a JSON object (a {type(record).__name__})"))
+            continue
+        loaded.records.append((lineno, record))
+        if "idx" in record:
+            key = _idx_key(record["idx"])
+            if key in seen:
+                loaded.duplicates.append((record["idx"], seen[key], lineno))
+            else:
+                seen[key] = lineno
+    for lineno, reason in loaded.bad_lines:
+        warn(f"{path}, line {lineno}: skipped unparseable line: {reason}")
+    for idx, first, again in loaded.duplicates:
+        warn(f"warning: {path}: duplicate idx {json.dumps(idx)} on lines {first} and {again}")
+
+    good = [(ln, r) for ln, r in loaded.records if not is_error_record(r)]
+    loaded.kind = "yesno" if any("label" in r for _, r in good) else "caption"
+    needed = ("response", "label") if loaded.kind == "yesno" else ("response", "chosen")
+    for lineno, record in good:
+        for name in needed:
+            if name not in record:
+                loaded.problems.append(f"{path}, line {lineno}: missing field '{name}'")
+            elif not isinstance(record[name], str):
+                got = "null" if record[name] is None else type(record[name]).__name__
+                loaded.problems.append(f"{path}, line {lineno}: field '{name}' must be a string, got {got}")
+            elif name == "label" and record[name].strip().lower() not in ("yes", "no"):
+                loaded.problems.append(
+                    f"{path}, line {lineno}: field 'label' must be 'yes' or 'no', got {record[name]!r}"
+                )
+    return loaded
+
+
+def score_loaded(loaded: Loaded, meteor=None) -> tuple[dict, list[dict]]:
+    """Score a validated file. Returns ``(row, per_sample_records)``; the per-sample
+    list has one entry per parsed record (error rows included, metrics null)."""
+    if loaded.problems:
+        raise InputError("\n".join(loaded.problems))
+    good = [r for _, r in loaded.records if not is_error_record(r)]
+    responses = [r["response"] for r in good]
+    row: dict = dict.fromkeys(ROW_KEYS)
+    row.update(
+        file=str(loaded.path),
+        kind=loaded.kind,
+        n=len(good),
+        errors=len(loaded.records) - len(good),
+        bad_lines=len(loaded.bad_lines),
+        duplicate_idx=len(loaded.duplicates),
+    )
+    if loaded.kind == "yesno":
+        labels = [r["label"].strip().lower() for r in good]
+        summary, each = M.yes_no_scores(responses, labels)
+        summary.update(M.length_summary(responses))
+        each = [{**e, **M.length_stats(resp)} for e, resp in zip(each, responses)]
+        sample_keys = SAMPLE_KEYS_YESNO
+    else:
+        summary, each = M.caption_scores(responses, [r["chosen"] for r in good], meteor=meteor)
+        sample_keys = SAMPLE_KEYS_CAPTION
+    row.update({k: v for k, v in summary.items() if k in row})
+
+    per_sample = []
+    scored = iter(each)
+    for _, record in loaded.records:
+        values = dict.fromkeys(sample_keys) if is_error_record(record) else next(scored)
+        per_sample.append({**record, **{k: values[k] for k in sample_keys}})
+    return row, per_sample
+
+
+def score_files(paths: Sequence[str | Path], warn=None) -> tuple[list[dict], list[list[dict]], list[Loaded]]:
+    """Load and validate every file (all problems reported at once), then score them.
+
+    Returns ``(rows, per_sample_lists, loaded_files)``. Raises :class:`InputError`
+    on missing/invalid fields, :class:`llava.eval.metrics.MetricError` when a
+    Java scorer fails.
+    """
+    loaded = [load_file(p, warn=warn) for p in paths]
+    problems = [msg for lf in loaded for msg in lf.problems]
+    if problems:
+        shown = problems[:20]
+        if len(problems) > len(shown):
+            shown.append(f"... and {len(problems) - len(shown)} more")
+        raise InputError("\n".join(shown))
+    meteor = None
+    if any(lf.kind == "caption" and any(not is_error_record(r) for _, r in lf.records) for lf in loaded):
+        meteor = M.get_meteor()  # starts loading now, while the tokenizer runs
+    rows, samples = [], []
+    for lf in loaded:
+        row, per_sample = score_loaded(lf, meteor=meteor)
+        rows.append(row)
+        samples.append(per_sample)
+    return rows, samples, loaded
+
+
+# ----------------------------------------------------------------------------
+# Formatting and writing
+# ----------------------------------------------------------------------------
+
+def display_name(file: str) -> str:
+    """The name a file gets in tables: its file name without ``.jsonl``."""
+    name = Path(file).name
+    return name[: -len(".jsonl")] if name.endswith(".jsonl") else name
+
+
+def table_columns(rows: Sequence[dict]) -> list[str]:
+    """Columns shown in the Markdown/HTML tables: ``file`` and every key that is not
+    null in all rows; count columns only when some row has a non-zero count."""
+    cols = ["file"]
+    for key in ROW_KEYS[1:]:
+        values = [r.get(key) for r in rows]
+        if all(v is None for v in values):
+            continue
+        if key in COUNT_KEYS and key != "n" and not any(values):
+            continue
+        cols.append(key)
+    return cols
+
+
+def format_value(value: Any) -> str:
+    """Table cell text: ints as they are, floats with 2 decimals, null as "-"."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def format_markdown(rows: Sequence[dict]) -> str:
+    cols = table_columns(rows)
+    lines = [
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join("---" if c in ("file", "kind") else "---:" for c in cols) + "|",
+    ]
+    for row in rows:
+        cells = [display_name(row["file"]) if c == "file" else format_value(row.get(c)) for c in cols]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(rows: Sequence[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(ROW_KEYS)
+    for row in rows:
+        writer.writerow(["" if row.get(k) is None else row.get(k) for k in ROW_KEYS])
+    return buf.getvalue()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same directory and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would have.
+        os.chmod(tmp, _default_mode())
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def per_sample_path(path: str | Path) -> Path:
+    path = Path(path)
+    stem = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.name
+    return path.with_name(f"{stem}_score.jsonl")
+
+
+def write_outputs(rows: Sequence[dict], samples: Sequence[Sequence[dict]], out_dir: str | Path) -> str:
+    """Write per-sample files, scores.json/csv/md; returns the Markdown table."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for row, per_sample in zip(rows, samples):
+        text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in per_sample)
+        atomic_write_text(per_sample_path(row["file"]), text)
+    atomic_write_text(out_dir / "scores.json", json.dumps(list(rows), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out_dir / "scores.csv", format_csv(rows))
+    table = format_markdown(rows)
+    atomic_write_text(out_dir / "scores.md", table)
+    return table
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="get_score.py",
+        description="Score alt-text inference outputs (JSON Lines with 'response' and 'chosen', "
+        "or 'label' for yes/no benchmarks) with BLEU, METEOR, ROUGE-L, CIDEr and more.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--file", nargs="+", metavar="JSONL", help="one or more inference output files")
+    source.add_argument("--dir", metavar="DIR", help="score every *.jsonl in DIR except *_score.jsonl")
+    parser.add_argument(
+        "--out_dir", metavar="DIR", help="where scores.json/csv/md go (default: the first file's directory, or DIR)"
+    )
+    return parser
+
+
+def input_files(args: argparse.Namespace) -> tuple[list[Path], Path]:
+    if args.dir is not None:
+        folder = Path(args.dir)
+        if not folder.is_dir():
+            raise InputError(f"--dir {folder}: not a directory")
+        files = sorted(p for p in folder.glob("*.jsonl") if not p.name.endswith("_score.jsonl") and p.is_file())
+        if not files:
+            raise InputError(f"--dir {folder}: no *.jsonl files to score")
+        default_out = folder
+    else:
+        files = [Path(f) for f in args.file]
+        for f in files:
+            if not f.is_file():
+                raise InputError(f"{f}: no such file")
+        default_out = files[0].parent
+    return files, Path(args.out_dir) if args.out_dir else default_out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``get_score.py``. Exits with status 2 on bad input, 1 when a
+    scorer fails; returns 0 otherwise."""
+    args = build_parser().parse_args(argv)
+    try:
+        files, out_dir = input_files(args)
+        rows, samples, _ = score_files(files)
+        table = write_outputs(rows, samples, out_dir)
+    except InputError as exc:
+        _warn(f"error: {exc}" if "\n" not in str(exc) else "error:\n" + str(exc))
+        raise SystemExit(2) from None
+    except M.MetricError as exc:
+        _warn(f"error: {exc}")
+        raise SystemExit(1) from None
+    except OSError as exc:
+        _warn(f"error: cannot write outputs: {exc}")
+        raise SystemExit(1) from None
+    for row in rows:
+        if row["bad_lines"]:
+            _warn(f"warning: {row['file']}: {row['bad_lines']} unparseable line(s) skipped")
+        if row["errors"]:
+            _warn(f"note: {row['file']}: {row['errors']} error row(s) excluded from the metrics")
+    sys.stdout.write(table)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    main()
