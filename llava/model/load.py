@@ -1,0 +1,190 @@
+"""Load, compose and save LLaVA checkpoints (local directories only: nothing is downloaded).
+
+* an HF-format LLaVA-1.5 / LLaVA-NeXT directory (what ``llava-hf/*`` checkpoints look like);
+* a peft LoRA adapter directory on a base (``model_base``), optionally merged;
+* an original-format LLaVA directory (``liuhaotian/llava-v1.5-*`` layout), converted on load;
+* a new LLaVA composed of a CLIP vision tower and a causal language model, as LLaVA's
+  pre-training does (``compose``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llava.constants import DEFAULT_IMAGE_TOKEN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PAD_TOKEN
+from llava.conversation import VICUNA_V1_CHAT_TEMPLATE
+
+LLAVA_MODEL_TYPES = ("llava", "llava_next")
+PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
+
+
+class ModelLoadError(ValueError):
+    """A model path that cannot be loaded, with the reason in words."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: cannot read ({e})")
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """``hf``, ``lora``, ``original`` (LLaVA's own layout) or ``causal_lm`` for a directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model path not found: {path} (a local directory is needed; nothing is downloaded)")
+    if (path / "adapter_config.json").is_file():
+        return "lora"
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path}: no config.json (not a model directory)")
+    cfg = _read_json(path / "config.json")
+    if cfg.get("model_type") in LLAVA_MODEL_TYPES and "text_config" in cfg:
+        return "hf"
+    if "mm_vision_tower" in cfg or any("Llava" in a for a in cfg.get("architectures") or []):
+        return "original"
+    return "causal_lm"
+
+
+def load_model(path: str | Path, model_base: str | Path | None = None, *, dtype: torch.dtype | None = None,
+               merge_lora: bool = False, vision_tower: str | None = None, attn_implementation: str | None = None):
+    """``(model, processor)`` for an HF, LoRA-adapter or original-format LLaVA directory."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    kind = checkpoint_kind(path)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if kind == "hf":
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        return model, AutoProcessor.from_pretrained(path)
+    if kind == "original":
+        from llava.model.convert import load_original
+
+        return load_original(path, vision_tower=vision_tower, dtype=dtype)
+    if kind == "lora":
+        from peft import PeftModel
+
+        adapter = _read_json(Path(path) / "adapter_config.json")
+        base = model_base or adapter.get("base_model_name_or_path")
+        if not base or not Path(base).is_dir():
+            raise ModelLoadError(f"{path} is a LoRA adapter: pass its base model directory with --model_base (got {base!r})")
+        model, processor = load_model(base, dtype=dtype, vision_tower=vision_tower, attn_implementation=attn_implementation)
+        model = PeftModel.from_pretrained(model, str(path))
+        if merge_lora:
+            model = model.merge_and_unload()
+        if (Path(path) / "processor_config.json").is_file() or (Path(path) / "preprocessor_config.json").is_file():
+            processor = AutoProcessor.from_pretrained(path)
+        return model, processor
+    raise ModelLoadError(
+        f"{path} is a plain language model, not a LLaVA: give a CLIP directory with --vision_tower to compose one"
+    )
+
+
+def _add_special_tokens(tokenizer) -> None:
+    extra = {}
+    if DEFAULT_IMAGE_TOKEN not in tokenizer.get_vocab():
+        extra["additional_special_tokens"] = [DEFAULT_IMAGE_TOKEN]
+    if tokenizer.pad_token is None:
+        extra["pad_token"] = PAD_TOKEN
+    if extra:
+        tokenizer.add_special_tokens(extra)
+
+
+def _grow_embeddings(model, size: int) -> None:
+    """Resize input/output embeddings to ``size`` rows, new rows = mean of the old (logits of old tokens unchanged)."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if size <= old:
+        return
+    model.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        for emb in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            emb[old:] = emb[:old].mean(0, keepdim=True)
+
+
+def clip_image_processor(vision_tower: str | Path, image_size: int):
+    """The CLIP image processor saved with the tower, or OpenAI CLIP's defaults at its size."""
+    from transformers import CLIPImageProcessorPil
+
+    cfg_path = Path(vision_tower) / "preprocessor_config.json"
+    if cfg_path.is_file():
+        cfg = _read_json(cfg_path)
+        keep = ("size", "crop_size", "image_mean", "image_std", "resample", "do_center_crop")
+        return CLIPImageProcessorPil(**{k: cfg[k] for k in keep if k in cfg})
+    return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                                 image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))
+
+
+def compose(language_model: str | Path, vision_tower: str | Path, *, projector_type: str = "mlp2x_gelu",
+            select_layer: int = -2, select_feature: str = "patch", next_arch: bool = False,
+            dtype: torch.dtype | None = None, seed: int = 0):
+    """A new LLaVA from a CLIP vision tower directory and a causal-LM directory, projector freshly initialised.
+
+    ``linear`` (a single linear projector) is written exactly in the native two-layer projector:
+    ``projector_hidden_act="linear"`` and an identity second layer, which ``llava.train`` keeps frozen.
+    """
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor)
+
+    if projector_type not in PROJECTOR_TYPES:
+        raise ModelLoadError(f"--mm_projector_type must be one of {PROJECTOR_TYPES}, got {projector_type!r}")
+    if select_feature not in ("patch", "cls_patch"):
+        raise ModelLoadError(f"--mm_vision_select_feature must be patch or cls_patch, got {select_feature!r}")
+    tower_cfg = Path(vision_tower) / "config.json"
+    if not tower_cfg.is_file() or _read_json(tower_cfg).get("model_type") not in ("clip", "clip_vision_model"):
+        raise ModelLoadError(f"--vision_tower {vision_tower}: not a local CLIP model directory")
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    lm = AutoModelForCausalLM.from_pretrained(language_model, **kwargs)
+    tower = CLIPVisionModel.from_pretrained(vision_tower, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(language_model)
+    _add_special_tokens(tokenizer)
+    common = dict(
+        vision_config=tower.config, text_config=lm.config, image_token_id=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN),
+        projector_hidden_act="gelu" if projector_type == "mlp2x_gelu" else "linear",
+        vision_feature_select_strategy="default" if select_feature == "patch" else "full",
+        vision_feature_layer=select_layer, tie_word_embeddings=lm.config.tie_word_embeddings,
+    )
+    side = tower.config.image_size
+    image_processor = clip_image_processor(vision_tower, side)
+    proc_kwargs = dict(patch_size=tower.config.patch_size, vision_feature_select_strategy=common["vision_feature_select_strategy"],
+                       num_additional_image_tokens=1, chat_template=VICUNA_V1_CHAT_TEMPLATE)
+    torch.manual_seed(seed)
+    if next_arch:
+        pinpoints = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side], [3 * side, side], [side, 3 * side]]
+        config = LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
+        model = LlavaNextForConditionalGeneration(config)
+        image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=pinpoints, **image_processor.to_dict())
+        processor = LlavaNextProcessor(image_processor, tokenizer, **proc_kwargs)
+    else:
+        config = LlavaConfig(**common)
+        model = LlavaForConditionalGeneration(config)
+        processor = LlavaProcessor(image_processor, tokenizer, **proc_kwargs)
+    config.mm_projector_type = projector_type
+    if dtype is not None:
+        model.to(dtype)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    missing = model.model.language_model.load_state_dict(lm.model.state_dict(), strict=False)
+    if missing.missing_keys or missing.unexpected_keys:
+        raise ModelLoadError(f"{language_model}: language model weights do not fit ({missing})")
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    if projector_type == "linear":
+        with torch.no_grad():
+            model.model.multi_modal_projector.linear_2.weight.copy_(torch.eye(lm.config.hidden_size))
+            model.model.multi_modal_projector.linear_2.bias.zero_()
+    _grow_embeddings(model, len(tokenizer))
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+    return model, processor
+
+
+def save_model(model, processor, out_dir: str | Path) -> Path:
+    """Save in HF format (safetensors, config, processor) so plain transformers loads it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out

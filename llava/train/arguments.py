@@ -1,0 +1,145 @@
+"""Command-line arguments of ``llava.train.train``: the published flags, typed and validated.
+
+Every flag of the released scripts is accepted with its name and meaning (METHOD.md), so an
+existing command line runs unchanged; bad values and bad combinations are rejected here, before
+any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import transformers
+
+from llava.data.images import ASPECT_RATIOS
+from llava.data.negatives import DIFFUSION_STEPS, IMAGE_TYPES
+from llava.train.losses import AGGREGATES, DEFAULT_WEIGHTS, TERM_FLAGS, term_weights
+
+TASKS = ("LM", "DPO")
+REFERENCE_MODES = ("cached", "live", "adapters_off")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "HF-format LLaVA / LLaVA-NeXT directory, an original-format "
+                                              "LLaVA directory (converted on load), or a causal LM to compose with --vision_tower"})
+    version: str = field(default="v1", metadata={"help": "conversation template: v1 (Vicuna v1), plain, llava_llama_2, mistral_instruct"})
+    vision_tower: str | None = field(default=None, metadata={"help": "local CLIP directory: composes a new LLaVA with a causal LM, "
+                                                             "or supplies the tower of an original-format checkpoint"})
+    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "projector of a composed model: mlp2x_gelu or linear"})
+    mm_vision_select_layer: int = field(default=-2, metadata={"help": "vision layer whose features feed the projector (composed models)"})
+    mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLS) or cls_patch (composed models)"})
+    mm_use_im_start_end: bool = field(default=False, metadata={"help": "LLaVA's image start/end tokens (only False is supported)"})
+    mm_use_im_patch_token: bool = field(default=False, metadata={"help": "LLaVA's image patch token (only False is supported)"})
+    pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "projector weights (safetensors or .bin) to load"})
+    freeze_backbone: bool = field(default=False, metadata={"help": "freeze the language model"})
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "train the projector only (pre-training)"})
+    unfreeze_mm_vision_tower: bool = field(default=False, metadata={"help": "train the vision tower too (paradigms b, c, d)"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or eager (tree-packed batches need a mask-aware kernel)"})
+
+    def __post_init__(self):
+        if self.mm_use_im_start_end or self.mm_use_im_patch_token:
+            raise ValueError("--mm_use_im_start_end / --mm_use_im_patch_token True are not supported (LLaVA-1.5 and later use False)")
+        if self.attn_implementation not in ("sdpa", "eager", "flex_attention"):
+            raise ValueError("--attn_implementation must be sdpa, eager or flex_attention (flash attention takes no tree mask)")
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(default=None, metadata={"help": "training data: JSON array, JSON Lines, Parquet or a datasets directory"})
+    image_folder: str | None = field(default=None, metadata={"help": "folder that image paths in the data are relative to"})
+    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (square in the mean colour), square (resize and centre crop) "
+                                                             "or anyres (LLaVA-NeXT multi-crop)"})
+    lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for compatibility: records are always processed lazily"})
+
+    def __post_init__(self):
+        if not self.data_path:
+            raise ValueError("--data_path is required")
+        if self.image_aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(f"--image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    task: str = field(default="LM", metadata={"help": "LM = SFT; DPO = preference optimisation (DPO or MCM-DPO)"})
+    use_cross_modal_loss: bool = field(default=False, metadata={"help": "with --task DPO: True = MCM-DPO, False = plain DPO"})
+    use_cl_reward_num: int = field(default=7, metadata={"help": "MCM-DPO terms on: response and image always; >2 context, "
+                                                        ">3 context+response, >4 image+response, >5 context+image, >6 all three"})
+    para_norm: float = field(default=2.8, metadata={"help": "divisor of the term weights (not re-derived when terms are off)"})
+    para_r1: float = field(default=DEFAULT_WEIGHTS["context"], metadata={"help": "weight of the context term"})
+    para_r2: float = field(default=DEFAULT_WEIGHTS["image"], metadata={"help": "weight of the image term"})
+    para_r3: float = field(default=DEFAULT_WEIGHTS["response"], metadata={"help": "weight of the response term"})
+    para_r4: float = field(default=DEFAULT_WEIGHTS["context_response"], metadata={"help": "weight of the context+response term"})
+    para_r5: float = field(default=DEFAULT_WEIGHTS["image_response"], metadata={"help": "weight of the image+response term"})
+    para_r6: float = field(default=DEFAULT_WEIGHTS["context_image"], metadata={"help": "weight of the context+image term"})
+    para_r7: float = field(default=DEFAULT_WEIGHTS["all"], metadata={"help": "weight of the all-three term"})
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature beta"})
+    mcm_aggregate: str = field(default="margin", metadata={"help": "margin: one sigmoid over the weighted margins (released code); "
+                                                           "loss: weighted sum of seven DPO losses (the paper's second reading)"})
+    use_image_type: str = field(default="diffusion", metadata={"help": "corrupted image m_l: diffusion, black, crop, rotate or random"})
+    diffusion_step: int = field(default=700, metadata={"help": "forward-diffusion step of the diffusion corruption (0..999)"})
+    negatives_seed: int | None = field(default=None, metadata={"help": "seed of corrupted images and swapped contexts (default: --seed)"})
+    reference_mode: str = field(default="cached", metadata={"help": "cached: reference log-probs computed once before training and "
+                                                            "cached on disk; live: a frozen copy of the starting model; "
+                                                            "adapters_off: the LoRA policy with adapters disabled"})
+    offline_ref_logits: str | None = field(default=None, metadata={"help": "directory of the reference log-prob cache "
+                                                                   "(default: <output_dir>/ref_logps)"})
+    preference_forward: str = field(default="packed", metadata={"help": "packed: each record's conditions as one tree-packed "
+                                                                "sequence (fast); naive: one full sequence per condition (published)"})
+    model_max_length: int = field(default=2048, metadata={"help": "longest sequence of one condition; the context is shortened to fit"})
+    mm_projector_lr: float | None = field(default=None, metadata={"help": "learning rate of the projector (default: --learning_rate)"})
+    mm_vision_tower_lr: float | None = field(default=None, metadata={"help": "learning rate of the vision tower (default: --learning_rate)"})
+    group_by_modality_length: bool = field(default=False, metadata={"help": "batch records of similar length, image and text-only apart"})
+    lora_enable: bool = field(default=False, metadata={"help": "train LoRA adapters on the language model"})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_bias: str = field(default="none", metadata={"help": "LoRA bias: none, all or lora_only"})
+    merge_lora: bool = field(default=False, metadata={"help": "with LoRA: also save a merged full model to <output_dir>/merged"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: batches carry their own keys"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+        if self.use_image_type not in IMAGE_TYPES:
+            raise ValueError(f"--use_image_type must be one of {IMAGE_TYPES}, got {self.use_image_type!r}")
+        if not 0 <= self.diffusion_step < DIFFUSION_STEPS:
+            raise ValueError(f"--diffusion_step must be in 0..{DIFFUSION_STEPS - 1}, got {self.diffusion_step}")
+        if self.mcm_aggregate not in AGGREGATES:
+            raise ValueError(f"--mcm_aggregate must be one of {AGGREGATES}, got {self.mcm_aggregate!r}")
+        if self.reference_mode not in REFERENCE_MODES:
+            raise ValueError(f"--reference_mode must be one of {REFERENCE_MODES}, got {self.reference_mode!r}")
+        if self.reference_mode == "adapters_off" and not self.lora_enable:
+            raise ValueError("--reference_mode adapters_off needs --lora_enable True")
+        if self.preference_forward not in ("packed", "naive"):
+            raise ValueError(f"--preference_forward must be packed or naive, got {self.preference_forward!r}")
+        if self.task == "DPO":
+            self.weights()  # validates --use_cl_reward_num
+        if self.negatives_seed is None:
+            self.negatives_seed = self.seed
+
+    @property
+    def is_mcm(self) -> bool:
+        return self.task == "DPO" and self.use_cross_modal_loss
+
+    def weights(self) -> dict[str, float]:
+        """Weights of the seven MCM-DPO terms (``llava.train.losses.term_weights``)."""
+        return term_weights(self.use_cl_reward_num, {flag: getattr(self, flag) for flag in TERM_FLAGS.values()})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    import sys
+
+    import torch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not torch.cuda.is_available() and not any(a.startswith("--use_cpu") for a in argv):
+        # A host without CUDA trains on the CPU; said up front, the launchers' processes agree on
+        # the world size (gloo), which DeepSpeed on the CPU needs.
+        argv += ["--use_cpu", "True"]
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.tune_mm_mlp_adapter and training_args.lora_enable:
+        raise ValueError("--tune_mm_mlp_adapter trains only the projector: it cannot be combined with --lora_enable")
+    return model_args, data_args, training_args

@@ -1,0 +1,34 @@
+"""What the Trainer trains: a LLaVA model called on a collated batch.
+
+``ResponseLogps`` wraps the LLaVA model (plain or peft) so that one call, through the DeepSpeed
+engine's own forward (which ZeRO's backward bookkeeping hooks into), runs the whole step's
+forward: images, language model, head on the scored positions. It returns the summed response
+log-probabilities ``[B, C]`` of each record and condition (``C = 1`` for SFT).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llava.model.forward import response_logps, response_logps_naive
+
+
+class ResponseLogps(torch.nn.Module):
+    def __init__(self, llava, naive: bool = False):
+        super().__init__()
+        self.llava = llava
+        self.naive = naive
+
+    @property
+    def config(self):
+        return self.llava.config
+
+    def forward(self, **batch) -> torch.Tensor:
+        return response_logps_naive(self.llava, batch) if self.naive else response_logps(self.llava, batch)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        self.llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.llava.gradient_checkpointing_disable()

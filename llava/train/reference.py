@@ -1,0 +1,152 @@
+"""The reference model's log-probabilities, three ways (``--reference_mode``).
+
+* ``cached`` (default): computed once, before the first optimizer step, by the policy itself (at
+  step 0 it *is* the starting checkpoint; LoRA adapters start as the identity), and stored on disk
+  under a key of reference model, data, negatives and preprocessing. Training then holds no
+  reference model, and a rerun with the same key reads the cache instead of recomputing it.
+* ``live``: a frozen copy of the starting model run every step (sharded too under ZeRO-3).
+* ``adapters_off``: the LoRA policy with its adapters disabled: no second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """Content hash of a data file, or of a directory's files (names, sizes and contents)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """Hash of a checkpoint's config and weights (each weight file's size, head and tail)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        h.update(f.name.encode())
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def cache_path(cache_dir: str | Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(cache_dir) / f"ref_logps_{digest}.pt"
+
+
+@torch.no_grad()
+def reference_pass(trainer) -> torch.Tensor:
+    """``[N, C]`` log-probabilities of every record and condition under the current model.
+
+    Every rank runs the same number of batches (ZeRO-3 gathers parameters collectively), over
+    its share of the records; the shares are gathered so every rank holds the whole table.
+    """
+    acc, args = trainer.accelerator, trainer.args
+    dataset, collator = trainer.train_dataset, trainer.data_collator
+    n, world, rank = len(dataset), acc.num_processes, acc.process_index
+    mine = list(range(rank, n, world))
+    mine += [mine[-1] if mine else 0] * (math.ceil(n / world) - len(mine))
+    loader = DataLoader(Subset(dataset, mine), batch_size=args.per_device_eval_batch_size, collate_fn=collator,
+                        num_workers=args.dataloader_num_workers)
+    model = trainer.model_wrapped
+    was_training = model.training
+    model.eval()
+    rows = []
+    from tqdm.auto import tqdm
+
+    for batch in tqdm(loader, desc="reference log-probs", disable=not acc.is_local_main_process):
+        rows.append(model(**trainer._prepare_inputs(batch)).float())
+    model.train(was_training)
+    local = torch.cat(rows)
+    table = acc.gather(local).cpu()
+    index = acc.gather(torch.tensor(mine, device=local.device)).cpu()
+    out = torch.full((n, local.shape[1]), float("nan"))
+    out[index] = table
+    return out
+
+
+class CachedReference:
+    def __init__(self, cache_dir: str | Path, key: dict):
+        self.key = key
+        self.path = cache_path(cache_dir, key)
+        self.table: torch.Tensor | None = None
+        self.reused = False
+
+    def prepare(self, trainer) -> None:
+        n_conditions = len(self.key["conditions"])
+        if self.path.is_file():
+            saved = torch.load(self.path, map_location="cpu")
+            if saved["key"] != self.key or saved["logps"].shape != (len(trainer.train_dataset), n_conditions):
+                raise ValueError(f"{self.path}: reference cache does not match this run; delete it to recompute")
+            self.table, self.reused = saved["logps"], True
+            return
+        if trainer.state.global_step > 0:
+            raise ValueError(
+                f"resuming at step {trainer.state.global_step}, but the reference cache {self.path} is missing: the "
+                "reference log-probabilities must come from the starting checkpoint, not from the resumed policy")
+        self.table = reference_pass(trainer)
+        if trainer.accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"key": self.key, "logps": self.table}, tmp)
+            os.replace(tmp, self.path)  # atomic: a killed run never leaves a half-written cache
+        trainer.accelerator.wait_for_everyone()
+
+    def logps(self, trainer, model, batch: dict) -> torch.Tensor:
+        return self.table[batch["index"].cpu()].to(batch["input_ids"].device)
+
+
+class LiveReference:
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval().requires_grad_(False)
+
+    def prepare(self, trainer) -> None:
+        plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+        if plugin is None:
+            self.model.to(trainer.args.device)
+            return
+        import deepspeed
+
+        config = copy.deepcopy(plugin.deepspeed_config)
+        for k in ("optimizer", "scheduler"):
+            config.pop(k, None)
+        if config.get("zero_optimization", {}).get("stage") != 3:
+            config["zero_optimization"] = {"stage": 0}
+        self.model, *_ = deepspeed.initialize(model=self.model, config=config)
+        self.model.eval()
+
+    @torch.no_grad()
+    def logps(self, trainer, model, batch: dict) -> torch.Tensor:
+        return self.model(**batch)
+
+
+class AdaptersOffReference:
+    def prepare(self, trainer) -> None:
+        pass
+
+    @torch.no_grad()
+    def logps(self, trainer, model, batch: dict) -> torch.Tensor:
+        peft_model = trainer.accelerator.unwrap_model(model).llava
+        with peft_model.disable_adapter():
+            return model(**batch)

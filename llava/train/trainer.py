@@ -1,0 +1,166 @@
+"""One Trainer for SFT, DPO and MCM-DPO; the objective says what a step computes.
+
+A step, top to bottom (``compute_loss``)::
+
+    batch (collator) -> model(**batch): summed response log-probs [B, C]   (llava.model.forward)
+                     -> reference log-probs [B, C] when the objective needs them (llava.train.reference)
+                     -> objective: loss and per-example metrics           (llava.train.losses)
+                     -> metrics averaged over ranks, kept until the next log
+
+The model the Trainer holds is ``ResponseLogps`` (the LLaVA model called on a batch); checkpoints
+are saved as the LLaVA model itself, in HF format with its processor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from llava.constants import DPO_CONDITIONS
+from llava.data.sampler import ModalityLengthGroupedSampler
+from llava.train.losses import dpo_loss, mcm_dpo_loss, needed_conditions
+from llava.train.params import parameter_groups
+
+Metrics = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SFTObjective:
+    """Mean negative log-likelihood of the answer tokens of the micro-batch."""
+
+    conditions = ("sft",)
+    needs_reference = False
+
+    def __call__(self, policy: torch.Tensor, reference: torch.Tensor | None, batch: dict) -> tuple[torch.Tensor, Metrics]:
+        return -policy.sum() / batch["logp_mask"].sum().clamp(min=1), {}
+
+
+@dataclass(frozen=True)
+class DPOObjective:
+    beta: float = 0.1
+    conditions = DPO_CONDITIONS
+    needs_reference = True
+
+    def __call__(self, policy: torch.Tensor, reference: torch.Tensor, batch: dict) -> tuple[torch.Tensor, Metrics]:
+        losses, metrics = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], self.beta)
+        return losses.mean(), metrics
+
+
+@dataclass(frozen=True)
+class MCMObjective:
+    weights: Mapping[str, float]
+    norm: float = 2.8
+    beta: float = 0.1
+    aggregate: str = "margin"
+    needs_reference = True
+
+    @property
+    def conditions(self) -> tuple[str, ...]:
+        return needed_conditions(self.weights)
+
+    def __call__(self, policy: torch.Tensor, reference: torch.Tensor, batch: dict) -> tuple[torch.Tensor, Metrics]:
+        by_name = lambda t: {c: t[:, j] for j, c in enumerate(self.conditions)}  # noqa: E731
+        losses, metrics = mcm_dpo_loss(by_name(policy), by_name(reference), weights=self.weights, norm=self.norm,
+                                       beta=self.beta, aggregate=self.aggregate)
+        return losses.mean(), metrics
+
+
+class _PrepareReference(TrainerCallback):
+    """Runs the reference's preparation (the cached pass) once the model is wrapped, before step 1."""
+
+    def __init__(self, trainer: "LlavaTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.reference.prepare(self.trainer)
+
+
+class LlavaTrainer(Trainer):
+    # compute_loss returns a per-micro-batch mean; the Trainer divides by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, objective, reference=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective, self.reference = objective, reference
+        if objective.needs_reference:
+            if reference is None:
+                raise ValueError("this objective needs a reference")
+            self.add_callback(_PrepareReference(self))
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        policy = model(**inputs)
+        reference = self.reference.logps(self, model, inputs) if self.objective.needs_reference else None
+        loss, metrics = self.objective(policy, reference, inputs)
+        if model.training and metrics:
+            self._store(metrics)
+        return (loss, policy) if return_outputs else loss
+
+    def _store(self, metrics: Metrics) -> None:
+        names = sorted(metrics)
+        means = torch.stack([metrics[k].float().mean() for k in names])
+        means = self.accelerator.gather(means[None]).mean(0)  # average over ranks
+        for k, v in zip(names, means.tolist()):
+            self._metrics[k].append(v)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._metrics and "loss" in logs:  # training logs: add the step's averaged metrics
+            logs.update({k: sum(v) / len(v) for k, v in self._metrics.items()})
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # -- data and optimizer -----------------------------------------------------------------
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.group_by_modality_length:
+            return ModalityLengthGroupedSampler(
+                dataset.modality_lengths, self.args.train_batch_size,
+                self.args.world_size * self.args.gradient_accumulation_steps, seed=self.args.seed,
+            )
+        return super()._get_train_sampler(train_dataset)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            groups = parameter_groups(
+                opt_model, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
+                decay_names=set(self.get_decay_parameter_names(opt_model)),
+                projector_lr=self.args.mm_projector_lr, vision_lr=self.args.mm_vision_tower_lr,
+            )
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # -- checkpoints: the LLaVA model itself, in HF format ------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        llava = self.accelerator.unwrap_model(self.model).llava
+        if state_dict is not None:
+            state_dict = {k.removeprefix("llava."): v for k, v in state_dict.items()}
+        llava.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        llava = (model or self.model).llava
+        if hasattr(llava, "peft_config"):
+            from peft import load_peft_weights, set_peft_model_state_dict
+
+            set_peft_model_state_dict(llava, load_peft_weights(resume_from_checkpoint))
+            return
+        saved = type(llava).from_pretrained(resume_from_checkpoint, dtype=llava.dtype)
+        llava.load_state_dict(saved.state_dict(), strict=True)
