@@ -25,3 +25,45 @@ def tiny_next_dir(tmp_path_factory):
     from llava.model.tiny import write
 
     return write(tmp_path_factory.mktemp("tiny_next"), arch="llava_next", seed=0)
+
+
+WORDS = ("red blue green small large circle square chart sign poster shows with a the of and near left right "
+         "three two one bright dark photo screenshot text bars values people tree house sky").split()
+
+
+def write_preference_set(folder, n: int = 6, seed: int = 0, name: str = "preference.json"):
+    """``n`` preference records (format A, ``text`` as a JSON string) with drawn images of varied sizes.
+
+    Texts vary in length so batches need padding; chosen and rejected differ.
+    """
+    import json
+    import random
+    from pathlib import Path
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        w, h = rng.choice([(64, 48), (40, 72), (56, 56), (90, 30)])
+        img = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
+        ImageDraw.Draw(img).rectangle([w // 4, h // 4, w // 2, h // 2], fill=tuple(rng.randrange(256) for _ in range(3)))
+        img.save(folder / "images" / f"img_{i}.png")
+        words = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+        question = "Given an image and context, generate alt-text for the image.\nContext:\n" + words(rng.randint(3, 25))
+        chosen, rejected = words(rng.randint(2, 12)), words(rng.randint(2, 12))
+        if chosen == rejected:
+            rejected += " again"
+        records.append({"ds_name": "test", "image": {"path": f"images/img_{i}.png"}, "image_path": f"images/img_{i}.png",
+                        "idx": i, "text": json.dumps({"question": question, "chosen": chosen, "rejected": rejected})})
+    path = folder / name
+    path.write_text(json.dumps(records, indent=1))
+    return path
+
+
+@pytest.fixture(scope="session")
+def preference_file(tmp_path_factory):
+    """Six small preference records with images under ``<dir>/images`` (image folder = the file's directory)."""
+    return write_preference_set(tmp_path_factory.mktemp("prefdata"))

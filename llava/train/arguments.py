@@ -97,8 +97,17 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_bias: str = field(default="none", metadata={"help": "LoRA bias: none, all or lora_only"})
     merge_lora: bool = field(default=False, metadata={"help": "with LoRA: also save a merged full model to <output_dir>/merged"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: batches carry their own keys"})
+    # Spellings of the published scripts that transformers 5 renamed.
+    warmup_ratio: float | None = field(default=None, metadata={"help": "warmup as a share of all steps (= --warmup_steps < 1)"})
+    evaluation_strategy: str | None = field(default=None, metadata={"help": "older name of --eval_strategy"})
 
     def __post_init__(self):
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
         super().__post_init__()
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")

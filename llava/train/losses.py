@@ -67,7 +67,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     return losses, {
         "rewards/chosen": chosen_reward,
         "rewards/rejected": rejected_reward,
-        "rewards/accuracies": (chosen_reward > rejected_reward).float(),
+        "rewards/accuracies": (chosen_reward > rejected_reward).to(chosen_reward.dtype),
         "rewards/margins": chosen_reward - rejected_reward,
     }
 
@@ -97,7 +97,7 @@ def mcm_dpo_loss(policy_logps: Mapping[str, torch.Tensor], reference_logps: Mapp
     for t in active:
         m = (beta * margins[t]).detach()
         metrics[f"mcm/{t}/margin"] = m
-        metrics[f"mcm/{t}/accuracy"] = (m > 0).float()
+        metrics[f"mcm/{t}/accuracy"] = (m > 0).to(m.dtype)
     for c, r in reward.items():
         metrics[f"mcm/reward/{c}"] = (beta * r).detach()
     return losses, metrics

@@ -26,9 +26,9 @@ class ResponseLogps(torch.nn.Module):
     def forward(self, **batch) -> torch.Tensor:
         return response_logps_naive(self.llava, batch) if self.naive else response_logps(self.llava, batch)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        self.llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.llava.gradient_checkpointing_disable()
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        # Non-reentrant checkpointing needs no inputs that require grad (frozen embeddings, LoRA).
+        kwargs = activation_checkpointing_kwargs or {"use_reentrant": False}
+        self.llava.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers,
+                                                   offload=offload)

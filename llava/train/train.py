@@ -154,6 +154,7 @@ def train(trainer: LlavaTrainer) -> None:
     args = trainer.args
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
+    trainer.save_state()  # trainer_state.json: the logged history the demo's plots read
     if args.lora_enable and args.merge_lora and trainer.is_world_process_zero():
         base = trainer.model.llava.peft_config["default"].base_model_name_or_path
         merged, processor = load_model(args.output_dir, model_base=base, merge_lora=True)
