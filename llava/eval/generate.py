@@ -1,0 +1,153 @@
+"""Batched generation for LLaVA: prompts built exactly as training builds them, left-padded.
+
+A prompt is the Vicuna-style human turn of :mod:`llava.conversation` (``encode_prompt`` on
+``image_question(question)``) with its single ``<image>`` id expanded to the image's token count,
+so the model sees at inference the very ids it was trained on. A batch is left-padded with the
+tokenizer's pad id, embedded with :func:`llava.model.forward.embed` (image features written over
+the image tokens; LLaVA-NeXT's single padded view and its multi-crop both work) and handed to
+``model.generate(inputs_embeds=...)``.
+
+Position ids: with left padding every row must count positions from its first real token.
+``generate`` in transformers 5.24 derives them from the attention mask (``cumsum - 1``) for
+``inputs_embeds`` too, and extends them by one per step; we pass the same ids explicitly so
+that the result does not depend on that inference (the batch-size-equivalence tests check
+greedy and beam search against batch size 1).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.conversation import Template, encode_prompt, image_question
+from llava.data.images import ProcessedImage
+from llava.model.forward import embed, unwrap
+
+_ASSISTANT_PREFIX = re.compile(r"^\s*(?:assistant|ASSISTANT|Assistant)\s*:\s*")
+
+
+def strip_response(text: str) -> str:
+    """The answer without surrounding whitespace and a leading ``ASSISTANT:`` / ``Assistant:`` tag."""
+    text = text.strip()
+    while True:
+        stripped = _ASSISTANT_PREFIX.sub("", text, count=1)
+        if stripped == text:
+            return text.strip()
+        text = stripped
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Token ids of one prompt with its image tokens expanded, and the processed image."""
+
+    input_ids: list[int]
+    image: ProcessedImage | None
+
+
+def prompt_ids(tokenizer, template: Template, question: str) -> list[int]:
+    """The human turn (with BOS and one ``<image>`` id) exactly as training encodes it."""
+    return encode_prompt(tokenizer, template, image_question(question), first=True)
+
+
+def build_prompt(tokenizer, template: Template, question: str, image: ProcessedImage | None) -> Prompt:
+    """A ``Prompt`` for ``question`` about ``image``: the ``<image>`` id repeated ``num_tokens`` times."""
+    image_token_id = tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
+    if image is None:
+        ids = encode_prompt(tokenizer, template, image_question(question, has_image=False), first=True)
+        return Prompt(ids, None)
+    ids = prompt_ids(tokenizer, template, question)
+    slots = [i for i, t in enumerate(ids) if t == image_token_id]
+    if len(slots) != 1:
+        raise ValueError(f"expected one {DEFAULT_IMAGE_TOKEN} token in the prompt, found {len(slots)}")
+    k = slots[0]
+    return Prompt(ids[:k] + [image_token_id] * image.num_tokens + ids[k + 1:], image)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, position_ids)`` of left-padded rows; positions start at 0 per row."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def stack_images(images: Sequence[ProcessedImage]) -> dict[str, torch.Tensor]:
+    """``pixel_values`` ``[N, 3, S, S]``, or ``[N, P, 3, S, S]`` with ``image_sizes`` for multi-crop."""
+    if not images:
+        return {}
+    pix = [im.pixel_values for im in images]
+    if pix[0].dim() == 4:  # anyres: pad the patch dimension to the largest count (as the collators do)
+        most = max(p.shape[0] for p in pix)
+        pix = [torch.cat([p, p.new_zeros(most - p.shape[0], *p.shape[1:])]) for p in pix]
+        sizes = torch.tensor([list(im.image_size) for im in images], dtype=torch.long)
+        return {"pixel_values": torch.stack(pix), "image_sizes": sizes}
+    return {"pixel_values": torch.stack(pix)}
+
+
+def model_device(model) -> torch.device:
+    return unwrap(model).get_input_embeddings().weight.device
+
+
+@torch.inference_mode()
+def generate_ids(model, prompts: Sequence[Prompt], *, pad_token_id: int, eos_token_id: int | Sequence[int] | None,
+                 num_beams: int = 3, temperature: float = 0.0, top_p: float | None = None,
+                 max_new_tokens: int = 256) -> list[list[int]]:
+    """The new token ids of each prompt (prompt ids excluded, trailing padding removed)."""
+    if not prompts:
+        return []
+    device = model_device(model)
+    ids, mask, positions = left_pad([p.input_ids for p in prompts], pad_token_id)
+    images = [p.image for p in prompts if p.image is not None]
+    tensors = stack_images(images)
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    embeds = embed(model, ids, tensors["pixel_values"].to(device) if tensors else None,
+                   tensors["image_sizes"].to(device) if "image_sizes" in tensors else None)
+    kwargs = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, use_cache=True)
+    if eos_token_id is not None:
+        kwargs["eos_token_id"] = eos_token_id
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature)
+        if top_p is not None:
+            kwargs["top_p"] = top_p
+    else:
+        # greedy / beam search; neutralise sampling settings a checkpoint's generation_config may carry
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = unwrap(model).generate(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **kwargs)
+    # With inputs_embeds only, generate returns the new tokens only; be safe if a version prepends the prompt.
+    if out.shape[1] > max_new_tokens:
+        out = out[:, -max_new_tokens:]
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    result = []
+    for row in out.tolist():
+        new = []
+        for t in row:
+            if t in eos:
+                break
+            new.append(t)
+        while new and new[-1] == pad_token_id:
+            new.pop()
+        result.append(new)
+    return result
+
+
+def generate(model, tokenizer, prompts: Sequence[Prompt], *, num_beams: int = 3, temperature: float = 0.0,
+             top_p: float | None = None, max_new_tokens: int = 256) -> list[str]:
+    """Responses (decoded, special tokens skipped, ``ASSISTANT:`` stripped) to ``prompts``, in order."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    eos = unwrap(model).generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    new = generate_ids(model, prompts, pad_token_id=pad, eos_token_id=eos, num_beams=num_beams,
+                       temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    return [strip_response(tokenizer.decode(t, skip_special_tokens=True)) for t in new]

@@ -1,0 +1,674 @@
+"""Batch inference over test files: one JSON line per record, resumable, shardable.
+
+    python mcmdpo_inference.py --model_name PATH --test_datasets FILE [FILE ...] --eval_output OUT.jsonl
+        [--image_folder DIR] [--model_base PATH] [--conv_mode v1] [--batch_size 8] [--num_beams 3]
+        [--temperature 0] [--max_new_tokens 256] [--image_aspect_ratio pad] [--skip_bad_records]
+        [--dtype auto|float32|bfloat16|float16]
+
+    torchrun --nproc_per_node N mcmdpo_inference.py ...      (or accelerate launch; same flags)
+
+Output: each line is the input record as read (``Record.output_fields()``: every field but image
+bytes) plus ``response``; a record whose image is missing or unreadable gets ``error`` instead when
+``--skip_bad_records`` is given (without it the run stops, naming file and record, before anything is
+generated for that record). Lines are in input order (files in the order given).
+
+Resuming
+--------
+Rerunning the same command continues where a killed run stopped. A line is matched back to its
+record by the record's own fields, which the line carries: its identity is ``(file, idx)`` when
+every record of the file has a distinct ``idx`` (the idx is one of those fields), else its
+position (records with identical fields are interchangeable: the first unmatched one is taken).
+Lines are written whole, one write per batch, flushed and synced; a torn last line (a kill in the
+middle of a write) is cut off before appending, and its record is redone. A record that only has
+an ``error`` line is tried again. At the end, if the lines are not exactly one per record in input
+order (resumed, sharded, superseded error rows), the file is rewritten in order through a temporary
+file and an atomic rename. A line that matches no input record (the output of another command)
+stops the run: nothing is overwritten; ``--overwrite`` starts afresh.
+
+Several processes
+-----------------
+Under ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1) the processes meet through
+``torch.distributed`` (gloo: only barriers and flags travel). Rank 0 first folds the part files of
+an earlier sharded run into OUT; then every rank takes every ``WORLD_SIZE``-th of the records still
+to do and appends its lines to ``OUT.rank{K}.part``; at the end rank 0 merges OUT and the parts in
+input order (every record once) into OUT and removes the parts. A killed sharded run resumes with
+any number of processes, or with one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as _dt
+import glob
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+DEFAULTS = dict(conv_mode="v1", batch_size=8, num_beams=3, temperature=0.0, max_new_tokens=256, image_aspect_ratio="pad")
+PART_SUFFIX = ".part"
+
+
+class InferenceError(RuntimeError):
+    """A problem reported to the user as one message (exit status 2), never as a traceback.
+
+    ``local``: found by one process in its own share (every process reports its own); otherwise
+    every process finds the same problem and only rank 0 reports it.
+    """
+
+    def __init__(self, message: str, local: bool = False):
+        super().__init__(message)
+        self.local = local
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate alt-text (or yes/no answers) for test records with a LLaVA model.")
+    p.add_argument("--model_name", "--model-path", "--model_path", dest="model_name", required=True,
+                   help="HF-format LLaVA directory, LoRA adapter directory (with --model_base) or original-format LLaVA directory")
+    p.add_argument("--model_base", default=None, help="base model directory of a LoRA adapter")
+    p.add_argument("--vision_tower", default=None, help="local CLIP directory for an original-format checkpoint")
+    p.add_argument("--test_datasets", nargs="+", required=True,
+                   help="test files: JSON array, JSON Lines, Parquet or a datasets directory")
+    p.add_argument("--eval_output", required=True, help="output JSON Lines file (resumed when it exists)")
+    p.add_argument("--image_folder", default=None, help="folder relative image paths are resolved against")
+    p.add_argument("--conv_mode", default=DEFAULTS["conv_mode"], help="conversation template (default v1)")
+    p.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"], help="prompts per generate call (per process)")
+    p.add_argument("--num_beams", type=int, default=DEFAULTS["num_beams"])
+    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="0 = greedy / beam search")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling (only with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (rank K uses seed + K)")
+    p.add_argument("--max_new_tokens", type=int, default=DEFAULTS["max_new_tokens"])
+    p.add_argument("--image_aspect_ratio", default=DEFAULTS["image_aspect_ratio"], choices=["pad", "square", "anyres"],
+                   help="pad (default, the paper's), square, or anyres (LLaVA-NeXT multi-crop)")
+    p.add_argument("--skip_bad_records", action="store_true",
+                   help="write an `error` row for a record whose image is missing or unreadable instead of stopping")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 (float16 where unsupported) on GPU, float32 on CPU")
+    p.add_argument("--overwrite", action="store_true", help="start afresh: discard an existing output and its part files")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p
+
+
+def check_args(args) -> None:
+    for name in ("batch_size", "num_beams", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise InferenceError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.temperature < 0:
+        raise InferenceError(f"--temperature must be >= 0, got {args.temperature}")
+    from llava.conversation import get_template
+
+    try:
+        get_template(args.conv_mode)
+    except ValueError as e:
+        raise InferenceError(str(e))
+
+
+# ---------------------------------------------------------------------------------------------
+# Records and output lines
+
+
+@dataclass
+class Item:
+    """One input record with its place in the run: ``order`` is its position over all files."""
+
+    order: int
+    file_index: int
+    key: Any  # idx, or position, within its file
+    record: Any  # llava.data.records.Record
+    signature: str
+
+
+def _json_default(value):
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+        return value.isoformat()
+    if hasattr(value, "tolist"):  # numpy values
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def dumps_line(fields: dict) -> bytes:
+    """One output line (with its newline) as UTF-8 bytes."""
+    try:
+        return (json.dumps(fields, ensure_ascii=False, default=_json_default) + "\n").encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: escape them
+        return (json.dumps(fields, ensure_ascii=True, default=_json_default) + "\n").encode("ascii")
+
+
+RESULT_FIELDS = ("response", "error")
+
+
+def signature_of(fields: dict) -> str:
+    """What identifies a line's record: its fields without the result, canonically written."""
+    return json.dumps({k: v for k, v in fields.items() if k not in RESULT_FIELDS}, sort_keys=True, ensure_ascii=True)
+
+
+def record_fields(record) -> dict:
+    """The record's output fields exactly as they read back from a written line."""
+    return json.loads(dumps_line(record.output_fields()))
+
+
+def result_line(record, response: str | None = None, error: str | None = None) -> bytes:
+    fields = {k: v for k, v in record.output_fields().items() if k not in RESULT_FIELDS}
+    if error is not None:
+        fields["error"] = error
+    else:
+        fields["response"] = response
+    return dumps_line(fields)
+
+
+def load_items(paths: Sequence[str]) -> list[Item]:
+    """Every record of every test file, in order; a ``DataError`` lists the problems of all files."""
+    from llava.data.records import DataError, read_records
+
+    items: list[Item] = []
+    problems = []
+    for fi, path in enumerate(paths):
+        try:
+            records = read_records(path, "test")
+        except DataError as e:
+            problems += e.problems
+            continue
+        ids = [r.idx for r in records]
+        by_idx = all(i is not None for i in ids) and len({json.dumps(i, sort_keys=True, default=str) for i in ids}) == len(ids)
+        for pos, r in enumerate(records):
+            items.append(Item(len(items), fi, r.idx if by_idx else pos, r, signature_of(record_fields(r))))
+    if problems:
+        raise DataError(problems)
+    return items
+
+
+@dataclass
+class Line:
+    source: Path
+    number: int  # 1-based line number in its file
+    data: bytes  # with its newline
+    fields: dict
+
+    @property
+    def is_response(self) -> bool:
+        return "response" in self.fields
+
+
+def read_lines(path: Path, *, truncate_torn: bool) -> tuple[list[Line], list[str]]:
+    """Complete, parseable lines of ``path`` and warnings about the rest.
+
+    A last line without its newline is torn (a write cut short): with ``truncate_torn`` the file
+    is cut back to the end of the last complete line.
+    """
+    if not path.exists():
+        return [], []
+    data = path.read_bytes()
+    warnings = []
+    end = data.rfind(b"\n") + 1  # 0 when there is no complete line
+    if end < len(data):
+        warnings.append(f"{path}: dropping a torn last line ({len(data) - end} bytes); its record is redone")
+        if truncate_torn:
+            with open(path, "r+b") as f:
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+    lines = []
+    for n, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
+        if not raw.strip():
+            continue
+        try:
+            fields = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            fields = None
+        if not isinstance(fields, dict) or not any(k in fields for k in RESULT_FIELDS):
+            warnings.append(f"{path}, line {n}: not an output line (unparseable or without response/error); dropped")
+            continue
+        lines.append(Line(path, n, raw + b"\n", fields))
+    return lines, warnings
+
+
+@dataclass
+class Matched:
+    """Output lines assigned to input items."""
+
+    best: dict[int, Line]  # item order -> the line kept for it (a response line when there is one)
+    clean_in_order: bool  # the lines are exactly one per matched item, in input order, nothing dropped
+    dropped: int  # duplicate or superseded lines
+
+    def done(self) -> set[int]:
+        return {o for o, line in self.best.items() if line.is_response}
+
+
+def match_lines(items: Sequence[Item], lines: Sequence[Line], warnings: Sequence[str] = ()) -> Matched:
+    """Assign each line to the record it was written for (see the module docstring).
+
+    Raises ``InferenceError`` for a line that matches no record.
+    """
+    by_sig: dict[str, list[int]] = defaultdict(list)
+    for it in items:
+        by_sig[it.signature].append(it.order)
+    grouped: dict[str, list[Line]] = defaultdict(list)
+    for line in lines:
+        sig = signature_of(line.fields)
+        if sig not in by_sig:
+            shown = json.dumps({k: v for k, v in line.fields.items() if k not in RESULT_FIELDS}, ensure_ascii=False)
+            raise InferenceError(
+                f"{line.source}, line {line.number}: matches no record of the test files ({shown[:200]}): "
+                "it is the output of another command or the test files changed; "
+                "use another --eval_output, or --overwrite to discard it"
+            )
+        grouped[sig].append(line)
+    best: dict[int, Line] = {}
+    dropped = 0
+    for sig, group in grouped.items():
+        responses = [ln for ln in group if ln.is_response]
+        errors = [ln for ln in group if not ln.is_response]
+        for order in by_sig[sig]:
+            if responses:
+                best[order] = responses.pop(0)
+            elif errors:
+                best[order] = errors.pop(0)
+        dropped += len(responses) + len(errors)
+    kept_orders = sorted(best, key=lambda o: (str(best[o].source), best[o].number))
+    clean = not warnings and dropped == 0 and len({ln.source for ln in lines}) <= 1 and kept_orders == sorted(best)
+    return Matched(best, clean, dropped)
+
+
+def part_files(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f"{glob.escape(out.name)}.rank*{PART_SUFFIX}"))
+
+
+def merge_tmp(out: Path) -> Path:
+    return out.with_name(out.name + ".merge.tmp")
+
+
+def write_atomic(out: Path, chunks: Iterable[bytes]) -> None:
+    """Write ``out`` through a temporary file in the same folder and an atomic rename."""
+    tmp = merge_tmp(out)
+    with open(tmp, "wb") as f:
+        for c in chunks:
+            f.write(c)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    try:
+        fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def scan_outputs(out: Path, items: Sequence[Item], *, include_parts: bool, truncate_torn: bool, log) -> tuple[Matched, list[Path]]:
+    """Read OUT (and the part files), match their lines to ``items``; report dropped lines."""
+    lines, warnings = read_lines(out, truncate_torn=truncate_torn)
+    parts = part_files(out) if include_parts else []
+    for p in parts:
+        more, warn = read_lines(p, truncate_torn=False)
+        lines += more
+        warnings += warn
+    for w in warnings:
+        log(f"warning: {w}")
+    matched = match_lines(items, lines, warnings)
+    if parts:
+        matched.clean_in_order = False
+    return matched, parts
+
+
+def consolidate(out: Path, items: Sequence[Item], log, *, final: bool) -> Matched:
+    """Fold the part files into OUT and put OUT in input order when it is not already.
+
+    ``final``: every item must have a line (else nothing is removed and an error is raised).
+    """
+    stale = merge_tmp(out)
+    if stale.exists():
+        stale.unlink()
+    matched, parts = scan_outputs(out, items, include_parts=True, truncate_torn=True, log=log)
+    if final:
+        missing = [it for it in items if it.order not in matched.best]
+        if missing:
+            it = missing[0]
+            raise InferenceError(f"{len(missing)} record(s) have no output line (first: {it.record.source}, record "
+                                 f"{it.record.number}); rerun the same command to finish them")
+    if matched.dropped:
+        log(f"note: {matched.dropped} duplicate or superseded line(s) left out of {out}")
+    if not matched.clean_in_order:
+        write_atomic(out, (matched.best[o].data for o in sorted(matched.best)))
+    for p in parts:
+        p.unlink()
+    return matched
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.sharded:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_ok(self, ok: bool) -> bool:
+        """True when ``ok`` on every rank (a barrier too)."""
+        if not self.sharded:
+            return ok
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        if self.initialized_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def init_dist() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    here = False
+    if not dist.is_initialized():
+        # gloo carries only barriers and flags; a long imbalance between ranks must not time out.
+        dist.init_process_group("gloo", timeout=_dt.timedelta(hours=72))
+        here = True
+    return Dist(dist.get_rank(), dist.get_world_size(), local, here)
+
+
+def part_path(out: Path, rank: int) -> Path:
+    return out.with_name(f"{out.name}.rank{rank}{PART_SUFFIX}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def resolve_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def pick_device(local_rank: int = 0):
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def check_model_path(model_name: str, model_base: str | None) -> None:
+    """Fail fast, before reading data or importing the model classes, for a path that cannot be a model."""
+    from llava.model.load import ModelLoadError, checkpoint_kind
+
+    try:
+        kind = checkpoint_kind(model_name)
+        if kind == "lora" and model_base is not None:
+            checkpoint_kind(model_base)
+    except ModelLoadError as e:
+        raise InferenceError(str(e))
+
+
+def load_for_inference(model_name: str, model_base: str | None, dtype_name: str, *, vision_tower: str | None = None,
+                       local_rank: int = 0):
+    """``(model, processor, device)``: the model in eval mode on this process's device."""
+    from llava.model.load import ModelLoadError, load_model
+
+    device = pick_device(local_rank)
+    dtype = resolve_dtype(dtype_name, device)
+    try:
+        model, processor = load_model(model_name, model_base, dtype=dtype, vision_tower=vision_tower)
+    except ModelLoadError as e:
+        raise InferenceError(str(e), local=True)
+    model.to(device)
+    model.eval()
+    return model, processor, device
+
+
+def image_processor_for(model, processor, aspect_ratio: str):
+    from llava.data.images import ImageProcessor
+    from llava.model.forward import unwrap
+
+    strategy = getattr(unwrap(model).config, "vision_feature_select_strategy", None) \
+        or getattr(processor, "vision_feature_select_strategy", None) or "default"
+    try:
+        return ImageProcessor(processor, aspect_ratio, strategy)
+    except ValueError as e:
+        raise InferenceError(str(e), local=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def _log(msg: str) -> None:
+    sys.stderr.write(msg.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
+def _batches(seq: Sequence, size: int):
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]
+
+
+def run(args, dist: Dist) -> int:
+    check_model_path(args.model_name, args.model_base)
+    items = load_items(args.test_datasets)
+    out = Path(args.eval_output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Only rank 0 (the one that rewrites OUT) holds the lock; the other ranks write their parts.
+    with _OutputLock(out, enabled=dist.rank == 0):
+        return _run(args, dist, items, out)
+
+
+def _run(args, dist: Dist, items: list[Item], out: Path) -> int:
+    from llava.data.images import missing_images
+
+    log = _log if dist.rank == 0 else (lambda msg: None)
+
+    # 1. Rank 0 folds earlier part files into OUT, cuts a torn last line; everyone then reads OUT.
+    ok, message = True, None
+    if dist.rank == 0:
+        try:
+            if args.overwrite:
+                for p in [out, merge_tmp(out), *part_files(out)]:
+                    if p.exists():
+                        p.unlink()
+            if part_files(out) or out.exists():
+                consolidate(out, items, log, final=False)
+        except InferenceError as e:
+            ok, message = False, str(e)
+    if not dist.all_ok(ok):
+        raise InferenceError(message or "rank 0 could not prepare the output (see its message)")
+    matched, _ = scan_outputs(out, items, include_parts=False, truncate_torn=False, log=lambda m: None)
+    done = matched.done()
+    todo = [it for it in items if it.order not in done]
+    if done:
+        log(f"resuming {out}: {len(done)} of {len(items)} records already done, {len(todo)} to go")
+
+    # 2. Images that are not there: reported before anything is generated.
+    missing = {(p.file, p.record): p for p in missing_images([it.record for it in todo], args.image_folder)}
+    if missing and not args.skip_bad_records:
+        shown = "\n".join(str(p) for p in list(missing.values())[:10])
+        more = f"\n... and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise InferenceError(f"{len(missing)} record(s) with a missing image (use --skip_bad_records to write "
+                             f"error rows for them and go on):\n{shown}{more}")
+
+    mine = todo[dist.rank::dist.world]
+    target = part_path(out, dist.rank) if dist.sharded else out
+    if mine:
+        generate_records(args, dist, mine, missing, target, log, total=len(items), already=len(done))
+
+    # 3. Merge (sharded) and put OUT in input order.
+    dist.barrier()
+    ok, message = True, None
+    if dist.rank == 0:
+        try:
+            final = consolidate(out, items, log, final=True)
+            errors = sum(1 for ln in final.best.values() if not ln.is_response)
+            log(f"wrote {len(items)} records to {out}" + (f" ({errors} error rows)" if errors else ""))
+        except InferenceError as e:
+            ok, message = False, str(e)
+    if not dist.all_ok(ok):
+        raise InferenceError(message or "rank 0 could not merge the outputs")
+    return 0
+
+
+def generate_records(args, dist: Dist, mine: list[Item], missing: dict, target: Path, log, *, total: int, already: int) -> None:
+    import torch
+
+    from llava.conversation import get_template
+    from llava.data.images import open_image
+    from llava.data.records import DataError
+    from llava.eval.generate import build_prompt, generate
+
+    model, processor, _ = load_for_inference(args.model_name, args.model_base, args.dtype, vision_tower=args.vision_tower,
+                                             local_rank=dist.local_rank)
+    images = image_processor_for(model, processor, args.image_aspect_ratio)
+    tokenizer = processor.tokenizer
+    template = get_template(args.conv_mode)
+    torch.manual_seed(args.seed + dist.rank)
+
+    bar = None
+    if dist.rank == 0 and not args.no_progress:
+        from tqdm.auto import tqdm
+
+        if dist.sharded:
+            bar = tqdm(total=len(mine), unit="rec", desc=f"rank 0 of {dist.world}", dynamic_ncols=True)
+        else:
+            bar = tqdm(total=total, initial=already, unit="rec", desc="inference", dynamic_ncols=True)
+
+    with open(target, "ab") as f:
+        for batch in _batches(mine, args.batch_size):
+            results: dict[int, bytes] = {}
+            prompts, prompt_items = [], []
+            for it in batch:
+                r = it.record
+                problem = missing.get((r.source, r.number))
+                if problem is None:
+                    try:
+                        image = images(open_image(r, args.image_folder))
+                    except DataError as e:
+                        problem = e.problems[0]
+                if problem is not None:
+                    if not args.skip_bad_records:
+                        raise InferenceError(f"{problem}\n(stopped before generating for this record; use "
+                                             "--skip_bad_records to write an error row for it and go on)", local=True)
+                    # every process reports the bad records of its own share
+                    (bar.write if bar is not None else _log)(f"skipping: {problem} (written as an error row)")
+                    results[it.order] = result_line(r, error=problem.message)
+                    continue
+                prompts.append(build_prompt(tokenizer, template, r.question, image))
+                prompt_items.append(it)
+            if prompts:
+                responses = generate(model, tokenizer, prompts, num_beams=args.num_beams, temperature=args.temperature,
+                                     top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+                for it, text in zip(prompt_items, responses):
+                    results[it.order] = result_line(it.record, response=text)
+            f.write(b"".join(results[it.order] for it in batch))  # whole lines, one write per batch
+            f.flush()
+            os.fsync(f.fileno())
+            if bar is not None:
+                bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+
+
+class _OutputLock:
+    """An advisory lock on ``OUT.lock`` so that two runs never append to the same output."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.path = out.with_name(out.name + ".lock")
+        self.enabled = enabled
+        self.fd = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        try:
+            import fcntl
+        except ImportError:  # not on Unix: no lock
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise InferenceError(f"another inference run is writing {self.path.with_suffix('')} (lock {self.path} is held)")
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+            os.close(self.fd)
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``mcmdpo_inference.py``; exits with status 2 on bad input or a missing model."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from llava.data.records import DataError
+
+    dist = Dist()
+    start = time.time()
+    try:
+        check_args(args)
+        dist = init_dist()
+        code = run(args, dist)
+    except (InferenceError, DataError) as e:
+        if dist.rank == 0 or getattr(e, "local", False):
+            where = f"[rank {dist.rank}] " if dist.sharded else ""
+            _log(f"{where}error: {e}" if "\n" not in str(e) else f"{where}error:\n{e}")
+        dist.close()
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        _log("interrupted: rerun the same command to resume")
+        raise SystemExit(130) from None
+    dist.close()
+    if dist.rank == 0:
+        _log(f"done in {time.time() - start:.1f} s")
+    return code
+
+
+if __name__ == "__main__":
+    main()
