@@ -43,7 +43,9 @@ def open_image(record: Record, image_folder: str | Path | None) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError:
         raise record.error("image", f"image file not found: {path}")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        # DecompressionBombError (an image over twice PIL's MAX_IMAGE_PIXELS) is not an OSError:
+        # without it here one huge image would stop a whole run instead of being reported.
         raise record.error("image", f"unreadable image {ref.describe()} ({type(e).__name__}: {e})")
 
 
@@ -126,6 +128,7 @@ class ImageProcessor:
 
 
 def check_image_readable(record: Record, image_folder) -> DataProblem | None:
+    """The problem opening ``record``'s image with PIL (missing, unreadable), or ``None`` when it opens."""
     try:
         open_image(record, image_folder)
     except DataError as e:

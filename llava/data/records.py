@@ -7,10 +7,12 @@ Formats (the file's form is detected from its name and first character):
 * test format T: ``{"image_path", "question", "chosen", "idx"}`` (POPE-style ``label`` yes/no too);
 * LLaVA's SFT conversation format: ``{"image", "conversations": [{"from": "human"|"gpt", "value"}]}``;
 
-each as a JSON array, JSON Lines (also under a ``.json`` name), Parquet (image bytes inside) or a
-``datasets`` directory (``save_to_disk``). Every problem raises or reports a ``DataProblem`` that
-names the file, the record number (0-based position in the file; the line number for JSON Lines)
-and the field.
+each as a JSON array, JSON Lines (also under a ``.json`` name), Parquet (image bytes inside, found by
+its name or its magic bytes) or a ``datasets`` directory (``save_to_disk``). Every problem raises or
+reports a ``DataProblem`` that names the file, the record number (0-based position in the file; the
+line number too for JSON Lines) and the field. Problems are errors (the record is unusable for the
+task: ``read_records`` raises, or skips it when not strict) or warnings (used as read; listed by
+``python -m llava.data.check``, which also opens every image and looks for duplicate ``idx``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+from llava.constants import DEFAULT_IMAGE_TOKEN
 
 TASKS = ("sft", "preference", "test")
 
@@ -99,6 +103,20 @@ class Record:
 # Raw rows: (number, line, dict | DataProblem)
 
 
+PARQUET_MAGIC = b"PAR1"
+
+
+def _is_parquet(path: Path) -> bool:
+    """A ``.parquet`` name, or Parquet's magic bytes under any other name."""
+    if path.suffix.lower() == ".parquet":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == PARQUET_MAGIC
+    except OSError:
+        return False
+
+
 def iter_rows(path: str | Path) -> Iterator[tuple[int, int | None, dict | DataProblem]]:
     """Yield ``(record number, line number or None, row dict or DataProblem)`` for a data file."""
     path = Path(path)
@@ -107,7 +125,7 @@ def iter_rows(path: str | Path) -> Iterator[tuple[int, int | None, dict | DataPr
         raise DataError(DataProblem(name, None, None, "file not found"))
     if path.is_dir():
         yield from _iter_dataset_dir(path)
-    elif path.suffix == ".parquet":
+    elif _is_parquet(path):
         yield from _iter_parquet(path)
     else:
         yield from _iter_json(path)
@@ -115,7 +133,14 @@ def iter_rows(path: str | Path) -> Iterator[tuple[int, int | None, dict | DataPr
 
 def _iter_json(path: Path) -> Iterator[tuple[int, int | None, dict | DataProblem]]:
     name = str(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        # utf-8-sig: a byte-order mark (some editors and Windows tools write one) is not data.
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(DataProblem(name, None, None, f"not UTF-8 text (byte {e.start}): expected JSON, JSON Lines, "
+                                                      "Parquet or a `datasets` directory"))
+    except OSError as e:
+        raise DataError(DataProblem(name, None, None, f"cannot read ({e.strerror or e})"))
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -124,33 +149,51 @@ def _iter_json(path: Path) -> Iterator[tuple[int, int | None, dict | DataProblem
         for i, row in enumerate(rows):
             yield i, None, row if isinstance(row, dict) else DataProblem(name, i, None, "record is not a JSON object")
         return
+    # JSON Lines. Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 and other
+    # separators that json.dumps(ensure_ascii=False) leaves raw inside strings (real post texts have them).
+    lines = text.split("\n")
     number = 0
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            yield number, line_no, DataProblem(name, number, None, f"unparseable line ({e.msg})", line_no)
+            if number == 0 and _single_object(text):
+                raise DataError(DataProblem(name, None, None, "one JSON object spread over several lines: expected a "
+                                                              "JSON array of records or JSON Lines (one record a line)"))
+            yield number, line_no, DataProblem(name, number, None, f"unparseable line ({e.msg}, column {e.colno})", line_no)
         else:
             ok = isinstance(row, dict)
             yield number, line_no, row if ok else DataProblem(name, number, None, "line is not a JSON object", line_no)
         number += 1
 
 
+def _single_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def _iter_parquet(path: Path) -> Iterator[tuple[int, int | None, dict | DataProblem]]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=256)
+        i = 0
+        for batch in batches:  # batch by batch: image bytes of a large file never all sit in memory
+            for row in batch.to_pylist():
+                yield i, None, row
+                i += 1
+    except DataError:
+        raise
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise DataError(DataProblem(str(path), None, None, f"not a readable Parquet file ({e})"))
-    for i, row in enumerate(table.to_pylist()):
-        yield i, None, row
 
 
 def _iter_dataset_dir(path: Path) -> Iterator[tuple[int, int | None, dict | DataProblem]]:
-    from datasets import load_from_disk
+    from datasets import Image, load_from_disk
 
     try:
         ds = load_from_disk(str(path))
@@ -159,12 +202,17 @@ def _iter_dataset_dir(path: Path) -> Iterator[tuple[int, int | None, dict | Data
     if hasattr(ds, "keys"):  # a DatasetDict: take its only (or its train) split
         split = "train" if "train" in ds else next(iter(ds.keys()))
         ds = ds[split]
+    # Keep image columns as their stored bytes/path: decoding them here would re-encode every image and
+    # stop the whole file at the first corrupt one instead of reporting it on its record.
+    for column, feature in ds.features.items():
+        if isinstance(feature, Image) and feature.decode:
+            ds = ds.cast_column(column, Image(decode=False))
     for i, row in enumerate(ds):
         yield i, None, _plain(row)
 
 
 def _plain(row: dict) -> dict:
-    """datasets decodes Image features to PIL; keep bytes so every reader sees the same thing."""
+    """A decoded PIL image left in a row (an image feature not cast above) becomes PNG bytes, as the other readers give."""
     out = {}
     for k, v in row.items():
         if hasattr(v, "save") and hasattr(v, "size"):  # a PIL image
@@ -181,11 +229,24 @@ def _plain(row: dict) -> dict:
 # Rows to records
 
 
-def _image_ref(row: dict) -> ImageRef | None:
+def _as_bytes(value) -> bytes:
+    """Image bytes as stored: raw (Parquet, datasets), a list of ints, or base64 text (the only way JSON holds bytes)."""
+    if isinstance(value, str):
+        import base64
+        import binascii
+
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return value.encode("utf-8", "replace")  # reported as an unreadable image where it is opened
+    return bytes(value)
+
+
+def image_ref(row: dict) -> ImageRef | None:
     img = row.get("image")
     if isinstance(img, dict):
         if img.get("bytes"):
-            return ImageRef(data=bytes(img["bytes"]))
+            return ImageRef(data=_as_bytes(img["bytes"]))
         if img.get("path"):
             return ImageRef(path=str(img["path"]))
     elif isinstance(img, str) and img:
@@ -193,66 +254,118 @@ def _image_ref(row: dict) -> ImageRef | None:
     elif isinstance(img, (bytes, bytearray)) and img:
         return ImageRef(data=bytes(img))
     if row.get("image_bytes"):
-        return ImageRef(data=bytes(row["image_bytes"]))
+        return ImageRef(data=_as_bytes(row["image_bytes"]))
     if row.get("image_path"):
         return ImageRef(path=str(row["image_path"]))
     return None
 
 
-def _text_fields(row: dict, problem) -> dict | None:
+def image_field(row: dict) -> str:
+    """The field a row's image comes from: ``image``, or ``image_path``/``image_bytes`` when only that holds it."""
+    if not row.get("image"):
+        for name in ("image_bytes", "image_path"):
+            if row.get(name):
+                return name
+    return "image"
+
+
+TEXT_FIELDS = ("question", "chosen", "rejected")
+
+
+def text_fields(row: dict, problem) -> dict | None:
     """question/chosen/rejected from ``text`` (a JSON string or object) or from flat fields."""
     text = row.get("text")
     if text is None:
-        return {k: row[k] for k in ("question", "chosen", "rejected") if k in row}
+        return {k: row[k] for k in TEXT_FIELDS if k in row}
     if isinstance(text, str):
         try:
             text = json.loads(text)
         except json.JSONDecodeError as e:
-            problem("text", f"not a JSON string of question/chosen/rejected ({e.msg})")
+            problem("text", f"not a JSON string of question/chosen/rejected ({e.msg}, column {e.colno})")
             return None
     if not isinstance(text, dict):
         problem("text", "must hold a JSON object with question, chosen and rejected")
         return None
     # flat fields, where both exist, must not silently disagree with `text`: `text` wins (the
-    # released code reads `text`), flat copies fill what it lacks.
-    merged = {k: row[k] for k in ("question", "chosen", "rejected") if k in row}
-    merged.update({k: text[k] for k in ("question", "chosen", "rejected") if k in text})
+    # released code reads `text`), flat copies fill what it lacks; a disagreement is a warning.
+    merged = {k: row[k] for k in TEXT_FIELDS if k in row}
+    for k in TEXT_FIELDS:
+        if k in text:
+            flat = merged.get(k)
+            if flat is not None and text[k] is not None and flat != text[k]:
+                problem(k, "top-level value differs from the one inside 'text'; 'text' is used", "warning")
+            merged[k] = text[k]
     return merged
 
 
 def _conversation_turns(row: dict, problem) -> list[tuple[str, str]] | None:
+    """``(human, gpt)`` pairs of LLaVA's ``conversations``; every problem found is reported."""
     convs = row.get("conversations")
     if not isinstance(convs, list) or not convs:
         problem("conversations", "must be a non-empty list of {from, value} turns")
         return None
-    turns, human = [], None
+    turns, human, ok = [], None, True
     for j, turn in enumerate(convs):
         if not isinstance(turn, dict) or "value" not in turn or "from" not in turn:
             problem(f"conversations[{j}]", "each turn needs 'from' and 'value'")
-            return None
+            ok = False
+            if isinstance(turn, dict) and str(turn.get("from", "")).lower() in ("human", "user"):
+                human = ""  # a broken human turn still opens a pair: no second message for its answer
+            continue
+        value = turn["value"]
+        if not isinstance(value, str):
+            problem(f"conversations[{j}].value", f"must be a string, got {type(value).__name__}")
+            ok = False
+            if str(turn["from"]).lower() in ("human", "user"):
+                human = ""
+            continue
+        if j > 0 and DEFAULT_IMAGE_TOKEN in value:
+            # The image goes into the first human turn; a placeholder anywhere else would give the
+            # sequence more image slots than the record has images.
+            problem(f"conversations[{j}].value", f"{DEFAULT_IMAGE_TOKEN} outside the first turn")
+            ok = False
         who = str(turn["from"]).lower()
         if who in ("human", "user"):
-            human = str(turn["value"])
+            if human is not None:
+                problem(f"conversations[{j}]", "two human turns in a row: the first has no answer")
+                ok = False
+            human = value
         elif who in ("gpt", "assistant"):
             if human is None:
                 problem(f"conversations[{j}]", "an assistant turn without a human turn before it")
-                return None
-            turns.append((human, str(turn["value"])))
+                ok = False
+                continue
+            if not value.strip():
+                problem(f"conversations[{j}].value", "empty text")
+                ok = False
+            turns.append((human, value))
             human = None
-    if not turns:
+        else:
+            problem(f"conversations[{j}].from", f"unknown speaker {turn['from']!r} (expected human or gpt): turn ignored",
+                    "warning")
+    if human is not None:
+        problem(f"conversations[{len(convs) - 1}]", "the last human turn has no answer: ignored", "warning")
+    if ok and not turns:
         problem("conversations", "no (human, gpt) pair")
         return None
-    return turns
+    return turns if ok else None
 
 
 def parse_row(row: dict, source: str, number: int, line: int | None, task: str) -> tuple[Record | None, list[DataProblem]]:
-    """Turn one raw row into a ``Record`` for ``task``; return it with the problems found."""
+    """Turn one raw row into a ``Record`` for ``task``; return it with the problems found.
+
+    Problems have a severity: ``error`` (the row is unusable for ``task``; ``None`` is returned) or
+    ``warning`` (the record is usable as read, but something looks wrong).
+    """
     problems: list[DataProblem] = []
 
     def problem(field_name, message, severity="error"):
         problems.append(DataProblem(source, number, field_name, message, line, severity))
 
-    image = _image_ref(row)
+    image = image_ref(row)
+    img, img_path = row.get("image"), row.get("image_path")
+    if isinstance(img, dict) and img.get("path") and not img.get("bytes") and img_path and str(img["path"]) != str(img_path):
+        problem("image_path", f"differs from image.path ({img['path']!r}); image.path is used", "warning")
     turns = None
     if "conversations" in row:
         turns = _conversation_turns(row, problem)
@@ -260,7 +373,7 @@ def parse_row(row: dict, source: str, number: int, line: int | None, task: str) 
             return None, problems
         question, chosen, rejected = turns[0][0], turns[-1][1], None
     else:
-        fields = _text_fields(row, problem)
+        fields = text_fields(row, problem)
         if fields is None:
             return None, problems
         question, chosen, rejected = fields.get("question"), fields.get("chosen"), fields.get("rejected")
@@ -278,9 +391,16 @@ def parse_row(row: dict, source: str, number: int, line: int | None, task: str) 
             problem(name, f"must be a string, got {type(value).__name__}")
         elif not value.strip():
             problem(name, "empty text")
-    if task == "test" and chosen is None and label is None:
-        problem("chosen", "missing (a test record needs the reference alt-text `chosen`, or a yes/no `label`)")
-    if task == "preference" and isinstance(chosen, str) and chosen.strip() and chosen == rejected:
+    if task == "test":
+        if chosen is None and label is None:
+            problem("chosen", "missing (a test record needs the reference alt-text `chosen`, or a yes/no `label`)")
+        elif chosen is not None and not isinstance(chosen, str):
+            problem("chosen", f"must be a string, got {type(chosen).__name__}")
+        elif isinstance(chosen, str) and not chosen.strip():
+            # generation does not need the reference: run, but this record cannot be scored
+            problem("chosen", "empty text (the reference alt-text: this record cannot be scored)", "warning")
+    if (task == "preference" and isinstance(chosen, str) and isinstance(rejected, str) and chosen.strip()
+            and chosen.strip() == rejected.strip()):
         problem("rejected", "equal to chosen: the pair carries no preference")
     if image is None and (task != "sft" or turns is None):
         problem("image", "no image (expected image.path, image_path or image.bytes)")

@@ -1,0 +1,286 @@
+"""Check data files before training or inference: every problem, each naming its file, record and field.
+
+    python -m llava.data.check FILE [FILE ...] [--image_folder DIR] [--task sft|preference|test]
+    llava-check ...                                  (the same, as a console script)
+
+FILE is anything ``llava.data.records`` reads: a JSON array, JSON Lines (under any name), Parquet
+(image bytes inside) or a ``datasets`` directory (``save_to_disk``), in preference format A (``text``
+as a JSON string, or flat question/chosen/rejected), test format T or LLaVA's conversation format.
+
+Output (stdout), per file::
+
+    == FILE: task preference (guessed from record 0: it has 'rejected'; pass --task to choose)
+    error: FILE, record 3, line 4, field 'chosen': empty text
+    warning: FILE, record 7, field 'idx': duplicate idx 30 (first at record 2)
+    FILE: 10 records read: 8 ok, 1 with errors, 1 with warnings only (1 error, 1 warning)
+
+then, for several files, one total line per task, and a last line ``result: ...``. Record numbers
+are 0-based positions in the file (``data[3]`` of a JSON array, row 3 of a Parquet file); JSON Lines
+problems also give the 1-based line number. A problem about the whole file has no record.
+
+Exit status: 0 when no file has an error (warnings allowed), 1 when any has, 2 for a usage error
+(unknown option or task, ``--image_folder`` that is not a directory).
+
+Errors (training or inference would refuse the record or read it wrongly):
+  the file is missing, is not JSON / JSON Lines / Parquet / a ``datasets`` directory, or has no
+  records; an unparseable line; a record that is not an object; ``text`` that is not a JSON object;
+  a missing or non-string field the task needs; empty text in a field the task trains or prompts
+  with; a missing, unreadable or absent image; chosen equal to rejected (preference); a conversation
+  turn without 'from'/'value', an empty answer, ``<image>`` outside the first turn; a duplicate
+  ``idx`` in a test file (outputs are keyed by ``idx``: inference then resumes by position only, and
+  the HTML report, which matches systems by idx, keeps only the first record of a repeated idx).
+Warnings (the record is used as read, but look at it):
+  a duplicate ``idx`` in a training file (training keys its reference cache on positions, not idx);
+  an empty reference ``chosen`` in a test record (generation runs, the record cannot be scored);
+  a test record without ``idx``, or a test file without any (one warning; outputs then match by
+  position); a top-level question/chosen/rejected that differs from the copy inside ``text``
+  (``text`` is used); ``image_path`` that differs from ``image.path`` (``image.path`` is used); an
+  unknown conversation speaker; a trailing human turn with no answer.
+
+Images are opened with PIL (``check_image_readable``), four at a time; ``--no_image_open`` only
+checks that image files exist. Without ``--image_folder`` image paths are looked up from the
+current directory, as training does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+from llava.data.images import check_image_readable, image_path
+from llava.data.records import (TASKS, DataError, DataProblem, Record, image_field, image_ref, iter_rows, parse_row,
+                                text_fields)
+
+IMAGE_WORKERS = 4  # PIL decodes with the GIL released: threads overlap image checks
+IMAGE_WINDOW = 64  # image checks in flight at once (bounds the image bytes held in memory)
+
+
+def guess_task(row: dict) -> tuple[str, str] | None:
+    """``(task, reason)`` for a raw row, or ``None`` when the row cannot tell (unparseable ``text``)."""
+    if "conversations" in row:
+        return "sft", "it has 'conversations'"
+    fields = text_fields(row, lambda *a, **k: None)
+    if fields is None:
+        return None
+    if fields.get("rejected") is not None:
+        return "preference", "it has 'rejected'"
+    return "test", "it has no 'rejected' and no 'conversations'"
+
+
+@dataclass
+class FileReport:
+    """What checking one file found. ``worst`` maps a record number to ``error`` or ``warning``."""
+
+    file: str
+    task: str | None = None
+    task_note: str = ""
+    read: int = 0
+    problems: list[DataProblem] = field(default_factory=list)
+    worst: dict[int, str] = field(default_factory=dict)
+
+    def add(self, problem: DataProblem) -> None:
+        self.problems.append(problem)
+        if problem.record is not None and self.worst.get(problem.record) != "error":
+            self.worst[problem.record] = problem.severity
+
+    @property
+    def errors(self) -> int:
+        return sum(p.severity == "error" for p in self.problems)
+
+    @property
+    def warnings(self) -> int:
+        return sum(p.severity == "warning" for p in self.problems)
+
+    @property
+    def with_errors(self) -> int:
+        return sum(s == "error" for s in self.worst.values())
+
+    @property
+    def with_warnings(self) -> int:
+        return sum(s == "warning" for s in self.worst.values())
+
+    @property
+    def ok(self) -> int:
+        return self.read - self.with_errors - self.with_warnings
+
+
+def _rows_with_task(path: Path, task: str | None, report: FileReport) -> Iterator[tuple[int, int | None, dict | DataProblem]]:
+    """The file's rows, after settling ``report.task`` (given, or guessed from the first row that tells)."""
+    rows = iter_rows(path)
+    if task is not None:
+        report.task, report.task_note = task, "--task"
+        yield from rows
+        return
+    held, broken = [], None
+    try:
+        for number, line, row in rows:
+            held.append((number, line, row))
+            guess = guess_task(row) if isinstance(row, dict) else None
+            if guess is not None:
+                report.task = guess[0]
+                report.task_note = f"guessed from record {number}: {guess[1]}; pass --task to choose"
+                break
+    except DataError as e:  # the file breaks further on: the rows read so far are still checked
+        broken = e
+    if report.task is None and held:
+        report.task, report.task_note = "test", "no record tells the task; checked as test, pass --task to choose"
+    yield from held
+    if broken is not None:
+        raise broken
+    yield from rows
+
+
+def check_file(path: str | Path, task: str | None = None, image_folder: str | Path | None = None,
+               open_images: bool = True) -> FileReport:
+    """Every problem of one data file for ``task`` (guessed when ``None``), images checked in ``image_folder``."""
+    path = Path(path)
+    report = FileReport(str(path))
+    seen_idx: dict[str, int] = {}
+    no_idx: list[tuple[int, int | None]] = []
+    objects = 0  # rows that are JSON objects
+    pending: deque = deque()
+
+    def settle(n: int) -> None:
+        while len(pending) > n:
+            future, row_field = pending.popleft()
+            problem = future.result()
+            if problem is not None:
+                report.add(replace(problem, field=row_field))
+
+    with ThreadPoolExecutor(IMAGE_WORKERS) as pool:
+        try:
+            for number, line, row in _rows_with_task(path, task, report):
+                report.read += 1
+                if isinstance(row, DataProblem):
+                    report.add(row)
+                    continue
+                objects += 1
+                _, found = parse_row(row, str(path), number, line, report.task)
+                for p in found:
+                    report.add(p)
+                _check_idx(row, number, line, report, seen_idx, no_idx)
+                ref = image_ref(row)
+                if ref is not None:
+                    record = Record(str(path), number, row.get("idx"), ref, "", line=line)
+                    check = check_image_readable if open_images else _check_image_exists
+                    pending.append((pool.submit(check, record, image_folder), image_field(row)))
+                    settle(IMAGE_WINDOW)
+        except DataError as e:  # the file itself: missing, not JSON, not Parquet, not a datasets dir
+            for p in e.problems:
+                report.add(p)
+        settle(0)
+    if report.task == "test" and no_idx:  # outputs are matched to records by idx (inference, report)
+        if len(no_idx) == objects:
+            report.add(DataProblem(str(path), None, "idx", "no record has an idx: outputs are matched by position only",
+                                   severity="warning"))
+        else:
+            for number, line in no_idx:
+                report.add(DataProblem(str(path), number, "idx", "no idx (other records have one): this record's "
+                                       "output is matched by position only", line, "warning"))
+    if report.read == 0 and not report.problems:
+        report.add(DataProblem(str(path), None, None, "no records"))
+    report.problems.sort(key=lambda p: -1 if p.record is None else p.record)  # stable: order within a record kept
+    return report
+
+
+def _check_image_exists(record: Record, image_folder) -> DataProblem | None:
+    path = image_path(record.image, image_folder)
+    if path is not None and not path.is_file():
+        return DataProblem(record.source, record.number, "image", f"image file not found: {path}", record.line)
+    return None
+
+
+def _check_idx(row: dict, number: int, line: int | None, report: FileReport, seen: dict[str, int],
+               no_idx: list[tuple[int, int | None]]) -> None:
+    idx = row.get("idx", row.get("id"))
+    name = "idx" if "idx" in row else "id"
+    if idx is None:
+        no_idx.append((number, line))
+        return
+    key = json.dumps(idx, sort_keys=True, default=str)
+    if key in seen:
+        severity = "error" if report.task == "test" else "warning"
+        report.add(DataProblem(report.file, number, name, f"duplicate {name} {key} (first at record {seen[key]})",
+                               line, severity))
+    else:
+        seen[key] = number
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _counts(read: int, ok: int, errors: int, warnings_only: int) -> str:
+    return (f"{_plural(read, 'record')} read: {ok} ok, {errors} with errors, {warnings_only} with warnings only")
+
+
+def print_report(report: FileReport, out=None) -> None:
+    out = out or sys.stdout  # looked up now: callers (and tests) may have redirected it
+    print(f"== {report.file}: task {report.task or '-'}" + (f" ({report.task_note})" if report.task_note else ""),
+          file=out)
+    for p in report.problems:
+        print(f"{p.severity}: {p}", file=out)
+    print(f"{report.file}: {_counts(report.read, report.ok, report.with_errors, report.with_warnings)} "
+          f"({_plural(report.errors, 'error')}, {_plural(report.warnings, 'warning')})", file=out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m llava.data.check",
+        description="Check alt-text data files (JSON, JSON Lines, Parquet, datasets directories) and list every "
+                    "problem with its file, record number (0-based), line (JSON Lines) and field.",
+        epilog="Exit status: 0 no errors (warnings allowed), 1 errors found, 2 usage error. "
+               "See the module docstring for which problems are errors and which are warnings.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="data file(s) or datasets directories")
+    p.add_argument("--image_folder", default=None, help="folder image paths are relative to (as in training)")
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="what the file is for; default: guessed per file from its first record "
+                        "(conversations -> sft, rejected -> preference, else test)")
+    p.add_argument("--no_image_open", action="store_true",
+                   help="only check that image files exist (fast); by default every image is opened with PIL")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2): return the status rather than exit
+        return int(e.code or 0)
+    if args.image_folder is not None and not Path(args.image_folder).is_dir():
+        print(f"{parser.prog}: error: --image_folder {args.image_folder}: not a directory", file=sys.stderr)
+        return 2
+
+    reports = []
+    for f in args.files:
+        report = check_file(f, args.task, args.image_folder, open_images=not args.no_image_open)
+        print_report(report)
+        reports.append(report)
+
+    if len(reports) > 1:
+        for task in TASKS:
+            mine = [r for r in reports if r.task == task]
+            if mine:
+                print(f"total {task}: {_plural(len(mine), 'file')}, "
+                      + _counts(sum(r.read for r in mine), sum(r.ok for r in mine),
+                                sum(r.with_errors for r in mine), sum(r.with_warnings for r in mine)))
+    errors, warnings = sum(r.errors for r in reports), sum(r.warnings for r in reports)
+    not_found = any("image file not found" in p.message for r in reports for p in r.problems)
+    if not_found and args.image_folder is None:
+        print("hint: image paths were looked up from the current directory; pass --image_folder DIR")
+    bad = sum(r.errors > 0 for r in reports)
+    verdict = "FAILED" if errors else "OK"
+    print(f"result: {verdict}: {_plural(errors, 'error')}, {_plural(warnings, 'warning')} "
+          f"in {_plural(len(reports), 'file')}" + (f" ({bad} of them with errors)" if len(reports) > 1 else ""))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
