@@ -252,3 +252,21 @@ def test_published_spellings_are_accepted(tiny_llava_dir, preference_file, tmp_p
     assert trainer.args.warmup_steps == 0.03
     groups = {g["name"]: g["lr"] for g in trainer.create_optimizer().param_groups}
     assert groups["projector/decay"] == 2e-5 and groups["language/decay"] == trainer.args.learning_rate
+
+
+def test_linear_projector_keeps_its_identity_layer_frozen(tmp_path, preference_file):
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    from llava.model.tiny import build
+
+    model, processor = build("llava", seed=4)
+    CLIPVisionModel(model.config.vision_config).save_pretrained(tmp_path / "clip")
+    LlamaForCausalLM(model.config.text_config).save_pretrained(tmp_path / "lm")
+    processor.tokenizer.save_pretrained(tmp_path / "lm")
+    trainer = prepare(argv(tmp_path / "lm", preference_file, tmp_path / "out", "--task", "LM", "--max_steps", "1",
+                           "--vision_tower", tmp_path / "clip", "--mm_projector_type", "linear", "--tune_mm_mlp_adapter", "True",
+                           "--learning_rate", "1e-2"))
+    trainable = {n for n, p in trainer.model.llava.named_parameters() if p.requires_grad}
+    assert trainable == {"model.multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.bias"}
+    changed = run_one_step(trainer)
+    assert changed == trainable
