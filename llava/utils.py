@@ -1,9 +1,9 @@
 """Helpers that LLaVA's own scripts import (``from llava.utils import disable_torch_init``)."""
 
-import torch
-
 
 def disable_torch_init() -> None:
-    """Skip the default random initialisation of Linear and LayerNorm layers (weights come from a checkpoint)."""
-    setattr(torch.nn.Linear, "reset_parameters", lambda self: None)
-    setattr(torch.nn.LayerNorm, "reset_parameters", lambda self: None)
+    """Kept so LLaVA scripts run: a no-op here.
+
+    LLaVA patched ``torch.nn.Linear``/``LayerNorm`` to skip their random initialisation before
+    loading weights; transformers' ``from_pretrained`` already skips it, so nothing is patched.
+    """
