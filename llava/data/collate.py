@@ -73,7 +73,8 @@ class _Row:
         return self.add([image_token_id] * image.num_tokens, parent)
 
 
-def _image_tensors(images: list[ProcessedImage]) -> dict[str, torch.Tensor]:
+def stack_images(images: Sequence[ProcessedImage]) -> dict[str, torch.Tensor]:
+    """``pixel_values`` ``[N, 3, S, S]``, or ``[N, P, 3, S, S]`` with ``image_sizes`` for multi-crop."""
     if not images:
         return {}
     pix = [im.pixel_values for im in images]
@@ -132,7 +133,7 @@ class PreferenceCollator:
             batch["attention_mask"] = torch.stack([_tree_mask(r, width) for r in rows]).unsqueeze(1)
         else:
             batch["attention_mask"] = _pad([[1] * len(r.ids) for r in rows], 0).bool()
-        batch.update(_image_tensors([im for r in rows for im in r.images]))
+        batch.update(stack_images([im for r in rows for im in r.images]))
         # scored positions are row-local: make them flat indices into the [R * L] hidden states
         batch.update(_gather_plan([[[(row * width + p, t) for p, t in pairs] for row, pairs in per] for per in scored]))
         batch["index"] = torch.tensor([e.index for e in examples], dtype=torch.long)
@@ -217,7 +218,7 @@ class SFTCollator:
         batch = {"input_ids": _pad(rows, self.pad_token_id)}
         width = batch["input_ids"].shape[1]
         batch["attention_mask"] = _pad([[1] * len(r) for r in rows], 0).bool()
-        batch.update(_image_tensors(images))
+        batch.update(stack_images(images))
         scored = [[[(b * width + p - 1, t) for p, t in enumerate(lab) if t != IGNORE_INDEX and p > 0]]
                   for b, lab in enumerate(labels)]
         batch.update(_gather_plan(scored))

@@ -24,6 +24,7 @@ import torch
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.conversation import Template, encode_prompt, image_question
+from llava.data.collate import stack_images
 from llava.data.images import ProcessedImage
 from llava.model.forward import embed, unwrap
 
@@ -78,19 +79,6 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
             mask[i, width - len(r):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, positions
-
-
-def stack_images(images: Sequence[ProcessedImage]) -> dict[str, torch.Tensor]:
-    """``pixel_values`` ``[N, 3, S, S]``, or ``[N, P, 3, S, S]`` with ``image_sizes`` for multi-crop."""
-    if not images:
-        return {}
-    pix = [im.pixel_values for im in images]
-    if pix[0].dim() == 4:  # anyres: pad the patch dimension to the largest count (as the collators do)
-        most = max(p.shape[0] for p in pix)
-        pix = [torch.cat([p, p.new_zeros(most - p.shape[0], *p.shape[1:])]) for p in pix]
-        sizes = torch.tensor([list(im.image_size) for im in images], dtype=torch.long)
-        return {"pixel_values": torch.stack(pix), "image_sizes": sizes}
-    return {"pixel_values": torch.stack(pix)}
 
 
 def model_device(model) -> torch.device:
