@@ -58,14 +58,19 @@ def grounding(path: str | Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Key-fact and context grounding of alt-text responses (x100).")
     p.add_argument("files", nargs="+")
+    p.add_argument("--json", help="also write the rows, with their file names, to this JSON file")
     a = p.parse_args(argv)
+    rows = []
     print("| file | key fact | context | n |\n|---|---|---|---|")
     for f in a.files:
         try:
             g = grounding(f)
         except (OSError, ValueError) as e:
             sys.exit(f"error: {e}")
+        rows.append({"file": str(f), **g})
         print(f"| {Path(f).name} | {g['key_fact']:.2f} | {g['context']:.2f} | {g['n']} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
