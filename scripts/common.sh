@@ -9,6 +9,7 @@
 #   PARADIGM      a | b | c | d: when the vision tower trains (METHOD.md); default d (both stages)
 #   REPORT_TO     wandb | tensorboard | none (default wandb, as published)
 #   NUM_WORKERS   data loader workers (default 4 with CUDA, 0 without)
+#   OMP_NUM_THREADS  threads per process on a host without CUDA (default: cores / NUM_GPUS)
 #   PYTHON        interpreter (default: .venv/bin/python if present, else python3)
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,6 +28,11 @@ case "$PARADIGM" in a|b|c|d) ;; *) echo "PARADIGM must be a, b, c or d (got $PAR
 REPORT_TO=${REPORT_TO:-wandb}
 if [ -z "${PRECISION:-}" ]; then
   if [ "$HAS_CUDA" = 1 ]; then PRECISION=bf16; else PRECISION=fp32; fi
+fi
+# CPU processes share the cores: more threads than cores makes OpenMP spin in the kernel.
+if [ "$HAS_CUDA" != 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
+  OMP_NUM_THREADS=$(( $(nproc) / NUM_GPUS )); [ "$OMP_NUM_THREADS" -ge 1 ] || OMP_NUM_THREADS=1
+  export OMP_NUM_THREADS
 fi
 if [ -z "${NUM_WORKERS:-}" ]; then
   if [ "$HAS_CUDA" = 1 ]; then NUM_WORKERS=4; else NUM_WORKERS=0; fi

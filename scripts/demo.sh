@@ -12,6 +12,7 @@ export PYTHON=${PYTHON:-.venv/bin/python}
 DEMO_SIZE=${DEMO_SIZE:-full}
 OUT=${OUT:-outputs/demo}
 DATA=${DATA:-data/sample}
+SEED=${SEED:-0}  # seeds the tiny model's weights, training order and negatives
 export NUM_GPUS=${NUM_GPUS:-2} ZERO=${ZERO:-zero2} REPORT_TO=${REPORT_TO:-tensorboard} PRECISION=fp32
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 WANDB_MODE=offline
 
@@ -27,7 +28,7 @@ step() { printf '\n==> [%4ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
 mkdir -p "$OUT"
 
 step "1/7 building the embedded tiny model ($MODEL_SIZE) in $OUT/base"
-"$PYTHON" -m llava.model.tiny --out "$OUT/base" --arch llava --size "$MODEL_SIZE" --seed 0
+"$PYTHON" -m llava.model.tiny --out "$OUT/base" --arch llava --size "$MODEL_SIZE" --seed "$SEED"
 
 step "2/7 checking the sample data in $DATA"
 "$PYTHON" -m llava.data.check "$DATA/sft.json" --image_folder "$DATA" --task sft | tail -n 2
@@ -40,14 +41,14 @@ head -n "$TEST_LIMIT" "$DATA/test.jsonl" > "$OUT/test.jsonl"
 step "3/7 SFT ($SFT_EPOCHS epochs) -> $OUT/sft"
 MODEL_PATH="$OUT/base" DATA_PATH="$DATA/sft.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$OUT/sft" \
   EPOCHS=$SFT_EPOCHS LR=1e-3 BATCH_SIZE=8 GRAD_ACCUM=1 \
-  bash scripts/sft.sh --gradient_checkpointing False --save_strategy no --logging_steps 5 "${EXTRA[@]}"
+  bash scripts/sft.sh --gradient_checkpointing False --save_strategy no --logging_steps 5 --seed "$SEED" "${EXTRA[@]}"
 
 for method in dpo mcmdpo; do
   step "$([ $method = dpo ] && echo 4/7 DPO || echo 5/7 MCM-DPO) from the SFT checkpoint -> $OUT/$method"
   MODEL_PATH="$OUT/sft" DATA_PATH="$DATA/preference.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$OUT/$method" \
     EPOCHS=$PREF_EPOCHS LR=2e-4 BATCH_SIZE=4 GRAD_ACCUM=1 BETA=0.1 \
     bash "scripts/$method.sh" --gradient_checkpointing False --save_strategy no --logging_steps 5 \
-    --lr_scheduler_type constant "${EXTRA[@]}"
+    --lr_scheduler_type constant --seed "$SEED" "${EXTRA[@]}"
 done
 
 step "6/7 inference on $TEST_LIMIT test records"
@@ -59,7 +60,8 @@ done
 
 step "7/7 scores, report and training curves"
 "$PYTHON" get_score.py --file "$OUT/eval/sft.jsonl" "$OUT/eval/dpo.jsonl" "$OUT/eval/mcmdpo.jsonl" --out_dir "$OUT" > /dev/null
-"$PYTHON" -m llava.eval.grounding "$OUT/eval/sft.jsonl" "$OUT/eval/dpo.jsonl" "$OUT/eval/mcmdpo.jsonl" > "$OUT/grounding.md"
+"$PYTHON" -m llava.eval.grounding "$OUT/eval/sft.jsonl" "$OUT/eval/dpo.jsonl" "$OUT/eval/mcmdpo.jsonl" \
+  --json "$OUT/grounding.json" > "$OUT/grounding.md"
 "$PYTHON" -m llava.eval.report --files "$OUT/eval/sft.jsonl" "$OUT/eval/dpo.jsonl" "$OUT/eval/mcmdpo.jsonl" \
   --names SFT DPO MCM-DPO --image_folder "$DATA" --out "$OUT/report.html"
 "$PYTHON" -m llava.eval.curves --runs SFT="$OUT/sft" DPO="$OUT/dpo" MCM-DPO="$OUT/mcmdpo" --out "$OUT/curves.png"
