@@ -1,0 +1,1040 @@
+#!/usr/bin/env python
+"""Seconds and memory per optimizer step: naive vs packed MCM-DPO, the project's DPO, and TRL's DPOTrainer.
+
+    python benchmarks/bench_step.py [--json OUT] [--steps N] [--warmup N] [--quick]
+    python benchmarks/bench_step.py --device cuda --dtype bf16 --preset gpu1b      # benchmarks/gpu_step.sh
+    python benchmarks/bench_step.py --preset gpu1b --dry_run                       # configs and sizes only
+
+What runs (all through the project's own code, from files on disk):
+
+* a random-weight LLaVA-1.5 (``LlavaForConditionalGeneration``) of the chosen preset is built from
+  seeded configs, saved to a temporary directory with its processor and loaded back from disk;
+* preference records shaped like the published data (context 60-120 tokens, answers 10-40 tokens,
+  chosen and rejected of different lengths, 400x300 random images) are written in format A and read
+  with ``read_records`` -> ``PreferenceDataset`` -> ``PreferenceCollator``;
+* the variants, each with its own copy of the model and its own optimizer (AdamW, the Trainer's default):
+
+  - ``naive_mcm``: MCM-DPO, eight full sequences per record (the published computation:
+    ``response_logps_naive``), cached reference log-probs (no reference forward);
+  - ``mcm``: MCM-DPO, one tree-packed row per record (``response_logps``), cached reference;
+  - ``dpo``: the project's DPO (two conditions, packed), cached reference;
+  - ``trl_dpo``: TRL's ``DPOTrainer`` with the model's LLaVA processor. TRL refuses precomputed
+    reference log-probs for image data, so its step includes a reference forward. Its log-prob head
+    is limited to the answer positions, as TRL does on GPUs (see ``patch_trl_compact_head``);
+  - ``trl_dpo_stock``: the same, unpatched (on a CPU, TRL scores the whole vocabulary at every position).
+
+  A step is ``Trainer.training_step`` (forward and backward) on a prepared batch, then gradient
+  clipping, ``optimizer.step()`` and ``zero_grad`` -- the same calls for every variant; data loading
+  and collation are not timed. Batch size 1; the vision tower is frozen and the language model and
+  projector train (the project's default), in TRL's model too; no activation checkpointing anywhere.
+
+Timing: one process, the variants alternate round-robin (the order rotates each round) so machine
+noise hits all alike; median and minimum seconds per step after ``--warmup`` rounds.
+
+Memory: one fresh process per variant (forked from a preloaded fork server, so it does not re-import
+the libraries), which builds its batches, loads its model(s) and optimizer and runs
+``--memory_steps`` steps. On a CPU the figure is the peak resident set size (``VmHWM``, reset through
+``/proc/self/clear_refs`` once loading is done) minus the resident size just before the model was
+loaded: weights, TRL's reference copy, gradients, optimizer state and activations, like a GPU's peak
+memory. On a GPU it is ``torch.cuda.max_memory_allocated`` minus the allocation before loading.
+
+Checks (once, before the first step): the naive and the packed MCM-DPO forward give the same eight
+log-probabilities and the same loss (relative 1e-4), so the comparison is of equal work; TRL's
+batch has the same token ids and pixels as the project's DPO batch and its (patched and stock)
+log-probabilities agree with the project's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+VARIANTS = ("naive_mcm", "mcm", "dpo", "trl_dpo", "trl_dpo_stock")
+TRL_VARIANTS = ("trl_dpo", "trl_dpo_stock")
+# ratio name -> (numerator, denominator, what is compared, target: ratio <= target)
+RATIOS = {
+    "mcm/naive_mcm": ("mcm", "naive_mcm", "seconds", 0.35),
+    "dpo/trl_dpo": ("dpo", "trl_dpo", "seconds", 0.5),
+    "mcm/trl_dpo": ("mcm", "trl_dpo", "seconds", 1.0),
+    "peak mcm / peak trl_dpo": ("mcm", "trl_dpo", "memory", 1.0),
+}
+REL_TOL = 1e-4  # equal-work checks in fp32
+BF16_REL_TOL = 1e-2  # in bf16 the packed and naive layouts round differently (different kernels and shapes)
+LEARNING_RATE = 1e-5
+BETA = 0.1
+MiB = 1 << 20
+
+# Published-data shapes (tokens of the benchmark tokenizer).
+CONTEXT_TOKENS = (60, 120)
+ANSWER_TOKENS = (10, 40)
+IMAGE_WH = (400, 300)
+INSTRUCTION = "Given an image and context, generate alt-text for the image.\nContext:\n"
+
+
+@dataclass(frozen=True)
+class Preset:
+    text_hidden: int
+    text_intermediate: int
+    text_layers: int
+    text_heads: int
+    vocab_size: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int
+    vision_heads: int
+    image_size: int = 336
+    patch_size: int = 14
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2  # "default" strategy drops CLS
+
+
+PRESETS = {
+    # The CPU benchmark model.
+    "cpu": Preset(256, 688, 4, 4, 32000, 128, 512, 2, 4),
+    # About 1.1B parameters: a 0.95B Llama text model and a 0.15B CLIP-L-width tower (12 layers).
+    "gpu1b": Preset(2048, 5632, 16, 16, 32000, 1024, 4096, 12, 16),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, processor, data
+
+
+def llava_config(p: Preset, bos: int, eos: int, pad: int, image_token_id: int):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=p.vision_hidden, intermediate_size=p.vision_intermediate, num_hidden_layers=p.vision_layers,
+        num_attention_heads=p.vision_heads, image_size=p.image_size, patch_size=p.patch_size,
+        projection_dim=p.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=p.vocab_size, hidden_size=p.text_hidden, intermediate_size=p.text_intermediate,
+        num_hidden_layers=p.text_layers, num_attention_heads=p.text_heads, num_key_value_heads=p.text_heads,
+        max_position_embeddings=4096, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False,
+    )
+    # projector_hidden_act="gelu": the native projector is LLaVA-1.5's mlp2x_gelu
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id, projector_hidden_act="gelu",
+                       vision_feature_select_strategy="default", vision_feature_layer=-2, tie_word_embeddings=False)
+
+
+def build_processor(p: Preset):
+    """LLaVA processor: CLIP image processor at ``p.image_size`` and the project's tokenizer, trained locally."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    from llava.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from llava.conversation import VICUNA_V1_CHAT_TEMPLATE
+    from llava.model.tiny import build_tokenizer
+
+    # The shipped corpus supports only ~3k BPE tokens; asking for 32000 gives all it can learn,
+    # and the model's vocabulary (config vocab_size) is padded to p.vocab_size with unused rows.
+    tok = build_tokenizer(p.vocab_size)
+    image = CLIPImageProcessorPil(size={"shortest_edge": p.image_size},
+                                  crop_size={"height": p.image_size, "width": p.image_size},
+                                  image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))
+    return LlavaProcessor(image, tok, patch_size=p.patch_size, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=VICUNA_V1_CHAT_TEMPLATE)
+
+
+def write_checkpoint(out: Path, p: Preset, seed: int, device: str, dtype) -> dict:
+    """A seeded random-weight LLaVA with its processor, saved to ``out``; returns tokenizer facts."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from llava.constants import DEFAULT_IMAGE_TOKEN
+
+    processor = build_processor(p)
+    tok = processor.tokenizer
+    config = llava_config(p, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
+                          tok.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config)
+    model.to(dtype)
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(tok, key))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    facts = {"tokenizer_vocab": len(tok), "config_vocab_size": p.vocab_size, "params": param_counts(model)}
+    del model
+    gc.collect()
+    return facts
+
+
+def param_counts(model) -> dict:
+    """Parameters by part: vision tower, projector, input embeddings, rest of the language model (with the head)."""
+    out = {"vision": 0, "projector": 0, "embeddings": 0, "language": 0}
+    for name, prm in model.named_parameters():
+        if "vision_tower" in name:
+            out["vision"] += prm.numel()
+        elif "multi_modal_projector" in name:
+            out["projector"] += prm.numel()
+        elif "embed_tokens" in name:
+            out["embeddings"] += prm.numel()
+        else:
+            out["language"] += prm.numel()
+    out["total"] = sum(out.values())
+    return out
+
+
+def _corpus_words() -> list[str]:
+    from llava.model.tiny import tokenizer_corpus
+
+    words = [w for w in tokenizer_corpus().read_text(encoding="utf-8").split() if w.isalpha()]
+    return words or ["image"]
+
+
+def _text_of_tokens(tok, rng, words: list[str], target: int) -> str:
+    """Corpus words until the text is ``target`` tokens long (never shorter; one word over at most)."""
+    out: list[str] = []
+    while len(tok(" ".join(out), add_special_tokens=False).input_ids) < target:
+        out.append(rng.choice(words))
+    return " ".join(out)
+
+
+def write_records(folder: Path, tok, n: int, seed: int) -> Path:
+    """``n`` format-A preference records with 400x300 random images under ``folder/images``."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    rng = random.Random(seed)
+    np_rng = np.random.default_rng(seed)
+    words = _corpus_words()
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        w, h = IMAGE_WH
+        # smooth random colours plus noise: a photo-like JPEG rather than a flat one
+        base = np_rng.integers(0, 256, (h // 20, w // 20, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize((w, h), Image.BILINEAR)
+        noisy = np.clip(np.asarray(img, dtype=np.int16) + np_rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(folder / "images" / f"img_{i}.jpg", quality=90)
+        context = _text_of_tokens(tok, rng, words, rng.randint(*CONTEXT_TOKENS))
+        n_chosen = rng.randint(*ANSWER_TOKENS)
+        n_rejected = rng.choice([k for k in range(ANSWER_TOKENS[0], ANSWER_TOKENS[1] + 1) if k != n_chosen])
+        chosen = _text_of_tokens(tok, rng, words, n_chosen)
+        rejected = _text_of_tokens(tok, rng, words, n_rejected)
+        text = {"question": INSTRUCTION + context, "chosen": chosen, "rejected": rejected}
+        rows.append({"ds_name": "bench", "image": {"path": f"images/img_{i}.jpg"}, "image_path": f"images/img_{i}.jpg",
+                     "idx": i, "text": json.dumps(text)})
+    path = folder / "preference.json"
+    path.write_text(json.dumps(rows, indent=1))
+    return path
+
+
+def mcm_objective():
+    from llava.train.losses import DEFAULT_WEIGHTS, TERM_FLAGS, term_weights
+    from llava.train.trainer import MCMObjective
+
+    weights = term_weights(7, {TERM_FLAGS[t]: w for t, w in DEFAULT_WEIGHTS.items()})
+    return MCMObjective(weights, norm=2.8, beta=BETA)
+
+
+def objective_of(variant: str):
+    from llava.train.trainer import DPOObjective
+
+    return DPOObjective(BETA) if variant == "dpo" else mcm_objective()
+
+
+class Data:
+    """The records on disk and the project's datasets over them."""
+
+    def __init__(self, data_path: Path, processor, seed: int):
+        from llava.conversation import get_template
+        from llava.data.images import ImageProcessor
+        from llava.data.records import read_records
+
+        self.data_path, self.folder, self.processor, self.seed = data_path, data_path.parent, processor, seed
+        self.records = read_records(data_path, "preference")
+        self.template = get_template("v1")
+        self.images = ImageProcessor(processor, "pad", "default")
+        self._datasets: dict = {}
+
+    def dataset(self, conditions):
+        from llava.data.datasets import PreferenceDataset
+
+        key = tuple(conditions)
+        if key not in self._datasets:
+            self._datasets[key] = PreferenceDataset(self.records, self.processor.tokenizer, self.template, self.images,
+                                                    str(self.folder), 2048, key, image_type="diffusion", seed=self.seed)
+        return self._datasets[key]
+
+    def collator(self, conditions, packed: bool):
+        from llava.constants import DEFAULT_IMAGE_TOKEN
+        from llava.data.collate import PreferenceCollator
+
+        tok = self.processor.tokenizer
+        return PreferenceCollator(conditions, tok.pad_token_id, tok.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN), packed=packed)
+
+    def project_batches(self, variant: str) -> list[dict]:
+        """One collated batch (batch size 1) per record, the layout ``variant`` trains on."""
+        conditions = objective_of(variant).conditions
+        ds, coll = self.dataset(conditions), self.collator(conditions, packed=variant != "naive_mcm")
+        return [coll([ds[i]]) for i in range(len(self.records))]
+
+    def trl_examples(self) -> list[dict]:
+        """TRL's standard (non-conversational) vision preference examples of the same records.
+
+        The prompt is the Vicuna v1 text the project tokenizes (BOS written out, since TRL's
+        collator adds no special tokens; the metaspace mark keeps the first word's token the same);
+        the image is padded to a square in the processor's mean colour, as the project's ``pad``
+        mode does, so both see the same pixels.
+        """
+        from llava.conversation import image_question
+        from llava.data.images import expand_to_square, open_image
+
+        tok = self.processor.tokenizer
+        out = []
+        for r in self.records:
+            image = expand_to_square(open_image(r, str(self.folder)), self.images.fill)
+            prompt = tok.bos_token + "\u2581" + self.template.human_text(image_question(r.question), True)
+            out.append({"images": [image], "prompt": prompt,
+                        "chosen": self.template.answer_text(r.chosen) + tok.eos_token,
+                        "rejected": self.template.answer_text(r.rejected) + tok.eos_token})
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL: the answer-positions-only head (its GPU path) on the CPU
+
+
+_TRL_COMPACT = {"on": False}
+
+
+def patch_trl_compact_head() -> None:
+    """Let TRL's fused log-prob head score the answer positions only, as it does on GPUs.
+
+    ``trl.trainer.utils.add_fused_lm_head`` (TRL 1.16) decides ``compact = _use_triton(device)``:
+    on CUDA/XPU with Triton it passes ``hidden_states[mask]`` (the positions whose label is not
+    -100) to ``ChunkedLogProbFunction``; elsewhere it passes every position and masks afterwards,
+    so the CPU pays for the full vocabulary at every prompt and image position. This replaces the
+    ``_use_triton`` name that ``add_fused_lm_head`` looks up, in this process only, by one that says
+    "compact" while ``_TRL_COMPACT["on"]`` is set. Nothing else changes: the kernel module keeps its
+    own ``_use_triton``, so the log-softmax tiles still run in torch on the CPU, exactly the same
+    arithmetic as the Triton fold on a GPU.
+    """
+    import inspect
+
+    import trl.trainer.utils as tu
+
+    if getattr(tu._use_triton, "_bench_patched", False):
+        return
+    if "compact = _use_triton(hidden_states.device)" not in inspect.getsource(tu.add_fused_lm_head):
+        raise RuntimeError(f"TRL {__import__('trl').__version__}: add_fused_lm_head no longer chooses its compact path "
+                           "with _use_triton; update patch_trl_compact_head")
+    original = tu._use_triton
+
+    def use_triton_or_compact(device):
+        return True if _TRL_COMPACT["on"] else original(device)
+
+    use_triton_or_compact._bench_patched = True
+    tu._use_triton = use_triton_or_compact
+
+
+# ---------------------------------------------------------------------------------------------
+# Runners: one model, trainer and optimizer per variant
+
+
+class Runner:
+    def __init__(self, variant: str, trainer, compact: bool | None = None):
+        import torch
+
+        self.variant, self.trainer, self.compact = variant, trainer, compact
+        self.trainer.create_optimizer()
+        self.trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop otherwise
+        self.params = [p for p in trainer.model.parameters() if p.requires_grad]
+        self.max_grad_norm = trainer.args.max_grad_norm
+        self.batches: list[dict] = []
+        self.device = trainer.args.device
+        self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+    @property
+    def model(self):
+        return self.trainer.model
+
+    def set_batches(self, batches: list[dict]) -> None:
+        self.batches = [self.trainer._prepare_inputs(b) for b in batches]  # on the device before timing
+
+    def step(self, i: int) -> tuple[float, float]:
+        """One optimizer step on batch ``i``; returns (seconds, loss)."""
+        import torch
+
+        batch = self.batches[i % len(self.batches)]
+        if self.compact is not None:
+            _TRL_COMPACT["on"] = self.compact
+        self._sync()
+        t0 = time.perf_counter()
+        loss = self.trainer.training_step(self.trainer.model_wrapped, batch)
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.trainer.optimizer.step()
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+        self._sync()
+        seconds = time.perf_counter() - t0
+        _TRL_COMPACT["on"] = False
+        return seconds, float(loss)
+
+
+def _trainer_common(device: str, dtype, seed: int, out: Path) -> dict:
+    import torch
+
+    return dict(output_dir=str(out), per_device_train_batch_size=1, per_device_eval_batch_size=1,
+                learning_rate=LEARNING_RATE, weight_decay=0.0, max_grad_norm=1.0, use_cpu=device == "cpu",
+                bf16=dtype == torch.bfloat16, report_to="none", save_strategy="no", seed=seed,
+                gradient_checkpointing=False, remove_unused_columns=False, dataloader_num_workers=0,
+                disable_tqdm=True)
+
+
+def project_runner(variant: str, model_dir: Path, data: Data, device: str, dtype, seed: int, work: Path,
+                   table=None) -> Runner:
+    from llava.model.load import load_model
+    from llava.train.arguments import TrainingArguments
+    from llava.train.params import Trainable, set_trainable
+    from llava.train.policy import ResponseLogps
+    from llava.train.reference import CachedReference
+    from llava.train.trainer import LlavaTrainer
+
+    llava, processor = load_model(model_dir, dtype=dtype, attn_implementation="sdpa")
+    set_trainable(llava, Trainable())  # language model + projector train, vision tower frozen
+    objective = objective_of(variant)
+    naive = variant == "naive_mcm"
+    args = TrainingArguments(task="DPO", use_cross_modal_loss=variant != "dpo",
+                             preference_forward="naive" if naive else "packed",
+                             **_trainer_common(device, dtype, seed, work / variant))
+    reference = CachedReference(work / "ref_cache", {"conditions": list(objective.conditions)})
+    reference.table = table  # the cached table, set once computed (see reference_tables)
+    trainer = LlavaTrainer(model=ResponseLogps(llava, naive=naive), args=args,
+                           train_dataset=data.dataset(objective.conditions),
+                           data_collator=data.collator(objective.conditions, packed=not naive),
+                           processing_class=processor, objective=objective, reference=reference)
+    return Runner(variant, trainer)
+
+
+def trl_runner(variant: str, model_dir: Path, data: Data, device: str, dtype, seed: int, work: Path) -> Runner:
+    import datasets
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import DPOConfig, DPOTrainer
+
+    from llava.train.params import Trainable, set_trainable
+
+    patch_trl_compact_head()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    set_trainable(model, Trainable())  # the same trainable parameters as the project's runs
+    processor = AutoProcessor.from_pretrained(model_dir)
+    examples = data.trl_examples()
+    # TRL only reads the dataset's first row here (to see it is a vision dataset); steps get prepared batches.
+    train = datasets.Dataset.from_list([examples[0]])
+    # beta, loss "sigmoid", reference model built by TRL from the policy's path (the checkpoint on disk)
+    args = DPOConfig(beta=BETA, max_length=None, precompute_ref_log_probs=False,
+                     **_trainer_common(device, dtype, seed, work / variant))
+    trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
+    runner = Runner(variant, trainer, compact=variant == "trl_dpo")
+    runner.trl_collate = lambda i: trainer.data_collator([dict(examples[i])])
+    return runner
+
+
+def make_runner(variant: str, model_dir: Path, data: Data, device: str, dtype, seed: int, work: Path,
+                tables: dict | None = None) -> Runner:
+    if variant in TRL_VARIANTS:
+        runner = trl_runner(variant, model_dir, data, device, dtype, seed, work)
+        runner.set_batches([runner.trl_collate(i) for i in range(len(data.records))])
+    else:
+        table = (tables or {}).get("dpo" if variant == "dpo" else "mcm")
+        runner = project_runner(variant, model_dir, data, device, dtype, seed, work, table)
+        runner.set_batches(data.project_batches(variant))
+    return runner
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference tables and the equal-work checks
+
+
+def reference_tables(runners: dict) -> dict:
+    """Cached reference log-probs ``[N, C]``: the starting policy's own, packed, as ``CachedReference`` computes them."""
+    import torch
+
+    tables = {}
+    for key, variant in (("mcm", "mcm"), ("dpo", "dpo")):
+        r = runners.get(variant)
+        if r is None:
+            continue
+        r.model.eval()
+        with torch.no_grad():
+            tables[key] = torch.cat([r.model(**b).float().cpu() for b in r.batches])
+        r.model.train()
+    for r in runners.values():
+        if r.variant in ("naive_mcm", "mcm", "dpo"):
+            r.trainer.reference.table = tables["dpo" if r.variant == "dpo" else "mcm"]
+    return tables
+
+
+def _rel(a, b) -> float:
+    import torch
+
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float(((a - b).abs() / b.abs().clamp(min=1.0)).max())
+
+
+def check_mcm_vs_naive(runners: dict, tables: dict, tol: float = REL_TOL) -> dict:
+    """Same eight log-probabilities and same loss (cached reference, and a shifted one) for record 0."""
+    import torch
+
+    packed, naive = runners["mcm"], runners["naive_mcm"]
+    objective = packed.trainer.objective
+    lp_packed = tables["mcm"][:1]  # the packed forward of record 0 from the starting weights (reference_tables)
+    naive.model.eval()
+    with torch.no_grad():
+        lp_naive = naive.model(**naive.batches[0]).float().cpu()
+    naive.model.train()
+    ref = tables["mcm"][:1]
+    # a reference away from the policy makes every margin non-zero, so the loss is sensitive to each condition
+    shifted = ref - torch.arange(ref.shape[1], dtype=ref.dtype) * 0.75
+    out = {"logps_packed": lp_packed[0].tolist(), "logps_naive": lp_naive[0].tolist(),
+           "logps_max_rel": _rel(lp_naive, lp_packed)}
+    for name, r in (("cached", ref), ("shifted", shifted)):
+        lp, ln = float(objective(lp_packed, r, {})[0]), float(objective(lp_naive, r, {})[0])
+        out[f"loss_{name}_packed"], out[f"loss_{name}_naive"], out[f"loss_{name}_rel"] = lp, ln, _rel(ln, lp)
+    out["tolerance"] = tol
+    out["passed"] = max(out["logps_max_rel"], out["loss_cached_rel"], out["loss_shifted_rel"]) <= tol
+    return out
+
+
+def check_trl_vs_dpo(runners: dict, data: Data, tables: dict, tol: float = REL_TOL) -> dict:
+    """TRL's batch has the project's token ids and pixels, and its log-probs (patched and stock) agree."""
+    import torch
+
+    out = {}
+    naive = data.collator(objective_of("dpo").conditions, packed=False)([data.dataset(objective_of("dpo").conditions)[0]])
+    rows_ours = [naive["input_ids"][i][naive["attention_mask"][i]].tolist() for i in range(2)]
+    lp_ours = tables["dpo"][0]  # the project's packed DPO forward of record 0 from the starting weights
+    for variant in TRL_VARIANTS:
+        r = runners.get(variant)
+        if r is None:
+            continue
+        b = r.batches[0]
+        rows = [b["input_ids"][i][b["attention_mask"][i].bool()].tolist() for i in range(2)]
+        out["same_token_ids"] = rows == rows_ours
+        out["pixels_max_abs_diff"] = float((b["pixel_values"][0].float().cpu() - runners["dpo"].batches[0]["pixel_values"][0].float().cpu()).abs().max())
+        kwargs = {k: v for k, v in b.items() if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+        labels = b["input_ids"].masked_fill(b["completion_mask"] == 0, -100)
+        _TRL_COMPACT["on"] = bool(r.compact)
+        try:
+            with torch.no_grad():
+                lp = r.model(**kwargs, labels=labels, fused_lm_head=True, use_cache=False).log_probs.sum(1).float().cpu()
+        finally:
+            _TRL_COMPACT["on"] = False
+        out[f"{variant}_logps"] = lp.tolist()
+        out[f"{variant}_logps_max_rel"] = _rel(lp, lp_ours)
+        out["tokens_per_row"] = [len(x) for x in rows]
+    out["dpo_logps"] = lp_ours.tolist()
+    rels = [v for k, v in out.items() if k.endswith("_logps_max_rel")]
+    out["tolerance"] = tol
+    out["passed"] = bool(out.get("same_token_ids")) and out.get("pixels_max_abs_diff", 0) <= 1e-3 and all(x <= tol for x in rels)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens and FLOPs
+
+
+def token_counts(runners: dict, data: Data) -> dict:
+    """Per variant, mean over records: distinct tokens in the rows it runs, and the naive layout's tokens for the same work."""
+    counts = {}
+    if "naive_mcm" in runners:
+        naive8 = [int(b["attention_mask"].sum()) for b in runners["naive_mcm"].batches]
+    else:
+        naive8 = [int(b["attention_mask"].sum()) for b in data.project_batches("naive_mcm")]
+    coll2 = data.collator(objective_of("dpo").conditions, packed=False)
+    ds2 = data.dataset(objective_of("dpo").conditions)
+    naive2 = [int(coll2([ds2[i]])["attention_mask"].sum()) for i in range(len(data.records))]
+    for v, r in runners.items():
+        per, dense, needed = [], [], []
+        for b in r.batches:
+            m = b["attention_mask"]
+            if m.dim() == 4:  # packed: every position of the (single, unpadded) row is a distinct token
+                per.append(int(b["input_ids"].numel()))
+                dense.append(int(m.shape[-1]) ** 2)  # a masked kernel (sdpa) computes every (query, key) pair
+                needed.append(int(m.sum()))  # the pairs the tree mask allows
+            else:
+                lengths = m.sum(-1).tolist()
+                per.append(int(sum(lengths)))
+                dense.append(int(m.shape[0] * m.shape[1] ** 2))
+                needed.append(int(sum(n * (n + 1) // 2 for n in lengths)))
+        equiv = naive2 if v in ("dpo",) + TRL_VARIANTS else naive8
+        n_img = [int(b["pixel_values"].shape[0]) for b in r.batches]
+        counts[v] = {"tokens": statistics.mean(per), "naive_equivalent_tokens": statistics.mean(equiv),
+                     "images": statistics.mean(n_img), "reference_forward": v in TRL_VARIANTS,
+                     "attention_pairs_computed": statistics.mean(dense), "attention_pairs_needed": statistics.mean(needed)}
+    return counts
+
+
+def step_flops(params: dict, count: dict, image_tokens: int) -> float:
+    """~6 x params x tokens for the trained forward and backward (language model with head and projector,
+    input embeddings excluded), ~2 x params x tokens for forward-only work (the frozen vision tower on
+    each image, and TRL's reference forward)."""
+    p_lm = params["language"] + params["projector"]
+    p_vis = params["vision"]
+    t, n_img = count["tokens"], count["images"]
+    flops = 6 * p_lm * t + 2 * p_vis * (image_tokens + 1) * n_img
+    if count["reference_forward"]:
+        flops += 2 * p_lm * t + 2 * p_vis * (image_tokens + 1) * n_img
+    return flops
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory, in a fresh process per variant
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class MemoryProbe:
+    """Peak memory growth: CUDA allocator statistics, or the process's resident-set high-water mark."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+        self.method = "torch.cuda.max_memory_allocated" if self.cuda else "VmHWM after clear_refs=5"
+
+    def _settle(self) -> None:
+        gc.collect()
+        if not self.cuda:
+            try:
+                import ctypes
+
+                ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so RSS is what is live
+            except OSError:
+                pass
+
+    def current(self) -> int:
+        import torch
+
+        self._settle()
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated()
+        return _proc_status_kb("VmRSS") * 1024
+
+    def reset_peak(self) -> None:
+        import torch
+
+        self._settle()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        except OSError:
+            self.method = "VmHWM (not resettable here: includes loading)"
+
+    def peak(self) -> int:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        return _proc_status_kb("VmHWM") * 1024
+
+
+def memory_child(variant: str, work: str, result: str) -> None:
+    """Runs in a fresh process: batches, then model/optimizer, then steps; writes the peak to ``result``."""
+    import torch
+
+    warnings.filterwarnings("ignore")
+    meta = json.loads((Path(work) / "meta.json").read_text())
+    torch.set_num_threads(meta["threads"])
+    _quiet()
+    from transformers import AutoProcessor
+
+    dtype = getattr(torch, meta["dtype"])
+    work_p = Path(work)
+    processor = AutoProcessor.from_pretrained(meta["model_dir"])
+    data = Data(Path(meta["data_path"]), processor, meta["seed"])
+    if variant not in TRL_VARIANTS:
+        batches = data.project_batches(variant)
+    else:
+        data.trl_examples()  # images opened and padded before the baseline, like the project's batches
+    tables = torch.load(work_p / "reference.pt") if (work_p / "reference.pt").is_file() else None
+    probe = MemoryProbe(meta["device"])
+    base = probe.current()
+    if variant in TRL_VARIANTS:
+        runner = make_runner(variant, Path(meta["model_dir"]), data, meta["device"], dtype, meta["seed"], work_p / "mem")
+    else:
+        table = (tables or {}).get("dpo" if variant == "dpo" else "mcm")
+        runner = project_runner(variant, Path(meta["model_dir"]), data, meta["device"], dtype, meta["seed"],
+                                work_p / "mem", table)
+        runner.set_batches(batches)
+    loaded = probe.current()
+    probe.reset_peak()
+    for i in range(meta["memory_steps"]):
+        runner.step(i)
+    peak = probe.peak()
+    Path(result).write_text(json.dumps({
+        "variant": variant, "method": probe.method, "peak_mb": (peak - base) / MiB, "loaded_mb": (loaded - base) / MiB,
+        "step_growth_mb": (peak - loaded) / MiB, "absolute_peak_mb": peak / MiB, "steps": meta["memory_steps"],
+    }))
+
+
+def measure_memory(variants, work: Path, ctx, timeout: float) -> dict:
+    out = {}
+    for v in variants:
+        result = work / f"memory_{v}.json"
+        proc = ctx.Process(target=memory_child, args=(v, str(work), str(result)), daemon=False)
+        t0 = time.perf_counter()
+        proc.start()
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        if proc.exitcode != 0 or not result.is_file():
+            raise RuntimeError(f"memory run of {v} failed (exit code {proc.exitcode})")
+        out[v] = json.loads(result.read_text())
+        out[v]["wall_s"] = time.perf_counter() - t0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def machine_info(device: str) -> dict:
+    import torch
+    import transformers
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import trl
+
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = None
+    info = {"nproc": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "cpu_model": cpu, "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_version,
+            "torch_threads": torch.get_num_threads(), "device": device,
+            "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def compute_ratios(seconds: dict, peaks: dict) -> dict:
+    out = {}
+    for name, (num, den, kind, target) in RATIOS.items():
+        src = seconds if kind == "seconds" else peaks
+        if num in src and den in src and src[den] > 0:
+            value = src[num] / src[den]
+            out[name] = {"value": value, "target": target, "pass": value <= target}
+    return out
+
+
+def paired_ratios(samples: dict) -> dict:
+    """Median over rounds of each round's own time ratio: the variants of a round run back to back, so a
+    change of machine load between rounds cancels out (the headline ratios use the medians, as asked)."""
+    out = {}
+    for name, (num, den, kind, target) in RATIOS.items():
+        if kind == "seconds" and num in samples and den in samples:
+            value = statistics.median(a / b for a, b in zip(samples[num], samples[den]))
+            out[name] = {"value": value, "target": target, "pass": value <= target}
+    return out
+
+
+def print_report(res: dict) -> None:
+    sec, smin, peak = res["seconds_per_step"], res["seconds_per_step_min"], res["peak_mem_mb"]
+    print()
+    print(f"{'variant':<15} {'median s/step':>14} {'min s/step':>11} {'peak MB':>9} {'tokens/step':>12} {'tok/s':>9} "
+          f"{'naive-eq tok/s':>15}" + ("  MFU" if res.get("mfu") else ""))
+    for v in res["variants"]:
+        t = res["tokens"].get(v, {})
+        tps = res["tokens_per_second"].get(v, {})
+        mfu = f"  {100 * res['mfu'][v]:.1f}%" if res.get("mfu") else ""
+        print(f"{v:<15} {sec[v]:>14.3f} {smin[v]:>11.3f} {peak.get(v, float('nan')):>9.0f} {t.get('tokens', 0):>12.0f} "
+              f"{tps.get('distinct', 0):>9.0f} {tps.get('naive_equivalent', 0):>15.0f}{mfu}")
+    print()
+    paired, mins = res.get("ratios_paired_by_round", {}), res.get("ratios_of_minimums", {})
+    print(f"{'ratio':<24} {'of medians':>10}  {'target':<8} {'':<4}  {'paired/round':>12} {'of minimums':>11}")
+    for name, r in res["ratios"].items():
+        p = f"{paired[name]['value']:12.3f}" if name in paired else f"{'':12}"
+        m = f"{mins[name]['value']:11.3f}" if name in mins and name in paired else ""
+        print(f"{name:<24} {r['value']:10.3f}  <= {r['target']:<5} {'PASS' if r['pass'] else 'MISS':<4}  {p} {m}")
+    print()
+    print("trl_dpo / trl_dpo_stock include TRL's reference forward (TRL refuses cached reference log-probs for image "
+          "data); naive_mcm / mcm / dpo use cached reference log-probs (no reference forward).")
+    c = res["checks"]
+    if "mcm_vs_naive" in c:
+        m = c["mcm_vs_naive"]
+        print(f"equal work, mcm vs naive_mcm: log-probs rel {m['logps_max_rel']:.1e}, loss rel {m['loss_cached_rel']:.1e} "
+              f"(shifted reference {m['loss_shifted_rel']:.1e}) -> {'OK' if m['passed'] else 'MISMATCH'}")
+    if "trl_vs_dpo" in c:
+        t = c["trl_vs_dpo"]
+        rels = ", ".join(f"{k[:-len('_logps_max_rel')]} {v:.1e}" for k, v in t.items() if k.endswith("_logps_max_rel"))
+        print(f"equal work, TRL vs dpo: same token ids {t.get('same_token_ids')}, pixels max diff "
+              f"{t.get('pixels_max_abs_diff', float('nan')):.1e}, log-probs rel {rels} -> {'OK' if t['passed'] else 'MISMATCH'}")
+    print(f"memory: {res['memory_method']}")
+    m = res["machine"]
+    print(f"machine: {m['nproc']} CPUs ({m['cpu_model']}), torch threads {m['torch_threads']}, load average "
+          f"{m['loadavg_start']} -> {m.get('loadavg_end')}" + (f", GPU {m['gpu']}" if m.get("gpu") else ""))
+
+
+def _quiet() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    import logging
+
+    for name in ("trl", "accelerate", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dry run (no allocation) and the main run
+
+
+def dry_run(a) -> dict:
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    p = PRESETS[a.preset]
+    config = llava_config(p, 1, 2, 3, 4)  # placeholder special ids: the sizes do not depend on them
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    params = param_counts(model)
+    bytes_per = 2 if a.dtype == "bf16" else 4
+    trainable = params["language"] + params["embeddings"] + params["projector"]
+    weights_gb = params["total"] * bytes_per / 1e9
+    # weights + gradients + AdamW's two moments (same dtype as the weights) per variant, plus TRL's reference copies
+    train_gb = (params["total"] + 3 * trainable) * bytes_per / 1e9
+    n_trl = sum(v in TRL_VARIANTS for v in a.variants)
+    resident = len(a.variants) * train_gb + n_trl * weights_gb
+    return {"dry_run": True, "preset": a.preset, "config": asdict(p), "params": params, "image_tokens": p.image_tokens,
+            "dtype": a.dtype, "device": a.device, "variants": list(a.variants),
+            "estimated_resident_gb_timing_process": resident, "estimated_per_variant_gb": train_gb,
+            "command": shlex.join(["python", "benchmarks/bench_step.py", *sys.argv[1:]])}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    ap.add_argument("--quick", action="store_true", help="CI: 1 step, no warm-up, 2 records, 1 memory step")
+    ap.add_argument("--records", type=int, default=4, help="preference records (steps cycle through them; >= 2)")
+    ap.add_argument("--memory_steps", type=int, default=2, help="steps run in each memory process")
+    ap.add_argument("--no_memory", action="store_true", help="skip the memory processes (peak_mem_mb left out)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--peak_tflops", type=float, default=None,
+                    help="the device's peak dense matrix TFLOP/s for the MFU column (default with --device cuda: 989, "
+                         "H100 SXM dense bf16; on the CPU no MFU unless given)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dry_run", action="store_true", help="build the configs and count parameters on the meta device; no run")
+    ap.add_argument("--workdir", help="keep models, data and results here instead of a temporary directory")
+    a = ap.parse_args(argv)
+    if a.peak_tflops is None and a.device == "cuda":
+        a.peak_tflops = 989.0
+    if a.quick:
+        a.steps, a.warmup, a.records, a.memory_steps = 1, 0, 2, 1
+    if a.records < 2:
+        ap.error("--records must be >= 2 (context swapping needs another record)")
+    if a.steps < 1 or a.warmup < 0 or a.memory_steps < 1:
+        ap.error("--steps >= 1, --warmup >= 0, --memory_steps >= 1")
+    return a
+
+
+def run(a, work: Path, ctx) -> dict:
+    import torch
+
+    _quiet()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    torch.set_num_threads(a.threads)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    p = PRESETS[a.preset]
+    machine = machine_info(a.device)
+    t_setup = time.perf_counter()
+    model_dir = work / "model"
+    facts = write_checkpoint(model_dir, p, a.seed, a.device, dtype)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    data_path = write_records(work / "data", processor.tokenizer, a.records, a.seed)
+    data = Data(data_path, processor, a.seed)
+    variants = list(a.variants)
+    runners = {v: make_runner(v, model_dir, data, a.device, dtype, a.seed, work / "runs") for v in variants}
+    tables = reference_tables(runners)
+    torch.save(tables, work / "reference.pt")
+    checks = {}
+    tol = REL_TOL if dtype == torch.float32 else BF16_REL_TOL
+    if {"mcm", "naive_mcm"} <= set(runners):
+        checks["mcm_vs_naive"] = check_mcm_vs_naive(runners, tables, tol)
+    if "dpo" in runners and set(TRL_VARIANTS) & set(runners):
+        checks["trl_vs_dpo"] = check_trl_vs_dpo(runners, data, tables, tol)
+    tokens = token_counts(runners, data)
+    setup_s = time.perf_counter() - t_setup
+    print(f"setup {setup_s:.0f}s: {facts['params']['total'] / 1e6:.1f}M parameters, tokenizer {facts['tokenizer_vocab']} "
+          f"tokens (model vocabulary {facts['config_vocab_size']}), {a.records} records; timing {a.warmup} + {a.steps} "
+          f"rounds of {len(variants)} variants", flush=True)
+
+    # Timing: round-robin, the starting variant rotating each round.
+    loadavg_rounds = []
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    losses: dict[str, list[float]] = {v: [] for v in variants}
+    for rnd in range(a.warmup + a.steps):
+        order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]
+        this_round = {}
+        for v in order:
+            this_round[v], loss = runners[v].step(rnd)
+            losses[v].append(loss)
+            if rnd >= a.warmup:
+                times[v].append(this_round[v])
+        loadavg_rounds.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+        print(f"round {rnd + 1}/{a.warmup + a.steps}{' (warm-up)' if rnd < a.warmup else ''}: "
+              + ", ".join(f"{v} {this_round[v]:.2f}s" for v in variants), flush=True)
+    if "mcm_vs_naive" in checks:
+        # the first optimizer step of both ran on record 0 from the same weights
+        m = checks["mcm_vs_naive"]
+        m["first_step_loss_rel"] = _rel(losses["naive_mcm"][0], losses["mcm"][0])
+        m["passed"] = m["passed"] and m["first_step_loss_rel"] <= tol
+    any_runner = next(iter(runners.values()))
+    optimizer = f"{type(any_runner.trainer.optimizer).__name__} (TrainingArguments.optim={any_runner.trainer.args.optim})"
+    del runners, any_runner
+    gc.collect()
+    if a.device == "cuda":
+        torch.cuda.empty_cache()  # the memory processes need the GPU this one no longer uses
+
+    memory = {}
+    if not a.no_memory:
+        (work / "meta.json").write_text(json.dumps({
+            "model_dir": str(model_dir), "data_path": str(data_path), "seed": a.seed, "device": a.device,
+            "dtype": "bfloat16" if dtype == torch.bfloat16 else "float32", "threads": a.threads,
+            "memory_steps": a.memory_steps}))
+        memory = measure_memory(variants, work, ctx, timeout=1800)
+
+    seconds = {v: statistics.median(times[v]) for v in variants}
+    peaks = {v: memory[v]["peak_mb"] for v in memory}
+    machine["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    machine["loadavg_1min_after_each_round"] = loadavg_rounds
+    tps = {v: {"distinct": tokens[v]["tokens"] / seconds[v], "naive_equivalent": tokens[v]["naive_equivalent_tokens"] / seconds[v]}
+           for v in variants}
+    image_tokens = p.image_tokens
+    flops = {v: step_flops(facts["params"], tokens[v], image_tokens) for v in variants}
+    res = {
+        "seconds_per_step": seconds,
+        "seconds_per_step_min": {v: min(times[v]) for v in variants},
+        "seconds_per_step_samples": times,
+        "peak_mem_mb": peaks,
+        "memory": memory,
+        "memory_method": (f"{memory[next(iter(memory))]['method']}: peak minus the footprint before the model was loaded, "
+                          f"in a fresh process per variant ({a.memory_steps} step(s))" if memory else "not measured"),
+        "ratios": compute_ratios(seconds, peaks),
+        "ratios_of_minimums": compute_ratios({v: min(times[v]) for v in variants}, peaks),
+        "ratios_paired_by_round": paired_ratios(times),
+        "checks": checks,
+        "tokens": tokens,
+        "tokens_per_second": tps,
+        "flops_per_step": flops,
+        "achieved_tflops": {v: flops[v] / seconds[v] / 1e12 for v in variants},
+        "mfu": {v: flops[v] / seconds[v] / (a.peak_tflops * 1e12) for v in variants} if a.peak_tflops else None,
+        "peak_tflops": a.peak_tflops,
+        "losses": losses,
+        "variants": variants,
+        "model": {"preset": a.preset, "config": asdict(p), "params": facts["params"], "tokenizer_vocab": facts["tokenizer_vocab"],
+                  "config_vocab_size": facts["config_vocab_size"], "dtype": a.dtype, "image_tokens": image_tokens},
+        "settings": {"steps": a.steps, "warmup": a.warmup, "records": a.records, "batch_size": 1, "learning_rate": LEARNING_RATE,
+                     "beta": BETA, "optimizer": optimizer, "max_grad_norm": 1.0,
+                     "trainable": "language model + projector (vision tower frozen)", "gradient_checkpointing": False,
+                     "attn_implementation": "sdpa", "setup_seconds": setup_s},
+        "notes": [
+            "trl_dpo and trl_dpo_stock include TRL's reference forward: TRL refuses precomputed reference "
+            "log-probs for image data. naive_mcm, mcm and dpo use cached reference log-probs (no reference forward).",
+            "trl_dpo: TRL's fused log-prob head limited to answer positions (its CUDA/Triton path); trl_dpo_stock: unpatched "
+            "(on a CPU: full vocabulary at every position; on a GPU the two are the same).",
+        ],
+        "machine": machine,
+        "command": shlex.join(["python", "benchmarks/bench_step.py", *sys.argv[1:]]),
+    }
+    return res
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.dry_run:
+        res = dry_run(a)
+        pr = res["params"]
+        print(f"preset {a.preset}: {pr['total'] / 1e9:.3f}B parameters (language {pr['language'] / 1e6:.0f}M + embeddings "
+              f"{pr['embeddings'] / 1e6:.0f}M, vision {pr['vision'] / 1e6:.0f}M, projector {pr['projector'] / 1e6:.1f}M); "
+              f"{res['image_tokens']} image tokens; est. {res['estimated_resident_gb_timing_process']:.0f} GB resident "
+              f"in the timing process ({a.dtype}, {len(a.variants)} variants)")
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=1))
+        return 0
+    import multiprocessing as mp
+
+    # Memory processes fork from a server that has the libraries imported already (no re-import per variant).
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "transformers", "trl", "llava.train.trainer", "llava.data.datasets",
+                                "llava.model.load", "datasets"])
+    if not a.no_memory:
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()  # the server imports while this process sets up (setup is not timed)
+    if a.workdir:
+        work = Path(a.workdir)
+        work.mkdir(parents=True, exist_ok=True)
+        res = run(a, work, ctx)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
+            res = run(a, Path(tmp), ctx)
+    print_report(res)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    ok = all(c.get("passed", True) for c in res["checks"].values())
+    if not ok:
+        print("equal-work check FAILED (see above)", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
