@@ -131,12 +131,14 @@ def test_two_images_per_record_and_no_full_vocabulary_logits(arch, aspect, tiny_
 def test_tree_positions_and_mask(tiny_llava_dir, preference_file):
     """Each branch sees its own ancestors only, at the positions of its own full sequence."""
     _, packed, naive = setup(tiny_llava_dir, preference_file, "pad", CONDITIONS, 1)
-    mask, pos, ids = packed["attention_mask"][0, 0], packed["position_ids"][0], packed["input_ids"][0]
-    width = naive["input_ids"].shape[1]
+    assert packed["input_ids"].shape[0] == 2  # one row per distinct image
+    width, packed_width = naive["input_ids"].shape[1], packed["input_ids"].shape[1]
     for c in range(len(CONDITIONS)):
         # rebuild condition c's sequence from the tokens its last scored position may attend to
         sel = packed["logp_mask"][0, c]
-        last_pos = int(packed["logp_index"][0, c][sel][-1])
+        row, last_pos = divmod(int(packed["logp_index"][0, c][sel][-1]), packed_width)
+        assert row == (0 if "_mw_" in CONDITIONS[c] else 1)
+        mask, pos, ids = packed["attention_mask"][row, 0], packed["position_ids"][row], packed["input_ids"][row]
         visible = mask[last_pos].nonzero().flatten()
         row = naive["input_ids"][c][naive["attention_mask"][c]]
         n_idx = naive["logp_index"][0, c][naive["logp_mask"][0, c]] - c * width
