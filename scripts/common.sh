@@ -57,6 +57,25 @@ vit_trains() {
   esac
 }
 
+# stage_flags STAGE: the published flags every stage shares, from the stage's variables
+# (MODEL_PATH DATA_PATH IMAGE_FOLDER OUTPUT_DIR EPOCHS LR BATCH_SIZE GRAD_ACCUM).
+stage_flags() {
+  STAGE_FLAGS=(
+    --model_name_or_path "$MODEL_PATH" --version v1
+    --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER"
+    --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2
+    --mm_use_im_start_end False --mm_use_im_patch_token False
+    --image_aspect_ratio pad --group_by_modality_length True
+    --unfreeze_mm_vision_tower "$(vit_trains "$1")"
+    --num_train_epochs "$EPOCHS" --per_device_train_batch_size "$BATCH_SIZE"
+    --gradient_accumulation_steps "$GRAD_ACCUM" --learning_rate "$LR" --weight_decay 0.
+    --warmup_ratio 0.03 --lr_scheduler_type cosine --logging_steps 1
+    --model_max_length 2048 --gradient_checkpointing True --lazy_preprocess True
+    --save_strategy steps --save_steps 50000 --save_total_limit 1
+    --output_dir "$OUTPUT_DIR"
+  )
+}
+
 # launch ARGS...: the trainer under DeepSpeed's launcher, one process per GPU (or CPU process).
 launch() {
   local config="scripts/${ZERO}.json"

@@ -18,20 +18,10 @@ BETA=${BETA:-0.1}
 IMAGE_TYPE=${IMAGE_TYPE:-diffusion}
 TERMS=${TERMS:-7}
 
-launch \
-  --model_name_or_path "$MODEL_PATH" --version v1 \
+stage_flags align
+launch "${STAGE_FLAGS[@]}" \
   --task DPO --use_cross_modal_loss True --beta "$BETA" \
   --use_cl_reward_num "$TERMS" --para_norm 2.8 \
   --para_r1 0.5 --para_r2 0.5 --para_r3 1.0 --para_r4 0.2 --para_r5 0.2 --para_r6 0.2 --para_r7 0.2 \
   --use_image_type "$IMAGE_TYPE" --diffusion_step 700 \
-  --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER" \
-  --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 \
-  --mm_use_im_start_end False --mm_use_im_patch_token False \
-  --image_aspect_ratio pad --group_by_modality_length True \
-  --unfreeze_mm_vision_tower "$(vit_trains align)" \
-  --num_train_epochs "$EPOCHS" --per_device_train_batch_size "$BATCH_SIZE" \
-  --gradient_accumulation_steps "$GRAD_ACCUM" --learning_rate "$LR" --weight_decay 0. \
-  --warmup_ratio 0.03 --lr_scheduler_type cosine --logging_steps 1 \
-  --model_max_length 2048 --gradient_checkpointing True --lazy_preprocess True \
-  --save_strategy steps --save_steps 50000 --save_total_limit 1 \
-  --output_dir "$OUTPUT_DIR" "$@"
+  "$@"
