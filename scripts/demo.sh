@@ -18,8 +18,8 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 WANDB_MODE=offline
 
 EXTRA=()  # extra trainer flags
 case "$DEMO_SIZE" in
-  full)  MODEL_SIZE=small SFT_EPOCHS=2 PREF_EPOCHS=1 TEST_LIMIT=200 MAX_NEW_TOKENS=48 ;;
-  smoke) MODEL_SIZE=tiny  SFT_EPOCHS=1 PREF_EPOCHS=1 TEST_LIMIT=6   MAX_NEW_TOKENS=8 EXTRA=(--max_steps 3) ;;
+  full)  MODEL_SIZE=small SFT_EPOCHS=2 PREF_EPOCHS=1 TEST_LIMIT=200 MAX_NEW_TOKENS=48 LOG_STEPS=5 ;;
+  smoke) MODEL_SIZE=tiny  SFT_EPOCHS=1 PREF_EPOCHS=1 TEST_LIMIT=6   MAX_NEW_TOKENS=8  LOG_STEPS=1 EXTRA=(--max_steps 3) ;;
   *) echo "DEMO_SIZE must be full or smoke (got $DEMO_SIZE)" >&2; exit 2 ;;
 esac
 
@@ -44,13 +44,13 @@ head -n "$TEST_LIMIT" "$DATA/test.jsonl" > "$OUT/test.jsonl"
 step "3/7 SFT ($SFT_EPOCHS epochs) -> $OUT/sft"
 MODEL_PATH="$OUT/base" DATA_PATH="$DATA/sft.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$OUT/sft" \
   EPOCHS=$SFT_EPOCHS LR=1e-3 BATCH_SIZE=8 GRAD_ACCUM=1 \
-  bash scripts/sft.sh --gradient_checkpointing False --save_strategy no --logging_steps 5 --seed "$SEED" "${EXTRA[@]}"
+  bash scripts/sft.sh --gradient_checkpointing False --save_strategy no --logging_steps "$LOG_STEPS" --seed "$SEED" "${EXTRA[@]}"
 
 for method in dpo mcmdpo; do
   step "$([ $method = dpo ] && echo 4/7 DPO || echo 5/7 MCM-DPO) from the SFT checkpoint -> $OUT/$method"
   MODEL_PATH="$OUT/sft" DATA_PATH="$DATA/preference.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$OUT/$method" \
     EPOCHS=$PREF_EPOCHS LR=1e-5 BATCH_SIZE=4 GRAD_ACCUM=1 BETA=0.1 \
-    bash "scripts/$method.sh" --gradient_checkpointing False --save_strategy no --logging_steps 5 \
+    bash "scripts/$method.sh" --gradient_checkpointing False --save_strategy no --logging_steps "$LOG_STEPS" \
     --lr_scheduler_type constant --seed "$SEED" "${EXTRA[@]}"
 done
 
