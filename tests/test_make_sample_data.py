@@ -30,12 +30,8 @@ def _files(d: Path) -> dict[str, bytes]:
     return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def _states_facts(text: str, facts) -> bool:
-    return all(f.lower() in text.lower() for f in facts)
-
-
-def _reflects_context(text: str, terms) -> bool:
-    return any(t.lower() in text.lower() for t in terms)
+from llava.eval.grounding import reflects_context as _reflects_context  # noqa: E402
+from llava.eval.grounding import states_key_facts as _states_facts  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +195,17 @@ def test_sft_targets_are_noisy_in_the_intended_share(corpus):
                and len(r["conversations"][1]["value"].split()) <= 14
                for r, ex in zip(sft, examples))
     assert 0.30 <= good / len(sft) <= 0.45
+
+
+def test_generated_data_passes_the_check(corpus):
+    from llava.data.check import main as check
+
+    out = corpus[0]
+    for name, task in (("sft.json", "sft"), ("preference.json", "preference"), ("test.jsonl", "test")):
+        assert check([str(out / name), "--image_folder", str(out), "--task", task]) == 0, name
+
+
+def test_committed_sample_is_the_generators_output(tmp_path):
+    """data/sample is exactly what `make_sample_data.py --out data/sample --seed 0` writes."""
+    assert msd.main(["--out", str(tmp_path / "s"), "--seed", "0"]) == 0
+    assert _files(tmp_path / "s") == _files(ROOT / "data" / "sample")
