@@ -12,18 +12,9 @@ bytes) plus ``response``; a record whose image is missing or unreadable gets ``e
 ``--skip_bad_records`` is given (without it the run stops, naming file and record, before anything is
 generated for that record). Lines are in input order (files in the order given).
 
-Resuming
---------
-Rerunning the same command continues where a killed run stopped. A line is matched back to its
-record by the record's own fields, which the line carries: its identity is ``(file, idx)`` when
-every record of the file has a distinct ``idx`` (the idx is one of those fields), else its
-position (records with identical fields are interchangeable: the first unmatched one is taken).
-Lines are written whole, one write per batch, flushed and synced; a torn last line (a kill in the
-middle of a write) is cut off before appending, and its record is redone. A record that only has
-an ``error`` line is tried again. At the end, if the lines are not exactly one per record in input
-order (resumed, sharded, superseded error rows), the file is rewritten in order through a temporary
-file and an atomic rename. A line that matches no input record (the output of another command)
-stops the run: nothing is overwritten; ``--overwrite`` starts afresh.
+This module holds the command line, the processes, the model and the generation loop. The output file
+(resuming from it, torn lines, part files, merging, the lock) is ``llava.eval.output_file``: its docstring
+says how a rerun continues where a killed run stopped; its public names are re-exported here.
 
 Several processes
 -----------------
@@ -38,32 +29,41 @@ any number of processes, or with one.
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime as _dt
-import glob
-import json
 import os
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Sequence
+
+from llava.eval.output_file import (
+    InferenceError,
+    Item,
+    _OutputLock,
+    consolidate,
+    load_items,
+    merge_tmp,
+    part_files,
+    part_path,
+    result_line,
+    scan_outputs,
+)
+# Re-exported, not used here: the rest of the output-file API stays importable from llava.eval.inference.
+from llava.eval.output_file import (  # noqa: F401
+    PART_SUFFIX,
+    RESULT_FIELDS,
+    Line,
+    Matched,
+    dumps_line,
+    match_lines,
+    read_lines,
+    record_fields,
+    signature_of,
+    write_atomic,
+)
 
 DEFAULTS = dict(conv_mode="v1", batch_size=8, num_beams=3, temperature=0.0, max_new_tokens=256, image_aspect_ratio="pad")
-PART_SUFFIX = ".part"
-
-
-class InferenceError(RuntimeError):
-    """A problem reported to the user as one message (exit status 2), never as a traceback.
-
-    ``local``: found by one process in its own share (every process reports its own); otherwise
-    every process finds the same problem and only rank 0 reports it.
-    """
-
-    def __init__(self, message: str, local: bool = False):
-        super().__init__(message)
-        self.local = local
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,243 +110,6 @@ def check_args(args) -> None:
         get_template(args.conv_mode)
     except ValueError as e:
         raise InferenceError(str(e))
-
-
-# ---------------------------------------------------------------------------------------------
-# Records and output lines
-
-
-@dataclass
-class Item:
-    """One input record with its place in the run: ``order`` is its position over all files."""
-
-    order: int
-    file_index: int
-    key: Any  # idx, or position, within its file
-    record: Any  # llava.data.records.Record
-    signature: str
-
-
-def _json_default(value):
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
-        return value.isoformat()
-    if hasattr(value, "tolist"):  # numpy values
-        return value.tolist()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    return str(value)
-
-
-def dumps_line(fields: dict) -> bytes:
-    """One output line (with its newline) as UTF-8 bytes."""
-    try:
-        return (json.dumps(fields, ensure_ascii=False, default=_json_default) + "\n").encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates: escape them
-        return (json.dumps(fields, ensure_ascii=True, default=_json_default) + "\n").encode("ascii")
-
-
-RESULT_FIELDS = ("response", "error")
-
-
-def signature_of(fields: dict) -> str:
-    """What identifies a line's record: its fields without the result, canonically written."""
-    return json.dumps({k: v for k, v in fields.items() if k not in RESULT_FIELDS}, sort_keys=True, ensure_ascii=True)
-
-
-def record_fields(record) -> dict:
-    """The record's output fields exactly as they read back from a written line."""
-    return json.loads(dumps_line(record.output_fields()))
-
-
-def result_line(record, response: str | None = None, error: str | None = None) -> bytes:
-    fields = {k: v for k, v in record.output_fields().items() if k not in RESULT_FIELDS}
-    if error is not None:
-        fields["error"] = error
-    else:
-        fields["response"] = response
-    return dumps_line(fields)
-
-
-def load_items(paths: Sequence[str]) -> list[Item]:
-    """Every record of every test file, in order; a ``DataError`` lists the problems of all files."""
-    from llava.data.records import DataError, read_records
-
-    items: list[Item] = []
-    problems = []
-    for fi, path in enumerate(paths):
-        try:
-            records = read_records(path, "test")
-        except DataError as e:
-            problems += e.problems
-            continue
-        ids = [r.idx for r in records]
-        by_idx = all(i is not None for i in ids) and len({json.dumps(i, sort_keys=True, default=str) for i in ids}) == len(ids)
-        for pos, r in enumerate(records):
-            items.append(Item(len(items), fi, r.idx if by_idx else pos, r, signature_of(record_fields(r))))
-    if problems:
-        raise DataError(problems)
-    return items
-
-
-@dataclass
-class Line:
-    source: Path
-    number: int  # 1-based line number in its file
-    data: bytes  # with its newline
-    fields: dict
-
-    @property
-    def is_response(self) -> bool:
-        return "response" in self.fields
-
-
-def read_lines(path: Path, *, truncate_torn: bool) -> tuple[list[Line], list[str]]:
-    """Complete, parseable lines of ``path`` and warnings about the rest.
-
-    A last line without its newline is torn (a write cut short): with ``truncate_torn`` the file
-    is cut back to the end of the last complete line.
-    """
-    if not path.exists():
-        return [], []
-    data = path.read_bytes()
-    warnings = []
-    end = data.rfind(b"\n") + 1  # 0 when there is no complete line
-    if end < len(data):
-        warnings.append(f"{path}: dropping a torn last line ({len(data) - end} bytes); its record is redone")
-        if truncate_torn:
-            with open(path, "r+b") as f:
-                f.truncate(end)
-                f.flush()
-                os.fsync(f.fileno())
-    lines = []
-    for n, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
-        if not raw.strip():
-            continue
-        try:
-            fields = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            fields = None
-        if not isinstance(fields, dict) or not any(k in fields for k in RESULT_FIELDS):
-            warnings.append(f"{path}, line {n}: not an output line (unparseable or without response/error); dropped")
-            continue
-        lines.append(Line(path, n, raw + b"\n", fields))
-    return lines, warnings
-
-
-@dataclass
-class Matched:
-    """Output lines assigned to input items."""
-
-    best: dict[int, Line]  # item order -> the line kept for it (a response line when there is one)
-    clean_in_order: bool  # the lines are exactly one per matched item, in input order, nothing dropped
-    dropped: int  # duplicate or superseded lines
-
-    def done(self) -> set[int]:
-        return {o for o, line in self.best.items() if line.is_response}
-
-
-def match_lines(items: Sequence[Item], lines: Sequence[Line], warnings: Sequence[str] = ()) -> Matched:
-    """Assign each line to the record it was written for (see the module docstring).
-
-    Raises ``InferenceError`` for a line that matches no record.
-    """
-    by_sig: dict[str, list[int]] = defaultdict(list)
-    for it in items:
-        by_sig[it.signature].append(it.order)
-    grouped: dict[str, list[Line]] = defaultdict(list)
-    for line in lines:
-        sig = signature_of(line.fields)
-        if sig not in by_sig:
-            shown = json.dumps({k: v for k, v in line.fields.items() if k not in RESULT_FIELDS}, ensure_ascii=False)
-            raise InferenceError(
-                f"{line.source}, line {line.number}: matches no record of the test files ({shown[:200]}): "
-                "it is the output of another command or the test files changed; "
-                "use another --eval_output, or --overwrite to discard it"
-            )
-        grouped[sig].append(line)
-    best: dict[int, Line] = {}
-    dropped = 0
-    for sig, group in grouped.items():
-        responses = [ln for ln in group if ln.is_response]
-        errors = [ln for ln in group if not ln.is_response]
-        for order in by_sig[sig]:
-            if responses:
-                best[order] = responses.pop(0)
-            elif errors:
-                best[order] = errors.pop(0)
-        dropped += len(responses) + len(errors)
-    kept_orders = sorted(best, key=lambda o: (str(best[o].source), best[o].number))
-    clean = not warnings and dropped == 0 and len({ln.source for ln in lines}) <= 1 and kept_orders == sorted(best)
-    return Matched(best, clean, dropped)
-
-
-def part_files(out: Path) -> list[Path]:
-    return sorted(out.parent.glob(f"{glob.escape(out.name)}.rank*{PART_SUFFIX}"))
-
-
-def merge_tmp(out: Path) -> Path:
-    return out.with_name(out.name + ".merge.tmp")
-
-
-def write_atomic(out: Path, chunks: Iterable[bytes]) -> None:
-    """Write ``out`` through a temporary file in the same folder and an atomic rename."""
-    tmp = merge_tmp(out)
-    with open(tmp, "wb") as f:
-        for c in chunks:
-            f.write(c)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
-    try:
-        fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def scan_outputs(out: Path, items: Sequence[Item], *, include_parts: bool, truncate_torn: bool, log) -> tuple[Matched, list[Path]]:
-    """Read OUT (and the part files), match their lines to ``items``; report dropped lines."""
-    lines, warnings = read_lines(out, truncate_torn=truncate_torn)
-    parts = part_files(out) if include_parts else []
-    for p in parts:
-        more, warn = read_lines(p, truncate_torn=False)
-        lines += more
-        warnings += warn
-    for w in warnings:
-        log(f"warning: {w}")
-    matched = match_lines(items, lines, warnings)
-    if parts:
-        matched.clean_in_order = False
-    return matched, parts
-
-
-def consolidate(out: Path, items: Sequence[Item], log, *, final: bool) -> Matched:
-    """Fold the part files into OUT and put OUT in input order when it is not already.
-
-    ``final``: every item must have a line (else nothing is removed and an error is raised).
-    """
-    stale = merge_tmp(out)
-    if stale.exists():
-        stale.unlink()
-    matched, parts = scan_outputs(out, items, include_parts=True, truncate_torn=True, log=log)
-    if final:
-        missing = [it for it in items if it.order not in matched.best]
-        if missing:
-            it = missing[0]
-            raise InferenceError(f"{len(missing)} record(s) have no output line (first: {it.record.source}, record "
-                                 f"{it.record.number}); rerun the same command to finish them")
-    if matched.dropped:
-        log(f"note: {matched.dropped} duplicate or superseded line(s) left out of {out}")
-    if not matched.clean_in_order:
-        write_atomic(out, (matched.best[o].data for o in sorted(matched.best)))
-    for p in parts:
-        p.unlink()
-    return matched
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,10 +165,6 @@ def init_dist() -> Dist:
         dist.init_process_group("gloo", timeout=_dt.timedelta(hours=72))
         here = True
     return Dist(dist.get_rank(), dist.get_world_size(), local, here)
-
-
-def part_path(out: Path, rank: int) -> Path:
-    return out.with_name(f"{out.name}.rank{rank}{PART_SUFFIX}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,41 +365,6 @@ def generate_records(args, dist: Dist, mine: list[Item], missing: dict, target: 
                 bar.update(len(batch))
     if bar is not None:
         bar.close()
-
-
-class _OutputLock:
-    """An advisory lock on ``OUT.lock`` so that two runs never append to the same output."""
-
-    def __init__(self, out: Path, enabled: bool):
-        self.path = out.with_name(out.name + ".lock")
-        self.enabled = enabled
-        self.fd = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return self
-        try:
-            import fcntl
-        except ImportError:  # not on Unix: no lock
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.fd)
-            self.fd = None
-            raise InferenceError(f"another inference run is writing {self.path.with_suffix('')} (lock {self.path} is held)")
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            try:
-                self.path.unlink()
-            except OSError:
-                pass
-            os.close(self.fd)
-        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

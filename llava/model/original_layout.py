@@ -1,0 +1,598 @@
+"""The original LLaVA checkpoint layout: its names, recognising it, and loading it into transformers' classes.
+
+This module holds the layout constants and format detection both directions share, and the import direction:
+``load_original`` (an original checkpoint -> ``(model, processor)``) and ``original_to_hf`` (the same, saved;
+``python -m llava.model.convert to-hf``). The export direction, ``hf_to_original``, and the command line are in
+``llava.model.convert``, which re-exports the public names of this module.
+
+The *original* layout is the one of ``liuhaotian/llava-v1.5-7b`` and ``liuhaotian/llava-v1.6-vicuna-7b``:
+a Llama ``config.json`` with ``"architectures": ["LlavaLlamaForCausalLM"]`` (``model_type`` ``"llava"``) plus
+the ``mm_*`` keys, weights named ``model.embed_tokens.*``, ``model.layers.*``, ``model.norm.*``, ``lm_head.*``,
+``model.mm_projector.{0,2}.*`` (``model.mm_projector.*`` for a ``linear`` projector), ``model.image_newline``
+(v1.6) and, when the vision tower was trained (v1.6), ``model.vision_tower.vision_tower.vision_model.*``;
+tokenizer files without an ``<image>`` token (the original code splices image features at the placeholder
+id -200). The *HF* layout is what ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration``
+``save_pretrained`` writes, plus the processor.
+
+Which HF class (``target_architecture``)
+----------------------------------------
+The original code decides the image path from ``image_aspect_ratio`` first: only ``anyres`` splits an image
+into tiles; ``pad`` and ``square`` encode a single view and flatten it, whatever ``mm_patch_merge_type`` says.
+Hence:
+
+* ``image_aspect_ratio`` ``pad`` / ``square`` (or missing) -> ``LlavaForConditionalGeneration``, for any
+  ``mm_patch_merge_type``. A LLaVA-1.6 checkpoint run with ``pad`` (how the MCM-DPO paper uses LLaVA-1.6:
+  one 336 view, 576 image tokens, ``image_newline`` unused) therefore maps to the LLaVA-1.5 class and its
+  ``model.image_newline`` is dropped. The released v1.6 config says ``anyres``; pass
+  ``image_aspect_ratio="pad"`` (``--image_aspect_ratio pad``) to get that use.
+* ``anyres`` with ``spatial_unpad`` -> ``LlavaNextForConditionalGeneration`` (``image_grid_pinpoints`` carried
+  over, ``model.image_newline`` required).
+* ``anyres`` with ``flat`` or ``spatial`` (no unpadding / no newline) and ``anyres_max_*`` (LLaVA-OneVision) have
+  no HF equivalent: a ``ValueError``.
+
+Image preprocessing follows the same rule: ``pad`` -> ``LlavaImageProcessor`` with ``do_pad=True`` (the
+original ``expand2square`` with the mean colour, then the CLIP resize/crop), ``square`` -> the plain CLIP
+processor, ``anyres`` -> ``LlavaNextImageProcessor``; settings come from the CLIP directory's
+``preprocessor_config.json`` when there is one, else the CLIP-336 defaults (OpenAI mean/std, bicubic,
+shortest edge = crop = the tower's image size).
+
+Supported and not
+-----------------
+* Projector ``mlp2x_gelu`` maps to ``multi_modal_projector.linear_1`` / ``linear_2`` with ``gelu``.
+* Projector ``linear`` (LLaVA v1.0-style) maps exactly, without modeling code of our own: ``linear_1`` holds the
+  weight, ``projector_hidden_act="linear"`` (identity) and ``linear_2`` is an identity matrix with a zero bias,
+  which reproduces ``W x + b`` bit for bit (``hf_to_original`` writes a ``linear`` projector back).
+* Not supported (clear ``ValueError``): other projectors (``mlpNx_gelu`` with N != 2, ``identity``,
+  resamplers), ``mm_use_im_start_end`` (the prompt format differs), ``cls_patch`` with ``anyres``, towers other
+  than CLIP, language models other than Llama (``LlavaMistralForCausalLM``, MPT, ...), LoRA or
+  projector-only (pre-training stage) directories: merge those with their base first.
+* ``mm_use_im_patch_token`` only adds an unused token to the saved tokenizer: accepted.
+
+Vision tower
+------------
+Weights inside the checkpoint are used when present. The CLIP directory (for the config, the image processor
+settings and, when the checkpoint has no tower weights, the weights) is, in order: ``vision_tower=`` (a local
+directory), ``mm_vision_tower`` when it is a local directory (absolute, relative to the working directory, or
+relative to the checkpoint), a copy of that hub id already in the local Hugging Face cache, and finally a
+``vision_tower/`` folder inside the checkpoint (what ``hf_to_original`` writes). Nothing is downloaded: a hub id
+with no local copy is an error asking for ``vision_tower=``, except when the tower weights are inside the
+checkpoint and the id is one of the OpenAI CLIP-L/14 towers LLaVA uses, whose config is known.
+
+Tokenizer
+---------
+The checkpoint's tokenizer is loaded with ``AutoTokenizer``; ``<image>`` (and ``<pad>`` when there is no pad
+token; v1.5 uses ``<unk>``) are added as special tokens. Embeddings and ``lm_head`` grow only when a new id
+falls outside the weight matrix; new rows are the mean of the existing rows, so logits of old tokens do not
+change (``hf_to_original`` keeps both tokens, so a round trip is lossless).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llava.constants import DEFAULT_IMAGE_TOKEN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PAD_TOKEN
+
+logger = logging.getLogger(__name__)
+
+ORIGINAL_ARCHITECTURE = "LlavaLlamaForCausalLM"
+# Other classes of the original code base: recognised as "original format", rejected with a clear message.
+OTHER_ORIGINAL_ARCHITECTURES = ("LlavaMistralForCausalLM", "LlavaMptForCausalLM", "LlavaQwenForCausalLM")
+LLAVA = "LlavaForConditionalGeneration"
+LLAVA_NEXT = "LlavaNextForConditionalGeneration"
+
+# Original key prefixes.
+_O_VISION = "model.vision_tower.vision_tower."
+_O_PROJ = "model.mm_projector."
+_O_NEWLINE = "model.image_newline"
+# HF in-memory key prefixes (transformers 5).
+_H_TEXT = "model.language_model."
+_H_VISION = "model.vision_tower."
+_H_PROJ = "model.multi_modal_projector."
+_H_NEWLINE = "model.image_newline"
+
+# The CLIP towers LLaVA-1.5 / 1.6 name in `mm_vision_tower` (their config.json, vision part).
+KNOWN_CLIP_TOWERS: dict[str, dict[str, Any]] = {
+    "openai/clip-vit-large-patch14-336": dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
+        patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    ),
+    "openai/clip-vit-large-patch14": dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+        patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    ),
+}
+
+# Llama keys of the original config.json that become the HF text config (the rest is multimodal or bookkeeping).
+_LLAMA_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+    "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "pretraining_tp", "tie_word_embeddings",
+    "attention_bias", "attention_dropout", "mlp_bias",
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_HF_IMAGE_KEYS = (
+    "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor", "do_normalize",
+    "image_mean", "image_std", "do_convert_rgb",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Format detection and the class mapping
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _read_config(path: str | Path) -> dict | None:
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        return None
+    try:
+        cfg = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def is_original_format(path: str | Path) -> bool:
+    """True when ``path`` is a directory whose config.json is an original LLaVA config (reads nothing else)."""
+    cfg = _read_config(path)
+    if cfg is None:
+        return False
+    archs = cfg.get("architectures") or []
+    if ORIGINAL_ARCHITECTURE in archs or any(a in OTHER_ORIGINAL_ARCHITECTURES for a in archs):
+        return True
+    # No architectures recorded: the flat Llama config with mm_* keys is the tell (HF configs nest text_config).
+    return not archs and "mm_vision_tower" in cfg and "text_config" not in cfg
+
+
+def target_architecture(config: dict) -> str:
+    """The HF class name an original config maps to (see the module docstring); ``ValueError`` if none does."""
+    ratio = config.get("image_aspect_ratio") or "square"
+    merge = config.get("mm_patch_merge_type") or "flat"
+    if merge not in ("flat", "spatial", "spatial_unpad"):
+        raise ValueError(f"unsupported mm_patch_merge_type {merge!r} (expected flat, spatial or spatial_unpad)")
+    if ratio in ("pad", "square"):
+        # A single view per image: the original code flattens it whatever the merge type says.
+        return LLAVA
+    if ratio == "anyres":
+        if merge != "spatial_unpad":
+            raise ValueError(
+                f"image_aspect_ratio 'anyres' with mm_patch_merge_type {merge!r} has no transformers class: "
+                "LlavaNextForConditionalGeneration implements only 'spatial_unpad' (unpadded grid + image_newline)"
+            )
+        return LLAVA_NEXT
+    raise ValueError(
+        f"unsupported image_aspect_ratio {ratio!r}: expected 'pad', 'square' (LLaVA-1.5 class) or 'anyres' "
+        "(LLaVA-NeXT class); anyres_max_* (LLaVA-OneVision) is not supported"
+    )
+
+
+def _check_supported(cfg: dict, arch: str) -> str:
+    """Validate the multimodal keys of an original config; return the projector type."""
+    archs = cfg.get("architectures") or [ORIGINAL_ARCHITECTURE]
+    if ORIGINAL_ARCHITECTURE not in archs:
+        raise ValueError(
+            f"only {ORIGINAL_ARCHITECTURE} (Llama/Vicuna) checkpoints are supported, this one is {archs}"
+        )
+    projector = cfg.get("mm_projector_type") or "linear"  # the original code's default
+    if projector not in ("mlp2x_gelu", "linear"):
+        raise ValueError(
+            f"unsupported mm_projector_type {projector!r}: only 'mlp2x_gelu' and 'linear' map onto the two-layer "
+            "projector of the transformers LLaVA classes"
+        )
+    if cfg.get("mm_use_im_start_end"):
+        raise ValueError(
+            "mm_use_im_start_end=True is not supported: the original code wraps image features in <im_start>/<im_end>"
+            " tokens, a prompt format the transformers processors do not produce"
+        )
+    feature = cfg.get("mm_vision_select_feature") or "patch"
+    if feature not in ("patch", "cls_patch"):
+        raise ValueError(f"unsupported mm_vision_select_feature {feature!r} (expected patch or cls_patch)")
+    if feature == "cls_patch" and arch == LLAVA_NEXT:
+        raise ValueError("mm_vision_select_feature 'cls_patch' cannot be combined with anyres (the grid needs patches only)")
+    if not isinstance(cfg.get("mm_vision_select_layer", -2), int):
+        raise ValueError(f"mm_vision_select_layer must be an int, got {cfg.get('mm_vision_select_layer')!r}")
+    return projector
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading original checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The model weight files of an original/HF directory (index first, then the usual names)."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [path / n for n in names]
+    for pattern in ("model.safetensors", "model-*-of-*.safetensors", "pytorch_model.bin", "pytorch_model-*-of-*.bin"):
+        files = sorted(path.glob(pattern))
+        if files:
+            return files
+    return []
+
+
+def _load_files(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            sd.update(load_file(str(f)))
+        else:
+            try:
+                sd.update(torch.load(str(f), map_location="cpu", weights_only=True, mmap=True))
+            except RuntimeError:  # a pre-zipfile torch.save cannot be memory-mapped
+                sd.update(torch.load(str(f), map_location="cpu", weights_only=True))
+    return sd
+
+
+def _load_original_weights(path: Path) -> dict[str, torch.Tensor]:
+    files = _weight_files(path)
+    if not files:
+        if (path / "adapter_config.json").is_file() or (path / "non_lora_trainables.bin").is_file():
+            raise ValueError(
+                f"{path} is a LoRA checkpoint: merge it with its base model first (LLaVA's merge_lora_weights.py)"
+            )
+        if (path / "mm_projector.bin").is_file():
+            raise ValueError(
+                f"{path} holds only a pre-trained projector (mm_projector.bin): it has no language model to convert"
+            )
+        raise FileNotFoundError(f"no model weights (*.safetensors / pytorch_model*.bin) in {path}")
+    sd = _load_files(files)
+    # Buffers older transformers saved: rotary inv_freq, CLIP position_ids. Both are rebuilt by the model.
+    return {k: v for k, v in sd.items() if not k.endswith((".inv_freq", ".position_ids"))}
+
+
+def _hub_cache_dir(name: str) -> Path | None:
+    """A copy of hub repo ``name`` already in the local Hugging Face cache (never downloads)."""
+    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", name):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        found = Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, offline, or no hub client: all mean "no local copy"
+        return None
+    return found if (found / "config.json").is_file() else None
+
+
+def _resolve_clip_dir(ckpt: Path, cfg: dict, vision_tower: str | Path | None) -> Path | None:
+    if vision_tower is not None:
+        p = Path(vision_tower).expanduser()
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"vision_tower={str(vision_tower)!r} is not a local CLIP directory (no config.json)")
+        return p
+    name = cfg.get("mm_vision_tower") or cfg.get("vision_tower")
+    if name:
+        for cand in (Path(name).expanduser(), ckpt / name):
+            if (cand / "config.json").is_file():
+                return cand
+        cached = _hub_cache_dir(name)
+        if cached is not None:
+            return cached
+    side = ckpt / "vision_tower"
+    if (side / "config.json").is_file():
+        return side
+    return None
+
+
+def _vision_config(clip_dir: Path | None, name: str | None, has_inside_weights: bool):
+    from transformers import CLIPVisionConfig
+
+    if clip_dir is not None:
+        raw = _read_config(clip_dir) or {}
+        if raw.get("model_type") not in ("clip", "clip_vision_model"):
+            raise ValueError(
+                f"{clip_dir} is not a CLIP model (model_type {raw.get('model_type')!r}); only CLIP vision towers are supported"
+            )
+        return CLIPVisionConfig.from_pretrained(str(clip_dir))
+    if has_inside_weights and name in KNOWN_CLIP_TOWERS:
+        return CLIPVisionConfig(**KNOWN_CLIP_TOWERS[name])
+    raise FileNotFoundError(
+        f"the vision tower {name!r} is not a local directory and has no local copy; nothing is downloaded at run time: "
+        "pass vision_tower=<local CLIP directory> (CLI: --vision_tower DIR), e.g. a snapshot of "
+        f"{name or 'openai/clip-vit-large-patch14-336'}"
+    )
+
+
+def _clip_vision_state_dict(clip_dir: Path) -> dict[str, torch.Tensor]:
+    """The vision weights of a CLIP directory (a CLIPModel or a CLIPVisionModel), in CLIPVisionModel's naming."""
+    from transformers import CLIPVisionModel
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a full CLIPModel directory has text weights: expected, not news
+    try:
+        tower, info = CLIPVisionModel.from_pretrained(str(clip_dir), dtype=torch.float32, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+    if info["missing_keys"]:
+        raise ValueError(f"{clip_dir} lacks vision weights: {sorted(info['missing_keys'])[:8]}")
+    return dict(tower.state_dict())
+
+
+def _image_processor_kwargs(clip_dir: Path | None, vision_config) -> dict:
+    n = vision_config.image_size
+    kwargs: dict[str, Any] = dict(
+        size={"shortest_edge": n}, crop_size={"height": n, "width": n}, image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD), resample=3,
+    )
+    pre = clip_dir / "preprocessor_config.json" if clip_dir is not None else None
+    if pre is not None and pre.is_file():
+        raw = json.loads(pre.read_text())
+        for key in _HF_IMAGE_KEYS:
+            if raw.get(key) is not None:
+                kwargs[key] = raw[key]
+        if isinstance(kwargs["size"], int):
+            kwargs["size"] = {"shortest_edge": kwargs["size"]}
+        if isinstance(kwargs["crop_size"], int):
+            kwargs["crop_size"] = {"height": kwargs["crop_size"], "width": kwargs["crop_size"]}
+    return kwargs
+
+
+def _image_processor(arch: str, ratio: str, cfg: dict, kwargs: dict):
+    from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil, LlavaNextImageProcessorPil
+
+    if arch == LLAVA_NEXT:
+        pinpoints = cfg.get("image_grid_pinpoints")
+        if not pinpoints:
+            raise ValueError("an anyres checkpoint needs image_grid_pinpoints in its config.json")
+        return LlavaNextImageProcessorPil(image_grid_pinpoints=[list(p) for p in pinpoints], **kwargs)
+    if ratio == "pad":
+        return LlavaImageProcessorPil(do_pad=True, **kwargs)
+    return CLIPImageProcessorPil(**kwargs)
+
+
+def _prepare_tokenizer(path: Path, cfg: dict):
+    """Load the checkpoint's tokenizer; add <image> and a pad token when missing. Returns it."""
+    from transformers import AddedToken, AutoTokenizer, LlamaConfig
+
+    # config=: the original config.json says model_type "llava", which AutoConfig would misread as HF's LlavaConfig.
+    tok = AutoTokenizer.from_pretrained(str(path), config=LlamaConfig())
+    if DEFAULT_IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_tokens([AddedToken(DEFAULT_IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    if tok.pad_token is None:
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    if cfg.get("tokenizer_padding_side") in ("left", "right"):
+        tok.padding_side = cfg["tokenizer_padding_side"]
+    if cfg.get("tokenizer_model_max_length"):
+        tok.model_max_length = int(cfg["tokenizer_model_max_length"])
+    return tok
+
+
+def _grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """Append rows equal to the mean of the existing rows (computed in float32)."""
+    extra = rows - weight.shape[0]
+    if extra <= 0:
+        return weight
+    mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)
+    return torch.cat([weight, mean.expand(extra, -1)], dim=0)
+
+
+def _text_config(cfg: dict, vocab_size: int, tok):
+    from transformers import LlamaConfig
+
+    kwargs = {k: cfg[k] for k in _LLAMA_KEYS if k in cfg}
+    kwargs["vocab_size"] = vocab_size
+    # transformers 5 keeps theta and scaling together in rope_parameters; the original config has them apart.
+    rope = {k: v for k, v in (cfg.get("rope_scaling") or {}).items() if k != "type"}
+    rope["rope_type"] = (cfg.get("rope_scaling") or {}).get("rope_type") or (cfg.get("rope_scaling") or {}).get("type") or "default"
+    rope["rope_theta"] = cfg.get("rope_theta", 10000.0)
+    kwargs["rope_parameters"] = rope
+    kwargs["pad_token_id"] = tok.pad_token_id
+    kwargs.setdefault("bos_token_id", tok.bos_token_id)
+    kwargs.setdefault("eos_token_id", tok.eos_token_id)
+    kwargs.setdefault("tie_word_embeddings", False)
+    return LlamaConfig(**kwargs)
+
+
+def _expected_state_dict(cls, config) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        shell = cls(config)
+    return {k: v.shape for k, v in shell.state_dict().items()}
+
+
+def _check_against(expected: dict[str, torch.Size], sd: dict[str, torch.Tensor], what: str) -> None:
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = sorted(k for k in set(sd) & set(expected) if tuple(sd[k].shape) != tuple(expected[k]))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        if wrong:
+            parts.append("shape mismatch " + ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k])}" for k in wrong[:8]))
+        raise ValueError(f"{what}: " + "; ".join(parts))
+
+
+def _parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+    name = aliases.get(name, name)
+    if name == "auto":
+        return None
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return value
+
+
+def load_original(
+    path: str | Path,
+    vision_tower: str | Path | None = None,
+    dtype: torch.dtype | str | None = None,
+    *,
+    image_aspect_ratio: str | None = None,
+):
+    """Load an original-format LLaVA checkpoint into ``(model, processor)`` of the native transformers classes.
+
+    ``vision_tower`` is a local CLIP directory that overrides ``mm_vision_tower``; ``dtype`` defaults to the dtype
+    the language model is stored in; ``image_aspect_ratio`` overrides the config's (e.g. ``"pad"`` to use a
+    LLaVA-1.6 checkpoint with one 336 view, as the MCM-DPO paper does).
+    """
+    import transformers
+    from transformers import LlavaConfig, LlavaNextConfig
+
+    from llava.conversation import VICUNA_V1_CHAT_TEMPLATE
+
+    path = Path(path)
+    if not is_original_format(path):
+        cfg = _read_config(path)
+        what = "no config.json" if cfg is None else f"architectures {cfg.get('architectures')}"
+        raise ValueError(f"{path} is not an original-format LLaVA checkpoint ({what}); expected {ORIGINAL_ARCHITECTURE}")
+    cfg = dict(_read_config(path) or {})
+    if image_aspect_ratio is not None:
+        cfg["image_aspect_ratio"] = image_aspect_ratio
+    arch = target_architecture(cfg)
+    projector = _check_supported(cfg, arch)
+    ratio = cfg.get("image_aspect_ratio") or "square"
+    if arch == LLAVA_NEXT and not cfg.get("image_grid_pinpoints"):
+        raise ValueError("an anyres checkpoint needs image_grid_pinpoints in its config.json")
+
+    sd = _load_original_weights(path)
+    if "model.embed_tokens.weight" not in sd:
+        raise ValueError(f"{path} has no model.embed_tokens.weight: not a full LLaVA checkpoint")
+    target_dtype = _parse_dtype(dtype) or sd["model.embed_tokens.weight"].dtype
+
+    # Vision tower: weights inside the checkpoint win; the CLIP directory gives config + image settings.
+    inside = {k[len(_O_VISION):]: v for k, v in sd.items() if k.startswith(_O_VISION)}
+    sd = {k: v for k, v in sd.items() if not k.startswith(_O_VISION)}
+    name = cfg.get("mm_vision_tower") or cfg.get("vision_tower")
+    clip_dir = _resolve_clip_dir(path, cfg, vision_tower)
+    vision_config = _vision_config(clip_dir, name, bool(inside))
+    if cfg.get("mm_hidden_size") not in (None, vision_config.hidden_size):
+        raise ValueError(f"mm_hidden_size {cfg['mm_hidden_size']} != vision tower hidden_size {vision_config.hidden_size}")
+
+    # Tokenizer first: it decides the vocabulary size.
+    tok = _prepare_tokenizer(path, cfg)
+    embed = sd["model.embed_tokens.weight"]
+    vocab = max(embed.shape[0], len(tok))
+    if vocab > embed.shape[0]:
+        logger.info("growing embeddings and lm_head from %d to %d rows (mean init)", embed.shape[0], vocab)
+
+    text_config = _text_config(cfg, vocab, tok)
+    strategy = "full" if cfg.get("mm_vision_select_feature") == "cls_patch" else "default"
+    n_patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    common = dict(
+        vision_config=vision_config, text_config=text_config,
+        image_token_id=tok.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN),
+        projector_hidden_act="gelu" if projector == "mlp2x_gelu" else "linear",
+        vision_feature_select_strategy=strategy, vision_feature_layer=int(cfg.get("mm_vision_select_layer", -2)),
+        multimodal_projector_bias=True, tie_word_embeddings=text_config.tie_word_embeddings,
+        image_seq_length=n_patches + (strategy == "full"),
+    )
+    if arch == LLAVA_NEXT:
+        config = LlavaNextConfig(image_grid_pinpoints=[list(p) for p in cfg["image_grid_pinpoints"]], **common)
+    else:
+        config = LlavaConfig(**common)
+    cls = getattr(transformers, arch)
+    expected = _expected_state_dict(cls, config)
+
+    # Map the weights to the in-memory names of the HF class.
+    hf: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key == "lm_head.weight":
+            hf[key] = _grow_rows(value, vocab)
+        elif key == "model.embed_tokens.weight":
+            hf[_H_TEXT + "embed_tokens.weight"] = _grow_rows(value, vocab)
+        elif key.startswith(("model.layers.", "model.norm.")):
+            hf[_H_TEXT + key[len("model."):]] = value
+        elif key == _O_NEWLINE:
+            if arch == LLAVA_NEXT:
+                hf[_H_NEWLINE] = value
+            else:
+                logger.info("dropping model.image_newline: unused with image_aspect_ratio %r", ratio)
+        elif key.startswith(_O_PROJ):
+            continue
+        else:
+            hf[key] = value  # reported as unexpected below
+    hf.update(_projector_to_hf(sd, projector, text_config.hidden_size))
+    if "lm_head.weight" not in hf and text_config.tie_word_embeddings:
+        hf["lm_head.weight"] = hf[_H_TEXT + "embed_tokens.weight"]
+    if arch == LLAVA_NEXT and _H_NEWLINE not in hf:
+        raise ValueError("an anyres/spatial_unpad checkpoint needs model.image_newline, which this one lacks")
+
+    vision_keys = {k[len(_H_VISION):] for k in expected if k.startswith(_H_VISION)}
+    if inside:
+        for key, value in inside.items():
+            short = key[len("vision_model."):] if key.startswith("vision_model.") else key
+            hf[_H_VISION + (short if short in vision_keys else key)] = value
+    else:
+        if clip_dir is None:  # unreachable: _vision_config raised already
+            raise FileNotFoundError("no vision tower weights")
+        for key, value in _clip_vision_state_dict(clip_dir).items():
+            hf[_H_VISION + key] = value
+    _check_against(expected, hf, f"converting {path}")
+
+    hf = {k: (v.to(target_dtype) if v.is_floating_point() else v) for k, v in hf.items()}
+    model, info = cls.from_pretrained(None, config=config, state_dict=hf, dtype=target_dtype, output_loading_info=True)
+    if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
+        raise RuntimeError(f"transformers did not take the converted weights as they are: {info}")
+    model.eval()
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(model.generation_config, key, getattr(tok, key))
+
+    tok.chat_template = VICUNA_V1_CHAT_TEMPLATE
+    image_processor = _image_processor(arch, ratio, cfg, _image_processor_kwargs(clip_dir, vision_config))
+    processor_cls = transformers.LlavaNextProcessor if arch == LLAVA_NEXT else transformers.LlavaProcessor
+    processor = processor_cls(
+        image_processor, tok, patch_size=vision_config.patch_size, vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=1, chat_template=VICUNA_V1_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def _projector_to_hf(sd: dict[str, torch.Tensor], projector: str, hidden: int) -> dict[str, torch.Tensor]:
+    if projector == "mlp2x_gelu":
+        names = {f"{_O_PROJ}{i}.{p}": f"{_H_PROJ}linear_{j}.{p}" for i, j in ((0, 1), (2, 2)) for p in ("weight", "bias")}
+    else:
+        names = {f"{_O_PROJ}{p}": f"{_H_PROJ}linear_1.{p}" for p in ("weight", "bias")}
+    found = {k for k in sd if k.startswith(_O_PROJ)}
+    if found != set(names):
+        raise ValueError(
+            f"mm_projector_type {projector!r} expects weights {sorted(names)}, the checkpoint has {sorted(found)}"
+        )
+    out = {new: sd[old] for old, new in names.items()}
+    if projector == "linear":
+        w = out[f"{_H_PROJ}linear_1.weight"]
+        out[f"{_H_PROJ}linear_2.weight"] = torch.eye(hidden, dtype=w.dtype)
+        out[f"{_H_PROJ}linear_2.bias"] = torch.zeros(hidden, dtype=w.dtype)
+    return out
+
+
+def original_to_hf(
+    path: str | Path,
+    out_dir: str | Path,
+    vision_tower: str | Path | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    image_aspect_ratio: str | None = None,
+) -> Path:
+    """Convert an original-format checkpoint to an HF directory (``save_pretrained`` of model and processor)."""
+    model, processor = load_original(path, vision_tower=vision_tower, dtype=dtype, image_aspect_ratio=image_aspect_ratio)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    _copy_sentencepiece(Path(path), out)
+    return out
+
+
+def _copy_sentencepiece(src: Path, out: Path) -> None:
+    """Carry tokenizer.model along (transformers 5 writes tokenizer.json only; older readers want the .model)."""
+    f = src / "tokenizer.model"
+    if f.is_file() and not (out / "tokenizer.model").exists():
+        shutil.copyfile(f, out / "tokenizer.model")
