@@ -40,8 +40,8 @@ class ModelArguments:
     def __post_init__(self):
         if self.mm_use_im_start_end or self.mm_use_im_patch_token:
             raise ValueError("--mm_use_im_start_end / --mm_use_im_patch_token True are not supported (LLaVA-1.5 and later use False)")
-        if self.attn_implementation not in ("sdpa", "eager", "flex_attention"):
-            raise ValueError("--attn_implementation must be sdpa, eager or flex_attention (flash attention takes no tree mask)")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError("--attn_implementation must be sdpa or eager (flash attention takes no tree mask)")
 
 
 @dataclass
