@@ -85,9 +85,6 @@ class Record:
     line: int | None = None
     raw: dict = field(default_factory=dict, repr=False)
 
-    def where(self, field_name: str | None = None) -> DataProblem:
-        return DataProblem(self.source, self.number, field_name, "", self.line)
-
     def error(self, field_name: str | None, message: str) -> DataError:
         return DataError(DataProblem(self.source, self.number, field_name, message, self.line))
 

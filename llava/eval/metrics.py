@@ -91,11 +91,6 @@ def word_edit_distance(a: Sequence[str], b: Sequence[str]) -> int:
     return previous[-1]
 
 
-def is_empty(response: str) -> bool:
-    """A response counts as empty when it holds nothing but whitespace."""
-    return not response.strip()
-
-
 def length_stats(response: str) -> dict:
     """Per-sample length statistics of one response (stripped of outer whitespace)."""
     text = response.strip()

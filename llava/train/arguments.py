@@ -128,10 +128,6 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.negatives_seed is None:
             self.negatives_seed = self.seed
 
-    @property
-    def is_mcm(self) -> bool:
-        return self.task == "DPO" and self.use_cross_modal_loss
-
     def weights(self) -> dict[str, float]:
         """Weights of the seven MCM-DPO terms (``llava.train.losses.term_weights``)."""
         return term_weights(self.use_cl_reward_num, {flag: getattr(self, flag) for flag in TERM_FLAGS.values()})

@@ -74,10 +74,6 @@ def apply_lora(model, trainable: Trainable, *, r: int, alpha: int, dropout: floa
     return peft_model
 
 
-def trainable_names(model: torch.nn.Module) -> set[str]:
-    return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
 def parameter_groups(model: torch.nn.Module, *, lr: float, weight_decay: float, decay_names: set[str],
                      projector_lr: float | None = None, vision_lr: float | None = None) -> list[dict]:
     """Optimizer groups: (part, with/without weight decay), each part at its own learning rate."""
