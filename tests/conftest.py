@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed builds a C++ op on first launch into torch's extensions cache; the suite builds its own
+# so that a lock abandoned in the user's cache by an interrupted build cannot stall the launches.
+if "TORCH_EXTENSIONS_DIR" not in os.environ:
+    _EXTENSIONS_DIR = os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="llava-test-torch-ext-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "_EXTENSIONS_DIR" in globals():
+        shutil.rmtree(_EXTENSIONS_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

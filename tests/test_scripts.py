@@ -34,7 +34,7 @@ def run_script(script, out, model, data, **env):
                 "OUTPUT_DIR": str(out), "NUM_GPUS": "2", "REPORT_TO": "none", "MASTER_PORT": str(free_port()),
                 "PYTHON": sys.executable, **env}
     result = subprocess.run(["bash", f"scripts/{script}", "--max_steps", "3", "--gradient_accumulation_steps", "1",
-                             "--save_strategy", "no"], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=900)
+                             "--save_strategy", "no"], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -72,3 +72,16 @@ def test_scripts_reject_a_bad_paradigm(tmp_path):
     result = subprocess.run(["bash", "scripts/mcmdpo.sh"], cwd=REPO, env={**os.environ, "PARADIGM": "e", "PYTHON": "true"},
                             capture_output=True, text=True)
     assert result.returncode == 2 and "PARADIGM must be a, b, c or d" in result.stderr
+
+
+def test_scripts_refuse_an_abandoned_build_lock(tmp_path):
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = lock.stat().st_mtime - 3600
+    os.utime(lock, (old, old))
+    result = subprocess.run(["bash", "scripts/sft.sh"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHON": sys.executable})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "build lock older than 10 minutes" in result.stderr and str(lock) in result.stderr
+    assert lock.exists(), "the script must not delete a lock it did not create"
