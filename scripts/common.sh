@@ -11,7 +11,6 @@
 #   NUM_WORKERS   data loader workers (default 4 with CUDA, 0 without)
 #   OMP_NUM_THREADS  threads per process on a host without CUDA (default: cores / NUM_GPUS)
 #   PYTHON        interpreter (default: .venv/bin/python if present, else python3)
-#   STALE_LOCK_MINUTES  age at which a torch extension build lock counts as abandoned (default 10)
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
@@ -77,25 +76,8 @@ stage_flags() {
   )
 }
 
-# DeepSpeed JIT-builds a C++ op on a process's first launch, and torch guards each build with a
-# lock file. A build killed midway (Ctrl-C, a job limit) leaves the lock behind and every later
-# launch then waits on it forever without a word, so refuse to start and name the file instead.
-refuse_stale_build_locks() {
-  local root="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/torch_extensions}" stale
-  stale=$(find "$root" -maxdepth 3 -name lock -type f -mmin +"${STALE_LOCK_MINUTES:-10}" 2>/dev/null)
-  if [ -n "$stale" ]; then
-    {
-      echo "error: a torch extension build lock older than ${STALE_LOCK_MINUTES:-10} minutes, left by a killed build:"
-      echo "$stale" | sed 's/^/  /'
-      echo "DeepSpeed would wait on it forever. If no build is running, delete it and rerun."
-    } >&2
-    exit 2
-  fi
-}
-
 # launch ARGS...: the trainer under DeepSpeed's launcher, one process per GPU (or CPU process).
 launch() {
-  refuse_stale_build_locks
   local config="scripts/${ZERO}.json"
   [ -f "$config" ] || { echo "no DeepSpeed config $config (ZERO=$ZERO)" >&2; exit 2; }
   local launcher=("$(dirname "$PYTHON")/deepspeed")

@@ -270,3 +270,21 @@ def test_linear_projector_keeps_its_identity_layer_frozen(tmp_path, preference_f
     assert trainable == {"model.multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.bias"}
     changed = run_one_step(trainer)
     assert changed == trainable
+
+
+def test_abandoned_build_locks_are_old_locks_in_either_layout(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from llava.train.train import abandoned_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    flat, nested, fresh = tmp_path / "op_a" / "lock", tmp_path / "py311_cpu" / "op_b" / "lock", tmp_path / "op_c" / "lock"
+    for path, age_minutes in ((flat, 30), (nested, 11), (fresh, 2)):
+        path.parent.mkdir(parents=True)
+        path.touch()
+        then = time.time() - 60 * age_minutes
+        os.utime(path, (then, then))
+    assert abandoned_build_locks(10) == sorted([flat, nested])
+    assert abandoned_build_locks(20) == [flat]
+    assert abandoned_build_locks(60) == []

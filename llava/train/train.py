@@ -10,8 +10,11 @@ is reported before the first step as one line naming the file, record and field.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (deepspeed/torchrun llava/train/train.py)
@@ -126,8 +129,36 @@ def make_reference(model_args, data_args, args, conditions):
     return CachedReference(args.offline_ref_logits or Path(args.output_dir) / "ref_logps", key)
 
 
+def abandoned_build_locks(max_age_minutes: float) -> list[Path]:
+    """Build locks in torch's extensions cache that are older than ``max_age_minutes``.
+
+    DeepSpeed JIT-builds a C++ op when it first starts, and torch guards each build with a lock
+    file. A build killed midway (Ctrl-C, a job limit) leaves the lock behind, and every later
+    launch then waits on it forever without a word.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    # <root>/<op>/lock under TORCH_EXTENSIONS_DIR, <root>/<python>_<accelerator>/<op>/lock by default
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    cutoff = time.time() - 60 * max_age_minutes
+    stale = []
+    for path in itertools.chain(root.glob("*/lock"), root.glob("*/*/lock")):
+        try:
+            if path.stat().st_mtime < cutoff:
+                stale.append(path)
+        except FileNotFoundError:  # the build it guarded has just finished
+            pass
+    return sorted(stale)
+
+
 def prepare(argv: list[str] | None = None) -> LlavaTrainer:
     model_args, data_args, args = parse_args(argv)
+    if args.deepspeed:
+        minutes = float(os.environ.get("STALE_LOCK_MINUTES", 10))
+        if stale := abandoned_build_locks(minutes):
+            raise FileExistsError(f"a torch extension build lock older than {minutes:g} minutes, left by a killed build: "
+                                  f"{', '.join(map(str, stale))}. DeepSpeed would wait on it forever; "
+                                  "if no build is running, delete it and rerun (STALE_LOCK_MINUTES sets the age)")
     # Set up the process group now: ZeRO-3 partitions weights while they load, which needs it.
     args.device  # noqa: B018
     if args.deepspeed:
@@ -165,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         trainer = prepare(argv)
-    except (ValueError, FileNotFoundError) as e:  # flags, data and model paths: a message, not a traceback
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # flags, data, paths: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     train(trainer)
