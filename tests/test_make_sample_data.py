@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from llava.eval.grounding import reflects_context, states_key_facts
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--n_sft", "40", "--n_pref", "20", "--n_test", "10"]
 
@@ -28,10 +30,6 @@ msd = _load()
 
 def _files(d: Path) -> dict[str, bytes]:
     return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
-
-
-from llava.eval.grounding import reflects_context as _reflects_context  # noqa: E402
-from llava.eval.grounding import states_key_facts as _states_facts  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +91,7 @@ def test_formats(corpus):
         assert set(r) == {"image_path", "question", "chosen", "idx", "key_facts", "context_terms"}
         assert r["idx"] == i and r["image_path"] == f"test/test_{i:05d}.png" and r["question"].startswith(q)
         assert r["key_facts"] and r["context_terms"]
-        assert _states_facts(r["chosen"], r["key_facts"]) and _reflects_context(r["chosen"], r["context_terms"])
+        assert states_key_facts(r["chosen"], r["key_facts"]) and reflects_context(r["chosen"], r["context_terms"])
     paths = [r["image"] for r in sft] + [r["image_path"] for r in pref] + [r["image_path"] for r in test]
     for p in paths:
         with Image.open(out / p) as im:
@@ -156,8 +154,8 @@ def test_context_dependence():
         ea, eb = msd.make_example(seed, focus=a), msd.make_example(seed, focus=b)
         assert msd.png_bytes(ea.image()) == msd.png_bytes(eb.image())
         assert ea.post != eb.post and ea.correct != eb.correct
-        assert not _states_facts(ea.correct, eb.key_facts) and not _states_facts(eb.correct, ea.key_facts)
-        assert not _reflects_context(ea.correct, eb.context_terms)
+        assert not states_key_facts(ea.correct, eb.key_facts) and not states_key_facts(eb.correct, ea.key_facts)
+        assert not reflects_context(ea.correct, eb.context_terms)
         kinds[ex.scene.kind] += 1
         assert ex.focus in (a, b)
     assert set(kinds) == set(msd.SCENE_KINDS)
@@ -170,11 +168,11 @@ def test_grounding_measures_separate_the_kinds():
     for seed in range(150):
         ex = msd.make_example(seed)
         t = ex.texts
-        assert _states_facts(t["correct"], ex.key_facts) and _reflects_context(t["correct"], ex.context_terms)
+        assert states_key_facts(t["correct"], ex.key_facts) and reflects_context(t["correct"], ex.context_terms)
         for kind in ("generic", "wrong_detail", "context_blind"):
-            assert not _states_facts(t[kind], ex.key_facts), (kind, t[kind], ex.key_facts)
-        assert not _reflects_context(t["context_blind"], ex.context_terms)
-        assert _states_facts(t["verbose"], ex.key_facts)  # long but not wrong
+            assert not states_key_facts(t[kind], ex.key_facts), (kind, t[kind], ex.key_facts)
+        assert not reflects_context(t["context_blind"], ex.context_terms)
+        assert states_key_facts(t["verbose"], ex.key_facts)  # long but not wrong
         assert len(set(t.values())) == len(t)
 
 
@@ -190,8 +188,8 @@ def test_sft_targets_are_noisy_in_the_intended_share(corpus):
     for kind in ("generic", "wrong_detail", "context_blind", "verbose"):
         assert 0.10 <= share[kind] / len(kinds) <= 0.22, kind
     # measured on the texts themselves: targets that state the key facts AND reflect the context
-    good = sum(_states_facts(r["conversations"][1]["value"], ex.key_facts)
-               and _reflects_context(r["conversations"][1]["value"], ex.context_terms)
+    good = sum(states_key_facts(r["conversations"][1]["value"], ex.key_facts)
+               and reflects_context(r["conversations"][1]["value"], ex.context_terms)
                and len(r["conversations"][1]["value"].split()) <= 14
                for r, ex in zip(sft, examples))
     assert 0.30 <= good / len(sft) <= 0.45

@@ -140,9 +140,9 @@ def test_tree_positions_and_mask(tiny_llava_dir, preference_file):
         assert row == (0 if "_mw_" in CONDITIONS[c] else 1)
         mask, pos, ids = packed["attention_mask"][row, 0], packed["position_ids"][row], packed["input_ids"][row]
         visible = mask[last_pos].nonzero().flatten()
-        row = naive["input_ids"][c][naive["attention_mask"][c]]
+        full_sequence = naive["input_ids"][c][naive["attention_mask"][c]]
         n_idx = naive["logp_index"][0, c][naive["logp_mask"][0, c]] - c * width
-        assert torch.equal(ids[visible], row[: int(n_idx[-1]) + 1])
+        assert torch.equal(ids[visible], full_sequence[: int(n_idx[-1]) + 1])
         assert torch.equal(pos[visible], torch.arange(len(visible)))
 
 

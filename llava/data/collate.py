@@ -31,6 +31,7 @@ halve the attention cost (quadratic in the row) of one row holding both.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -150,13 +151,11 @@ class PreferenceCollator:
             # Depth first over image, context, response (winners first): parents precede children.
             keys = sorted({(m, c, y) for c, m, y in map(condition_factors, self.conditions)},
                           key=lambda k: [_WINNER_FIRST[x] for x in k])
-            for image in dict.fromkeys(m for m, _, _ in keys):  # one row per distinct image
+            for image, under_this_image in itertools.groupby(keys, key=lambda k: k[0]):  # one row per image
                 row = _Row()
                 under_image = row.add_image(e.image(image), self.image_token_id, row.add(e.prefix, None))
                 questions = {}
-                for m, c, y in keys:
-                    if m != image:
-                        continue
+                for m, c, y in under_this_image:
                     if c not in questions:
                         questions[c] = row.add(e.question(c), under_image)
                     response = row.add(e.response(y), questions[c])
