@@ -57,12 +57,14 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from llava.model.tiny import TinySize, build  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,30 +93,13 @@ IMAGE_WH = (400, 300)
 INSTRUCTION = "Given an image and context, generate alt-text for the image.\nContext:\n"
 
 
-@dataclass(frozen=True)
-class Preset:
-    text_hidden: int
-    text_intermediate: int
-    text_layers: int
-    text_heads: int
-    vocab_size: int
-    vision_hidden: int
-    vision_intermediate: int
-    vision_layers: int
-    vision_heads: int
-    image_size: int = 336
-    patch_size: int = 14
-
-    @property
-    def image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2  # "default" strategy drops CLS
-
-
 PRESETS = {
     # The CPU benchmark model.
-    "cpu": Preset(256, 688, 4, 4, 32000, 128, 512, 2, 4),
+    "cpu": TinySize(image_size=336, vision_hidden=128, vision_layers=2, vision_heads=4, text_hidden=256,
+                    text_layers=4, text_heads=4, text_intermediate=688, vocab_size=32000),
     # About 1.1B parameters: a 0.95B Llama text model and a 0.15B CLIP-L-width tower (12 layers).
-    "gpu1b": Preset(2048, 5632, 16, 16, 32000, 1024, 4096, 12, 16),
+    "gpu1b": TinySize(image_size=336, vision_hidden=1024, vision_layers=12, vision_heads=16, text_hidden=2048,
+                      text_layers=16, text_heads=16, text_intermediate=5632, vocab_size=32000),
 }
 
 
@@ -122,63 +107,19 @@ PRESETS = {
 # Model, processor, data
 
 
-def llava_config(p: Preset, bos: int, eos: int, pad: int, image_token_id: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+def write_checkpoint(out: Path, p: TinySize, seed: int, device: str, dtype) -> dict:
+    """A seeded random-weight LLaVA-1.5 with its processor (``llava.model.tiny.build``), saved to ``out``.
 
-    vision = CLIPVisionConfig(
-        hidden_size=p.vision_hidden, intermediate_size=p.vision_intermediate, num_hidden_layers=p.vision_layers,
-        num_attention_heads=p.vision_heads, image_size=p.image_size, patch_size=p.patch_size,
-        projection_dim=p.vision_hidden,
-    )
-    text = LlamaConfig(
-        vocab_size=p.vocab_size, hidden_size=p.text_hidden, intermediate_size=p.text_intermediate,
-        num_hidden_layers=p.text_layers, num_attention_heads=p.text_heads, num_key_value_heads=p.text_heads,
-        max_position_embeddings=4096, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False,
-    )
-    # projector_hidden_act="gelu": the native projector is LLaVA-1.5's mlp2x_gelu
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id, projector_hidden_act="gelu",
-                       vision_feature_select_strategy="default", vision_feature_layer=-2, tie_word_embeddings=False)
-
-
-def build_processor(p: Preset):
-    """LLaVA processor: CLIP image processor at ``p.image_size`` and the project's tokenizer, trained locally."""
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
-
-    from llava.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    from llava.conversation import VICUNA_V1_CHAT_TEMPLATE
-    from llava.model.tiny import build_tokenizer
-
-    # The shipped corpus supports only ~3k BPE tokens; asking for 32000 gives all it can learn,
-    # and the model's vocabulary (config vocab_size) is padded to p.vocab_size with unused rows.
-    tok = build_tokenizer(p.vocab_size)
-    image = CLIPImageProcessorPil(size={"shortest_edge": p.image_size},
-                                  crop_size={"height": p.image_size, "width": p.image_size},
-                                  image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))
-    return LlavaProcessor(image, tok, patch_size=p.patch_size, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, chat_template=VICUNA_V1_CHAT_TEMPLATE)
-
-
-def write_checkpoint(out: Path, p: Preset, seed: int, device: str, dtype) -> dict:
-    """A seeded random-weight LLaVA with its processor, saved to ``out``; returns tokenizer facts."""
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
-    from llava.constants import DEFAULT_IMAGE_TOKEN
-
-    processor = build_processor(p)
-    tok = processor.tokenizer
-    config = llava_config(p, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
-                          tok.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN))
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config)
+    The shipped tokenizer corpus supports only ~3k BPE tokens; the model's vocabulary is padded to
+    ``p.vocab_size`` (32000, Llama's) with unused rows, so the head costs what a real one does.
+    """
+    model, processor = build("llava", seed, p, device=device)
     model.to(dtype)
-    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        setattr(model.generation_config, key, getattr(tok, key))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
-    facts = {"tokenizer_vocab": len(tok), "config_vocab_size": p.vocab_size, "params": param_counts(model)}
+    facts = {"tokenizer_vocab": len(processor.tokenizer), "config_vocab_size": model.config.text_config.vocab_size,
+             "params": param_counts(model)}
     del model
     gc.collect()
     return facts
@@ -829,13 +770,8 @@ def _quiet() -> None:
 
 
 def dry_run(a) -> dict:
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
     p = PRESETS[a.preset]
-    config = llava_config(p, 1, 2, 3, 4)  # placeholder special ids: the sizes do not depend on them
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
+    model, _ = build("llava", a.seed, p, device="meta")
     params = param_counts(model)
     bytes_per = 2 if a.dtype == "bf16" else 4
     trainable = params["language"] + params["embeddings"] + params["projector"]

@@ -11,6 +11,7 @@ model of every test and of the demo: nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,7 +34,12 @@ class TinySize:
     text_layers: int
     text_heads: int
     text_intermediate: int
-    vocab_size: int
+    vocab_size: int  # asked of the tokenizer trainer; the model's vocabulary is at least this
+    patch_size: int = 14
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2  # the "default" feature strategy drops CLS
 
 
 SIZES = {
@@ -42,7 +48,6 @@ SIZES = {
     # The demo: big enough to learn the sample corpus on 2 CPU cores in minutes.
     "small": TinySize(112, 64, 2, 4, 192, 4, 4, 512, 2000),
 }
-PATCH_SIZE = 14
 
 
 def tokenizer_corpus() -> Path:
@@ -78,8 +83,12 @@ def build_tokenizer(vocab_size: int = 2000):
     return tok
 
 
-def build(arch: str = "llava", seed: int = 0, size: str = "tiny"):
-    """Return ``(model, processor)`` of a tiny LLaVA-1.5 or LLaVA-NeXT with seeded random weights."""
+def build(arch: str = "llava", seed: int = 0, size: str | TinySize = "tiny", device: str | torch.device | None = None):
+    """Return ``(model, processor)`` of a tiny LLaVA-1.5 or LLaVA-NeXT with seeded random weights.
+
+    ``size`` names one of ``SIZES`` or gives its own ``TinySize`` (the step benchmark's larger
+    models); ``device`` is where the weights are created (``"meta"``: sizes only, nothing allocated).
+    """
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,
@@ -95,14 +104,16 @@ def build(arch: str = "llava", seed: int = 0, size: str = "tiny"):
 
     if arch not in ("llava", "llava_next"):
         raise ValueError(f"--arch must be llava or llava_next, got {arch!r}")
-    s = SIZES[size]
+    s = SIZES[size] if isinstance(size, str) else size
     tok = build_tokenizer(s.vocab_size)
     vision = CLIPVisionConfig(
         hidden_size=s.vision_hidden, intermediate_size=4 * s.vision_hidden, num_hidden_layers=s.vision_layers,
-        num_attention_heads=s.vision_heads, image_size=s.image_size, patch_size=PATCH_SIZE, projection_dim=s.vision_hidden,
+        num_attention_heads=s.vision_heads, image_size=s.image_size, patch_size=s.patch_size, projection_dim=s.vision_hidden,
     )
     text = LlamaConfig(
-        vocab_size=len(tok), hidden_size=s.text_hidden, intermediate_size=s.text_intermediate,
+        # a tokenizer trained on the small shipped corpus may learn fewer tokens than asked for:
+        # the embedding is then padded with unused rows up to the size asked
+        vocab_size=max(len(tok), s.vocab_size), hidden_size=s.text_hidden, intermediate_size=s.text_intermediate,
         num_hidden_layers=s.text_layers, num_attention_heads=s.text_heads, num_key_value_heads=s.text_heads,
         max_position_embeddings=4096, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
@@ -117,19 +128,20 @@ def build(arch: str = "llava", seed: int = 0, size: str = "tiny"):
         image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
     )
     processor_kwargs = dict(
-        patch_size=PATCH_SIZE, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        patch_size=s.patch_size, vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=VICUNA_V1_CHAT_TEMPLATE,
     )
     torch.manual_seed(seed)
-    if arch == "llava":
-        model = LlavaForConditionalGeneration(LlavaConfig(**common))
-        processor = LlavaProcessor(CLIPImageProcessorPil(**image_kwargs), tok, **processor_kwargs)
-    else:
-        n = s.image_size
-        pinpoints = [[n, 2 * n], [2 * n, n], [2 * n, 2 * n], [3 * n, n], [n, 3 * n]]
-        model = LlavaNextForConditionalGeneration(LlavaNextConfig(image_grid_pinpoints=pinpoints, **common))
-        image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=pinpoints, **image_kwargs)
-        processor = LlavaNextProcessor(image_processor, tok, **processor_kwargs)
+    with torch.device(device) if device else contextlib.nullcontext():  # weights are made where they will live
+        if arch == "llava":
+            model = LlavaForConditionalGeneration(LlavaConfig(**common))
+            processor = LlavaProcessor(CLIPImageProcessorPil(**image_kwargs), tok, **processor_kwargs)
+        else:
+            n = s.image_size
+            pinpoints = [[n, 2 * n], [2 * n, n], [2 * n, 2 * n], [3 * n, n], [n, 3 * n]]
+            model = LlavaNextForConditionalGeneration(LlavaNextConfig(image_grid_pinpoints=pinpoints, **common))
+            image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=pinpoints, **image_kwargs)
+            processor = LlavaNextProcessor(image_processor, tok, **processor_kwargs)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
