@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from llava.constants import CONDITIONS, DEFAULT_IMAGE_TOKEN
-from llava.conversation import encode_answer, encode_prompt, get_template, image_question
+from llava.constants import CONDITIONS, DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+from llava.conversation import encode_conversation, get_template, image_question
 from llava.data import negatives
 from llava.data.datasets import PreferenceDataset, SFTDataset
 from llava.data.images import ImageProcessor, expand_to_square, open_image
@@ -29,25 +29,28 @@ def dataset(processor, path, image_type="diffusion", seed=7, aspect="pad", max_l
                              path.parent, max_length, conditions, image_type=image_type, seed=seed, **kw)
 
 
-def split_prompt(tok, question):
-    ids = encode_prompt(tok, get_template("v1"), image_question(question))
-    k = ids.index(tok.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN))
-    return ids[:k], ids[k + 1:]
+def llava_sequence(tok, question, answer):
+    """The whole condition as LLaVA's preprocess encodes it: ids and labels."""
+    return encode_conversation(tok, get_template("v1"), [(image_question(question), answer)])
 
 
 def test_a_record_yields_what_the_eight_conditions_need(processor, preference_file):
     ds = dataset(processor, preference_file)
     tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
     records = ds.records
     for i in range(len(ds)):
         e = ds[i]
         r = records[i]
-        prefix, question = split_prompt(tok, r.question)
-        assert e.prefix == prefix and e.question_w == question
         j = negatives.swapped_context_index(i, len(ds), 7)
-        assert j != i and e.question_l == split_prompt(tok, records[j].question)[1]
-        assert e.response_w == encode_answer(tok, get_template("v1"), r.chosen)
-        assert e.response_l == encode_answer(tok, get_template("v1"), r.rejected)
+        assert j != i
+        # every (context, response) branch, put back together, is LLaVA's sequence with only the response trained
+        for question, q_ids in ((r.question, e.question_w), (records[j].question, e.question_l)):
+            for answer, y_ids in ((r.chosen, e.response_w), (r.rejected, e.response_l)):
+                ids, labels = llava_sequence(tok, question, answer)
+                assert e.prefix + [image_id] + q_ids + y_ids == ids
+                assert labels == [IGNORE_INDEX] * (len(ids) - len(y_ids)) + y_ids
+        assert e.response_w[-1] == e.response_l[-1] == tok.eos_token_id
         truth = ImageProcessor(processor, "pad")(open_image(r, preference_file.parent))
         assert torch.equal(e.image_w.pixel_values, truth.pixel_values)
         assert e.image_l.pixel_values.shape == truth.pixel_values.shape and not torch.equal(e.image_l.pixel_values, truth.pixel_values)
