@@ -107,12 +107,17 @@ def test_black_crop_rotate_random(processor, tmp_path):
     assert torch.equal(dataset(processor, path, "crop")[0].image_l.pixel_values, ip(crop).pixel_values)
     angle = random.Random(negatives.record_seed(7, 0, "image")).uniform(10, 80)
     assert 10 <= angle <= 80
-    rotated = ip(image.rotate(angle, resample=Image.BILINEAR, fillcolor=ip.fill)).pixel_values
-    assert torch.equal(dataset(processor, path, "rotate")[0].image_l.pixel_values, rotated)
-    other = negatives.other_index(0, 4, 7, "image")
+    # torchvision's RandomRotation defaults, as released: nearest-neighbour (no new colours), black corners
+    rotated = negatives.random_rotation(image, random.Random(negatives.record_seed(7, 0, "image")))
+    assert rotated.size == image.size and rotated.getpixel((0, 0)) == (0, 0, 0)
+    assert {c for _, c in rotated.getcolors()} == {(0, 0, 0), image.getpixel((200, 250))}
+    assert torch.equal(dataset(processor, path, "rotate")[0].image_l.pixel_values, ip(rotated).pixel_values)
+    # `random`: the image of the record whose question is the swapped context (one other record, as released)
     records = read_records(path, "preference")
-    assert other != 0
-    assert torch.equal(dataset(processor, path, "random")[0].image_l.pixel_values, ip(open_image(records[other], big)).pixel_values)
+    ds = dataset(processor, path, "random")
+    other = negatives.swapped_context_index(0, 4, 7)
+    assert other != 0 and ds[0].question_l == ds._question_and_responses(records[0], records[other].question, 10**6)[0]
+    assert torch.equal(ds[0].image_l.pixel_values, ip(open_image(records[other], big)).pixel_values)
 
 
 def test_other_index_is_uniform_over_the_others():
@@ -125,6 +130,8 @@ def test_other_index_is_uniform_over_the_others():
 
 def test_pad_is_a_square_in_the_mean_colour(processor):
     ip = ImageProcessor(processor, "pad")
+    assert ip.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))  # CLIP's
+    assert ip.fill == (122, 116, 104)  # LLaVA's tuple(int(x * 255) for x in image_mean), truncated
     square = expand_to_square(Image.new("RGB", (40, 10), (255, 0, 0)), ip.fill)
     assert square.size == (40, 40) and square.getpixel((0, 0)) == ip.fill and square.getpixel((20, 20)) == (255, 0, 0)
     pixels = ip(Image.new("RGB", (40, 10), (255, 0, 0))).pixel_values
