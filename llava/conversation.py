@@ -171,6 +171,18 @@ def is_legacy(tokenizer) -> bool:
     return after.startswith("\u2581")
 
 
+def keep_legacy_on_save(tokenizer) -> None:
+    """Make ``save_pretrained`` write the tokenizer's ``legacy`` setting.
+
+    transformers 5 saves a Llama tokenizer with ``"legacy": null`` and rebuilds it on load as
+    non-legacy, whatever its ``tokenizer.json`` says: a legacy Vicuna tokenizer would change its
+    tokens after the first checkpoint. Recording the value keeps it across saves.
+    """
+    legacy = getattr(tokenizer, "legacy", None)
+    if legacy is not None:
+        tokenizer.init_kwargs["legacy"] = bool(legacy)
+
+
 def mask_labels(tokenizer, template: Template, text: str, ids: list[int], image_token_id: int) -> list[int] | None:
     """Labels of ``ids`` (the tokens of ``text``) masked as LLaVA's ``preprocess_*`` masks them.
 
