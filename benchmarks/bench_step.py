@@ -255,8 +255,8 @@ class Data:
             image = expand_to_square(open_image(r, str(self.folder)), self.images.fill)
             prompt = tok.bos_token + "\u2581" + self.template.human_text(image_question(r.question), True)
             out.append({"images": [image], "prompt": prompt,
-                        "chosen": self.template.answer_text(r.chosen) + tok.eos_token,
-                        "rejected": self.template.answer_text(r.rejected) + tok.eos_token})
+                        "chosen": self.template.answer_text(r.chosen),  # ends with </s>
+                        "rejected": self.template.answer_text(r.rejected)})
         return out
 
 

@@ -2,12 +2,10 @@
 
     from llava.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
 
-* ``tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")``: the prompt's
-  token ids with each ``<image>`` replaced by ``IMAGE_TOKEN_INDEX`` (-200) and the BOS token once, at the
-  start. The ids are those the rest of this package trains and infers with (the whole prompt
-  tokenized at once, ``<image>`` being a token of the tokenizer), which for a Llama tokenizer differ
-  from LLaVA's piecewise tokenization by the stray ``"▁"`` LLaVA puts after the image. A tokenizer
-  without an ``<image>`` token is tokenized piecewise, as LLaVA does.
+* ``tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")``: LLaVA's
+  piecewise tokenization (``llava.conversation.tokenize_with_images``), each ``<image>`` replaced by
+  ``IMAGE_TOKEN_INDEX`` (-200) and the BOS token once, at the start: the ids this package trains and
+  infers with, the image id aside.
 * ``process_images(images, image_processor, model.config)``: ``[N, 3, S, S]`` for ``pad`` (square in the
   processor's mean colour, then resize) and ``square`` (resize and centre crop), through
   ``llava.data.images.ImageProcessor`` exactly as training preprocesses; ``[N, P, 3, S, S]`` (LLaVA-NeXT
@@ -25,7 +23,8 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria
 
-from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.conversation import tokenize_with_images
 from llava.data.images import ImageProcessor, expand_to_square
 
 __all__ = ["tokenizer_image_token", "process_images", "get_model_name_from_path", "expand2square",
@@ -42,30 +41,12 @@ def get_model_name_from_path(model_path: str) -> str:
 
 def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE_TOKEN_INDEX, return_tensors=None):
     """Ids of ``prompt`` with one ``image_token_index`` per ``<image>`` and BOS once at the start."""
-    image_id = tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
-    if image_id is not None and image_id != tokenizer.unk_token_id:
-        ids = [image_token_index if t == image_id else t for t in tokenizer(prompt).input_ids]
-    else:
-        ids = _piecewise(prompt, tokenizer, image_token_index)
+    ids = tokenize_with_images(tokenizer, prompt, image_token_index)
     if return_tensors is None:
         return ids
     if return_tensors == "pt":
         return torch.tensor(ids, dtype=torch.long)
     raise ValueError(f"Unsupported tensor type: {return_tensors}")
-
-
-def _piecewise(prompt: str, tokenizer, image_token_index: int) -> list[int]:
-    """LLaVA's own way: tokenize the text between images separately, keep only the first BOS."""
-    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
-    bos = tokenizer.bos_token_id
-    ids = []
-    for i, chunk in enumerate(chunks):
-        if chunk and bos is not None and chunk[0] == bos and (i > 0 or ids):
-            chunk = chunk[1:]
-        if i > 0:
-            ids.append(image_token_index)
-        ids.extend(chunk)
-    return ids
 
 
 def expand2square(pil_img: Image.Image, background_color) -> Image.Image:

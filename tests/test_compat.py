@@ -16,8 +16,9 @@ from llava.mm_utils import get_model_name_from_path, process_images, tokenizer_i
 from llava.model.forward import embed
 
 QUESTION = "Given an image and context, generate alt-text for the image.Context:\nOur new logo!"
-VICUNA_V1 = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-             "detailed, and polite answers to the human's questions. USER: <image>\n{question} ASSISTANT:")
+# LLaVA's conv_vicuna_v1 ("v1"), the wording of training.
+VICUNA_V1 = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+             "detailed, and polite answers to the user's questions. USER: <image>\n{question} ASSISTANT:")
 
 pytestmark = pytest.mark.filterwarnings("ignore:load_pretrained_model. CUDA is not available")
 

@@ -3,12 +3,14 @@
 import pytest
 
 from llava.constants import IGNORE_INDEX
-from llava.conversation import (LabelMaskError, conv_templates, encode_answer, encode_conversation, encode_prompt,
-                                get_template, image_question)
+from llava.conversation import (LabelMaskError, conv_templates, encode_conversation, encode_prompt, get_template,
+                                image_question)
 from llava.model.tiny import build_tokenizer
 
-VICUNA = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-          "detailed, and polite answers to the human's questions.")
+# LLaVA's conv_vicuna_v1 (training, --version v1) says "user"; conv_llava_v1 (released inference) says "human".
+VICUNA = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the user's questions.")
+LLAVA_V1 = VICUNA.replace("user", "human")
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +48,27 @@ def test_multi_turn_trains_on_every_answer(tok):
     assert tok.decode(ids, skip_special_tokens=False).count("USER:") == 2
 
 
-def test_vicuna_v1_text_is_methods(tok):
-    template = get_template("v1")
-    text = template.human_text(image_question("Describe."), first=True) + template.answer_text("A cat.") + "</s>"
-    assert text == f"{VICUNA} USER: <image>\nDescribe. ASSISTANT: A cat.</s>"
-    conv = conv_templates["v1"].copy()
+@pytest.mark.parametrize("name, system", [("v1", VICUNA), ("vicuna_v1", VICUNA), ("llava_v1", LLAVA_V1)])
+def test_vicuna_style_text_is_llavas(tok, name, system):
+    template = get_template(name)
+    text = template.render([(image_question("Describe."), "A cat."), ("More?", "No.")])
+    assert text == f"{system} USER: <image>\nDescribe. ASSISTANT: A cat.</s>USER: More? ASSISTANT: No.</s>"
+    conv = conv_templates[name].copy()
     conv.append_message(conv.roles[0], "<image>\nDescribe.")
     conv.append_message(conv.roles[1], None)
-    assert conv.get_prompt() == f"{VICUNA} USER: <image>\nDescribe. ASSISTANT:"
+    assert conv.get_prompt() == f"{system} USER: <image>\nDescribe. ASSISTANT:"
+    assert (conv.sep, conv.sep2, conv.version) == (" ", "</s>", "v1")
 
 
-@pytest.mark.parametrize("name", ["v1", "plain", "llava_llama_2", "mistral_instruct", "vicuna_v1", "llama_2"])
+def test_plain_and_llama_2_text_is_llavas():
+    assert get_template("plain").render([("<image>\nignored", "A cat.")]) == "<image>A cat.\n"
+    text = get_template("llava_llama_2").render([("<image>\nQ?", "A."), ("R?", "B.")])
+    system = get_template("llava_llama_2").system
+    assert text == f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n<image>\nQ? [/INST] A. </s><s>[INST] R? [/INST] B. </s>"
+    assert get_template("mistral_instruct").render([("Q?", "A."), ("R?", None)]) == "[INST] Q? [/INST] A. </s>[INST] R? [/INST]"
+
+
+@pytest.mark.parametrize("name", ["v1", "plain", "llava_llama_2", "mistral_instruct", "vicuna_v1", "llava_v1"])
 def test_every_template_masks_all_but_the_answer(tok, name):
     template = get_template(name)
     ids, labels = encode_conversation(tok, template, [(image_question("Q?"), "The answer.")])
@@ -69,11 +81,14 @@ def test_an_empty_answer_is_an_error_naming_the_record(tok):
         encode_conversation(tok, get_template("v1"), [(image_question("Q?"), "  ")], record="data.json, record 4")
 
 
-def test_unknown_template():
-    with pytest.raises(ValueError, match="unknown conversation template 'v9'"):
-        get_template("v9")
+@pytest.mark.parametrize("name", ["v9", "llama_2"])  # LLaVA's llama_2 (another system prompt) is not offered
+def test_unknown_template(name):
+    with pytest.raises(ValueError, match=f"unknown conversation template '{name}'"):
+        get_template(name)
 
 
-def test_answer_ids_end_with_eos(tok):
-    assert encode_answer(tok, get_template("v1"), "Hi.")[-1] == tok.eos_token_id
-    assert tok.eos_token_id not in encode_answer(tok, get_template("plain"), "Hi.")
+def test_plain_trains_on_the_caption_and_newline_without_eos(tok):
+    ids, labels = encode_conversation(tok, get_template("plain"), [(image_question("Q?"), "Hi.")])
+    kept = unmasked(ids, labels)
+    assert tok.eos_token_id not in kept and tok.decode(kept) == "Hi.\n"
+    assert labels[:2] == [IGNORE_INDEX, IGNORE_INDEX] and ids[0] == tok.bos_token_id  # BOS and the image

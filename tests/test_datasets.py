@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from llava.constants import CONDITIONS, DEFAULT_IMAGE_TOKEN
-from llava.conversation import encode_answer, encode_prompt, get_template, image_question
+from llava.constants import CONDITIONS, DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+from llava.conversation import encode_conversation, get_template, image_question
 from llava.data import negatives
 from llava.data.datasets import PreferenceDataset, SFTDataset
 from llava.data.images import ImageProcessor, expand_to_square, open_image
@@ -29,25 +29,28 @@ def dataset(processor, path, image_type="diffusion", seed=7, aspect="pad", max_l
                              path.parent, max_length, conditions, image_type=image_type, seed=seed, **kw)
 
 
-def split_prompt(tok, question):
-    ids = encode_prompt(tok, get_template("v1"), image_question(question))
-    k = ids.index(tok.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN))
-    return ids[:k], ids[k + 1:]
+def llava_sequence(tok, question, answer):
+    """The whole condition as LLaVA's preprocess encodes it: ids and labels."""
+    return encode_conversation(tok, get_template("v1"), [(image_question(question), answer)])
 
 
 def test_a_record_yields_what_the_eight_conditions_need(processor, preference_file):
     ds = dataset(processor, preference_file)
     tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
     records = ds.records
     for i in range(len(ds)):
         e = ds[i]
         r = records[i]
-        prefix, question = split_prompt(tok, r.question)
-        assert e.prefix == prefix and e.question_w == question
         j = negatives.swapped_context_index(i, len(ds), 7)
-        assert j != i and e.question_l == split_prompt(tok, records[j].question)[1]
-        assert e.response_w == encode_answer(tok, get_template("v1"), r.chosen)
-        assert e.response_l == encode_answer(tok, get_template("v1"), r.rejected)
+        assert j != i
+        # every (context, response) branch, put back together, is LLaVA's sequence with only the response trained
+        for question, q_ids in ((r.question, e.question_w), (records[j].question, e.question_l)):
+            for answer, y_ids in ((r.chosen, e.response_w), (r.rejected, e.response_l)):
+                ids, labels = llava_sequence(tok, question, answer)
+                assert e.prefix + [image_id] + q_ids + y_ids == ids
+                assert labels == [IGNORE_INDEX] * (len(ids) - len(y_ids)) + y_ids
+        assert e.response_w[-1] == e.response_l[-1] == tok.eos_token_id
         truth = ImageProcessor(processor, "pad")(open_image(r, preference_file.parent))
         assert torch.equal(e.image_w.pixel_values, truth.pixel_values)
         assert e.image_l.pixel_values.shape == truth.pixel_values.shape and not torch.equal(e.image_l.pixel_values, truth.pixel_values)
@@ -104,12 +107,17 @@ def test_black_crop_rotate_random(processor, tmp_path):
     assert torch.equal(dataset(processor, path, "crop")[0].image_l.pixel_values, ip(crop).pixel_values)
     angle = random.Random(negatives.record_seed(7, 0, "image")).uniform(10, 80)
     assert 10 <= angle <= 80
-    rotated = ip(image.rotate(angle, resample=Image.BILINEAR, fillcolor=ip.fill)).pixel_values
-    assert torch.equal(dataset(processor, path, "rotate")[0].image_l.pixel_values, rotated)
-    other = negatives.other_index(0, 4, 7, "image")
+    # torchvision's RandomRotation defaults, as released: nearest-neighbour (no new colours), black corners
+    rotated = negatives.random_rotation(image, random.Random(negatives.record_seed(7, 0, "image")))
+    assert rotated.size == image.size and rotated.getpixel((0, 0)) == (0, 0, 0)
+    assert {c for _, c in rotated.getcolors()} == {(0, 0, 0), image.getpixel((200, 250))}
+    assert torch.equal(dataset(processor, path, "rotate")[0].image_l.pixel_values, ip(rotated).pixel_values)
+    # `random`: the image of the record whose question is the swapped context (one other record, as released)
     records = read_records(path, "preference")
-    assert other != 0
-    assert torch.equal(dataset(processor, path, "random")[0].image_l.pixel_values, ip(open_image(records[other], big)).pixel_values)
+    ds = dataset(processor, path, "random")
+    other = negatives.swapped_context_index(0, 4, 7)
+    assert other != 0 and ds[0].question_l == ds._question_and_responses(records[0], records[other].question, 10**6)[0]
+    assert torch.equal(ds[0].image_l.pixel_values, ip(open_image(records[other], big)).pixel_values)
 
 
 def test_other_index_is_uniform_over_the_others():
@@ -122,6 +130,8 @@ def test_other_index_is_uniform_over_the_others():
 
 def test_pad_is_a_square_in_the_mean_colour(processor):
     ip = ImageProcessor(processor, "pad")
+    assert ip.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))  # CLIP's
+    assert ip.fill == (122, 116, 104)  # LLaVA's tuple(int(x * 255) for x in image_mean), truncated
     square = expand_to_square(Image.new("RGB", (40, 10), (255, 0, 0)), ip.fill)
     assert square.size == (40, 40) and square.getpixel((0, 0)) == ip.fill and square.getpixel((20, 20)) == (255, 0, 0)
     pixels = ip(Image.new("RGB", (40, 10), (255, 0, 0))).pixel_values

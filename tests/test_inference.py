@@ -70,7 +70,7 @@ def test_left_pad_positions():
 
 
 def test_prompt_ids_are_training_ids(tiny_llava_dir):
-    """The prompt is the training sequence up to the answer, image tokens expanded alike."""
+    """Without the released trailing newline, the prompt is the training sequence up to the answer."""
     from transformers import AutoProcessor
 
     from llava.conversation import encode_conversation, get_template, image_question
@@ -83,7 +83,7 @@ def test_prompt_ids_are_training_ids(tiny_llava_dir):
     tok, template = processor.tokenizer, get_template("v1")
     image = ImageProcessor(processor, "pad")(Image.open(IMAGES / "img3.png").convert("RGB"))
     question = "Given an image and context, generate alt-text for the image.\nContext:\nA red bicycle."
-    prompt = build_prompt(tok, template, question, image)
+    prompt = build_prompt(tok, template, question, image, trailing_newline=False)
     ids, labels = encode_conversation(tok, template, [(image_question(question), "An answer.")])
     image_id = tok.convert_tokens_to_ids("<image>")
     batch = SFTCollator(tok.pad_token_id, image_id)([SFTExample(0, ids, labels, image)])
@@ -91,6 +91,9 @@ def test_prompt_ids_are_training_ids(tiny_llava_dir):
     assert train_ids[: len(prompt.input_ids)] == prompt.input_ids
     assert prompt.input_ids.count(image_id) == image.num_tokens
     assert tok.decode(prompt.input_ids[-8:]).strip().endswith("ASSISTANT:")
+    # the released inference's prompt: the question then "\n" before the assistant tag
+    released = build_prompt(tok, template, question, image)
+    assert tok.decode([t for t in released.input_ids if t != image_id]).endswith("A red bicycle.\n ASSISTANT:")
 
 
 def test_match_lines_identity():

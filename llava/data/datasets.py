@@ -17,19 +17,23 @@ from typing import Callable, Sequence
 
 import torch
 
-from llava.constants import DEFAULT_IMAGE_TOKEN
-from llava.conversation import Template, encode_answer, encode_conversation, encode_prompt, image_question
+from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+from llava.conversation import Template, encode_conversation, image_question
 from llava.data import negatives
 from llava.data.images import ImageProcessor, ProcessedImage, open_image
 from llava.data.records import DataError, DataProblem, Record
 
 
-def _split_at_image(ids: list[int], image_token_id: int, record: Record) -> tuple[list[int], list[int]]:
+def split_condition(ids: list[int], labels: list[int], image_token_id: int, record: Record) -> tuple[list[int], list[int], list[int]]:
+    """``(prefix, question, response)`` of one condition's LLaVA sequence: before the image, after it up to
+    the first trained token, and the trained tail (the answer and its ``</s>``)."""
     positions = [i for i, t in enumerate(ids) if t == image_token_id]
     if len(positions) != 1:
         raise record.error("question", f"expected one {DEFAULT_IMAGE_TOKEN} in the prompt, found {len(positions)}")
-    k = positions[0]
-    return ids[:k], ids[k + 1:]
+    image, start = positions[0], next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    if start <= image or any(label == IGNORE_INDEX for label in labels[start:]):
+        raise record.error("question", "the trained tokens are not one run after the image")
+    return ids[:image], ids[image + 1:start], ids[start:]
 
 
 def shorten_to_fit(fits: Callable[[str], bool], text: str, record: Record, field: str) -> str:
@@ -167,23 +171,34 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def modality_lengths(self) -> list[int]:
         return [len(r.question.split()) + len(r.chosen.split()) + len(r.rejected.split()) + 128 for r in self.records]
 
-    def _prompt_parts(self, question: str, record: Record) -> tuple[list[int], list[int]]:
-        ids = encode_prompt(self.tokenizer, self.template, image_question(question))
-        return _split_at_image(ids, self.image_token_id, record)
+    def _segments(self, record: Record, question: str, answer: str) -> tuple[list[int], list[int], list[int]]:
+        """``(prefix, question, response)`` ids of the condition (question, answer), as LLaVA tokenizes it."""
+        where = f"{record.source}, record {record.number}"
+        ids, labels = encode_conversation(self.tokenizer, self.template, [(image_question(question), answer)],
+                                          record=where, image_token_id=self.image_token_id)
+        return split_condition(ids, labels, self.image_token_id, record)
 
-    def _question_ids(self, record: Record, budget: int) -> list[int]:
-        """Question ids after the image, the context shortened to fit ``budget`` tokens if needed."""
-        encode = lambda text: self._prompt_parts(text, record)[1]  # noqa: E731
-        question = record.question.replace(DEFAULT_IMAGE_TOKEN, "").strip()
-        return encode(shorten_to_fit(lambda q: len(encode(q)) <= budget, question, record, "question"))
+    def _question_and_responses(self, r: Record, question: str, budget: int) -> tuple[list[int], list[int], list[int]]:
+        """Question ids (shortened to ``budget`` tokens if needed) and the two responses under it.
+
+        Packing writes the question once for both responses, so its ids must not depend on the
+        answer that follows; with a tokenizer that merges across the boundary, that is an error.
+        """
+        question = question.replace(DEFAULT_IMAGE_TOKEN, "").strip()
+        question = shorten_to_fit(lambda q: len(self._segments(r, q, r.chosen)[1]) <= budget, question, r, "question")
+        _, question_w, response_w = self._segments(r, question, r.chosen)
+        _, question_l, response_l = self._segments(r, question, r.rejected)
+        if question_w != question_l:
+            raise r.error("question", "the tokenizer joins the question and the answer into one token: the "
+                                      "conditions cannot share the question")
+        return question_w, response_w, response_l
 
     def __getitem__(self, i: int) -> PreferenceExample:
         r = self.records[i]
         image = open_image(r, self.image_folder)
         image_w = self.images(image)
-        prefix, _ = self._prompt_parts(r.question, r)
-        response_w = encode_answer(self.tokenizer, self.template, r.chosen)
-        response_l = encode_answer(self.tokenizer, self.template, r.rejected)
+        prefix, _, response_w = self._segments(r, r.question, r.chosen)
+        _, _, response_l = self._segments(r, r.question, r.rejected)
         image_l = None
         if self.needs_image_l:
             image_l = negatives.corrupted_image(
@@ -192,9 +207,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
             )
         n_img = max(image_w.num_tokens, image_l.num_tokens if image_l is not None else 0)
         budget = self.max_length - len(prefix) - n_img - max(len(response_w), len(response_l))
-        question_w = self._question_ids(r, budget)
+        question_w, response_w, response_l = self._question_and_responses(r, r.question, budget)
         question_l = None
         if self.needs_context_l:
             other = self.records[negatives.swapped_context_index(i, len(self.records), self.seed)]
-            question_l = self._question_ids(other, budget)
+            question_l, *responses = self._question_and_responses(r, other.question, budget)
+            if responses != [response_w, response_l]:
+                raise r.error("question", "the responses tokenize differently after the swapped context")
         return PreferenceExample(i, prefix, image_w, image_l, question_w, question_l, response_w, response_l)

@@ -96,7 +96,8 @@ class ImageProcessor:
         size = dict(size) if not isinstance(size, dict) else size
         self.side = int(crop.get("height") or size.get("shortest_edge") or size.get("height"))
         self.mean = tuple(float(x) for x in ip.image_mean)
-        self.fill = tuple(int(round(255 * m)) for m in self.mean)
+        # LLaVA's expand2square colour, truncated as released: int(mean * 255) = (122, 116, 104) for CLIP
+        self.fill = tuple(int(255 * m) for m in self.mean)
         patch = int(processor.patch_size)
         extra = 1 if vision_feature_select_strategy == "full" else 0
         self.flat_tokens = (self.side // patch) ** 2 + extra

@@ -10,8 +10,9 @@ log-probabilities be computed once and cached.
   1000-step sigmoid schedule, ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``;
 * ``black``: all-zero normalised pixels (the processor's mean colour);
 * ``crop``: a random crop of at most 240 px wide and 320 px tall, then processed as usual;
-* ``rotate``: a random rotation by 10 to 80 degrees (corners filled with the mean colour);
-* ``random``: the image of another record.
+* ``rotate``: a random rotation by 10 to 80 degrees, nearest-neighbour, black corners (the defaults of
+  torchvision's ``RandomRotation`` the released code used), before padding to a square;
+* ``random``: the image of the record whose question is the swapped context ``c_l`` (as released).
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ def random_crop(image: Image.Image, rng: random.Random) -> Image.Image:
     return image.crop((x, y, x + cw, y + ch))
 
 
-def random_rotation(image: Image.Image, rng: random.Random, fill: tuple[int, int, int]) -> Image.Image:
+def random_rotation(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Counter-clockwise by 10-80 degrees about the centre, same size, nearest-neighbour, black corners."""
     angle = rng.uniform(*ROTATE_DEGREES)
-    return image.rotate(angle, resample=Image.BILINEAR, fillcolor=fill)
+    return image.rotate(angle, resample=Image.NEAREST, fillcolor=(0, 0, 0))
 
 
 def other_index(index: int, n: int, seed: int, purpose: str) -> int:
@@ -97,7 +99,7 @@ def corrupted_image(
     if kind == "crop":
         return processor(random_crop(image, random.Random(rs)))
     if kind == "rotate":
-        return processor(random_rotation(image, random.Random(rs), processor.fill))
+        return processor(random_rotation(image, random.Random(rs)))
     if kind == "random":
-        return processor(open_other(other_index(index, n, seed, "image")))
+        return processor(open_other(swapped_context_index(index, n, seed)))
     raise ValueError(f"--use_image_type must be one of {IMAGE_TYPES}, got {kind!r}")

@@ -1,8 +1,8 @@
-"""Batched generation for LLaVA: prompts built exactly as training builds them, left-padded.
+"""Batched generation for LLaVA: prompts built as the released inference script builds them, left-padded.
 
-A prompt is the Vicuna-style human turn of :mod:`llava.conversation` (``encode_prompt`` on
-``image_question(question)``) with its single ``<image>`` id expanded to the image's token count,
-so the model sees at inference the very ids it was trained on. A batch is left-padded with the
+A prompt is the open first turn of a :mod:`llava.conversation` template (``encode_prompt`` on
+``inference_question(question)``: ``<image>\n{question}\n`` by default, LLaVA's tokenization) with its
+single ``<image>`` id expanded to the image's token count. A batch is left-padded with the
 tokenizer's pad id, embedded with :func:`llava.model.forward.embed` (image features written over
 the image tokens; LLaVA-NeXT's single padded view and its multi-crop both work) and handed to
 ``model.generate(inputs_embeds=...)``.
@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
-from llava.conversation import Template, encode_prompt, image_question
+from llava.conversation import Template, encode_prompt, inference_question
 from llava.data.collate import stack_images
 from llava.data.images import ProcessedImage
 from llava.model.forward import embed, unwrap
@@ -49,18 +49,18 @@ class Prompt:
     image: ProcessedImage | None
 
 
-def prompt_ids(tokenizer, template: Template, question: str) -> list[int]:
-    """The human turn (with BOS and one ``<image>`` id) exactly as training encodes it."""
-    return encode_prompt(tokenizer, template, image_question(question), first=True)
+def prompt_ids(tokenizer, template: Template, question: str, trailing_newline: bool = True) -> list[int]:
+    """The open first turn (with BOS and one ``<image>`` id), tokenized as the released inference does."""
+    return encode_prompt(tokenizer, template, inference_question(question, True, trailing_newline))
 
 
-def build_prompt(tokenizer, template: Template, question: str, image: ProcessedImage | None) -> Prompt:
+def build_prompt(tokenizer, template: Template, question: str, image: ProcessedImage | None,
+                 trailing_newline: bool = True) -> Prompt:
     """A ``Prompt`` for ``question`` about ``image``: the ``<image>`` id repeated ``num_tokens`` times."""
-    image_token_id = tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
     if image is None:
-        ids = encode_prompt(tokenizer, template, image_question(question, has_image=False), first=True)
-        return Prompt(ids, None)
-    ids = prompt_ids(tokenizer, template, question)
+        return Prompt(encode_prompt(tokenizer, template, inference_question(question, False, trailing_newline)), None)
+    image_token_id = tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
+    ids = prompt_ids(tokenizer, template, question, trailing_newline)
     slots = [i for i, t in enumerate(ids) if t == image_token_id]
     if len(slots) != 1:
         raise ValueError(f"expected one {DEFAULT_IMAGE_TOKEN} token in the prompt, found {len(slots)}")

@@ -1,7 +1,7 @@
 """Batch inference over test files: one JSON line per record, resumable, shardable.
 
     python mcmdpo_inference.py --model_name PATH --test_datasets FILE [FILE ...] --eval_output OUT.jsonl
-        [--image_folder DIR] [--model_base PATH] [--conv_mode v1] [--batch_size 8] [--num_beams 3]
+        [--image_folder DIR] [--model_base PATH] [--conv_mode llava_v1] [--prompt_newline True] [--batch_size 8] [--num_beams 3]
         [--temperature 0] [--max_new_tokens 256] [--image_aspect_ratio pad] [--skip_bad_records]
         [--dtype auto|float32|bfloat16|float16]
 
@@ -63,7 +63,37 @@ from llava.eval.output_file import (  # noqa: F401
     write_atomic,
 )
 
-DEFAULTS = dict(conv_mode="v1", batch_size=8, num_beams=3, temperature=0.0, max_new_tokens=256, image_aspect_ratio="pad")
+# The released inference script's settings: `llava_v1` (the "human" wording, where training used `v1`),
+# the question followed by a newline, 3 beams, greedy, 256 new tokens (float16 on a GPU: --dtype auto).
+DEFAULTS = dict(conv_mode="llava_v1", prompt_newline=True, batch_size=8, num_beams=3, temperature=0.0,
+                max_new_tokens=256, image_aspect_ratio="pad")
+
+
+def str_to_bool(text: str) -> bool:
+    """``True``/``False`` (and yes/no/1/0) for flags written the way the training flags are."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return value
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """Prompt and decoding flags shared by ``mcmdpo_inference.py`` and ``llava.eval.alt_text``."""
+    from llava.conversation import TEMPLATE_NAMES
+
+    p.add_argument("--conv_mode", "--version", dest="conv_mode", default=DEFAULTS["conv_mode"], choices=TEMPLATE_NAMES,
+                   help="conversation template of the prompt (default llava_v1, as the released inference; "
+                        "training's --version v1 is vicuna_v1)")
+    p.add_argument("--prompt_newline", type=str_to_bool, default=DEFAULTS["prompt_newline"], metavar="True|False",
+                   help="end the question with a newline, as the released inference does (default True)")
+    p.add_argument("--num_beams", type=int, default=DEFAULTS["num_beams"])
+    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="0 = greedy / beam search")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling (only with --temperature > 0)")
+    p.add_argument("--max_new_tokens", type=int, default=DEFAULTS["max_new_tokens"])
+    p.add_argument("--image_aspect_ratio", default=DEFAULTS["image_aspect_ratio"], choices=["pad", "square", "anyres"],
+                   help="pad (default, the paper's), square, or anyres (LLaVA-NeXT multi-crop)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: float16 on a GPU (as released), float32 on CPU")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,19 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test files: JSON array, JSON Lines, Parquet or a datasets directory")
     p.add_argument("--eval_output", required=True, help="output JSON Lines file (resumed when it exists)")
     p.add_argument("--image_folder", default=None, help="folder relative image paths are resolved against")
-    p.add_argument("--conv_mode", default=DEFAULTS["conv_mode"], help="conversation template (default v1)")
     p.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"], help="prompts per generate call (per process)")
-    p.add_argument("--num_beams", type=int, default=DEFAULTS["num_beams"])
-    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="0 = greedy / beam search")
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling (only with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (rank K uses seed + K)")
-    p.add_argument("--max_new_tokens", type=int, default=DEFAULTS["max_new_tokens"])
-    p.add_argument("--image_aspect_ratio", default=DEFAULTS["image_aspect_ratio"], choices=["pad", "square", "anyres"],
-                   help="pad (default, the paper's), square, or anyres (LLaVA-NeXT multi-crop)")
+    add_generation_args(p)
     p.add_argument("--skip_bad_records", action="store_true",
                    help="write an `error` row for a record whose image is missing or unreadable instead of stopping")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 (float16 where unsupported) on GPU, float32 on CPU")
     p.add_argument("--overwrite", action="store_true", help="start afresh: discard an existing output and its part files")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
@@ -104,12 +126,6 @@ def check_args(args) -> None:
             raise InferenceError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.temperature < 0:
         raise InferenceError(f"--temperature must be >= 0, got {args.temperature}")
-    from llava.conversation import get_template
-
-    try:
-        get_template(args.conv_mode)
-    except ValueError as e:
-        raise InferenceError(str(e))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,9 +191,8 @@ def resolve_dtype(name: str, device):
     import torch
 
     if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        # float16 on a GPU, as the released inference runs
+        return torch.float16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -351,7 +366,7 @@ def generate_records(args, dist: Dist, mine: list[Item], missing: dict, target: 
                     (bar.write if bar is not None else _log)(f"skipping: {problem} (written as an error row)")
                     results[it.order] = result_line(r, error=problem.message)
                     continue
-                prompts.append(build_prompt(tokenizer, template, r.question, image))
+                prompts.append(build_prompt(tokenizer, template, r.question, image, args.prompt_newline))
                 prompt_items.append(it)
             if prompts:
                 responses = generate(model, tokenizer, prompts, num_beams=args.num_beams, temperature=args.temperature,

@@ -28,6 +28,7 @@ from llava.data.collate import PreferenceCollator, SFTCollator
 from llava.data.datasets import PreferenceDataset, SFTDataset
 from llava.data.images import ImageProcessor, missing_images
 from llava.data.records import DataError, read_records
+from llava.data.show import render_text, sequences_of
 from llava.model.load import ModelLoadError, checkpoint_kind, compose, load_model, save_model
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
 from llava.train.params import Trainable, apply_lora, set_trainable
@@ -169,6 +170,9 @@ def prepare(argv: list[str] | None = None) -> LlavaTrainer:
     conditions = objective.conditions
     llava, processor = build_model(model_args, args)
     dataset, collator = build_data(data_args, model_args, args, processor, conditions)
+    if args.process_index == 0:  # what the model is trained on, seen before step 1 (python -m llava.data.show)
+        logger.info("record 0 of %s as the model sees it ([[trained]]):\n%s", data_args.data_path,
+                    render_text(processor.tokenizer, sequences_of(dataset, 0)))
     trainable = Trainable.from_flags(tune_mm_mlp_adapter=model_args.tune_mm_mlp_adapter,
                                      freeze_backbone=model_args.freeze_backbone,
                                      unfreeze_mm_vision_tower=model_args.unfreeze_mm_vision_tower)

@@ -1,0 +1,157 @@
+"""What the model is trained on (or prompted with) for one record, token by token.
+
+    python -m llava.data.show FILE --model DIR [--image_folder DIR] [--task sft|preference|test]
+        [--index N | --all] [--json] [--version v1] [--use_image_type diffusion] [--seed 42]
+
+The ids come from the same datasets training and inference use, so what this prints is what a run
+sees. Text form: each condition's prompt and answer decoded, the trained part between ``[[`` and
+``]]``. ``--json``: ``{"<condition>": {"input_ids": [...], "labels": [...]}}`` with conditions ``sft``,
+the eight ``cw_mw_yw`` ... ``cl_ml_yl`` of a preference record, or ``prompt`` for a test record; the
+image is the single id -200 where LLaVA places it (``IMAGE_TOKEN_INDEX``) and masked labels are -100.
+``--all`` prints one such object per line for every record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from llava.constants import CONDITIONS, DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.conversation import TEMPLATE_NAMES, get_template
+from llava.data.datasets import PreferenceDataset, SFTDataset, condition_factors
+from llava.data.images import ImageProcessor
+from llava.data.records import DataError, DataProblem, read_records
+
+Sequences = dict[str, dict[str, list[int]]]
+
+
+def _llava_ids(ids: list[int], image_token_id: int) -> list[int]:
+    return [IMAGE_TOKEN_INDEX if t == image_token_id else t for t in ids]
+
+
+def sft_sequences(dataset: SFTDataset, index: int) -> Sequences:
+    example = dataset[index]
+    return {"sft": {"input_ids": _llava_ids(example.input_ids, dataset.image_token_id), "labels": list(example.labels)}}
+
+
+def preference_sequences(dataset: PreferenceDataset, index: int) -> Sequences:
+    """The eight conditions of record ``index``, each as one LLaVA sequence (what the naive forward runs)."""
+    e = dataset[index]
+    out = {}
+    for name in dataset.conditions:
+        context, _, response = condition_factors(name)
+        answer = e.response(response)
+        ids = e.prefix + [IMAGE_TOKEN_INDEX] + e.question(context) + answer
+        out[name] = {"input_ids": ids, "labels": [IGNORE_INDEX] * (len(ids) - len(answer)) + answer}
+    return out
+
+
+def sequences_of(dataset: SFTDataset | PreferenceDataset, index: int) -> Sequences:
+    """Record ``index`` of a training dataset as the sequences a run trains on."""
+    if isinstance(dataset, PreferenceDataset):
+        return preference_sequences(dataset, index)
+    return sft_sequences(dataset, index)
+
+
+def prompt_sequences(tokenizer, template_name: str, question: str, trailing_newline: bool) -> Sequences:
+    from llava.conversation import encode_prompt, image_token_id_of, inference_question
+
+    ids = encode_prompt(tokenizer, get_template(template_name), inference_question(question, True, trailing_newline))
+    return {"prompt": {"input_ids": _llava_ids(ids, image_token_id_of(tokenizer)), "labels": [IGNORE_INDEX] * len(ids)}}
+
+
+def _decode_runs(tokenizer, ids: list[int], trained: list[bool]) -> str:
+    """``ids`` (no image) decoded, runs of trained tokens between ``[[`` and ``]]``.
+
+    Each run is the difference of two decodes of a growing prefix, so the spaces and multi-byte
+    characters that straddle token boundaries come out as the whole sequence decodes them.
+    """
+    text, done = "", ""
+    for start, end in _runs(trained):
+        upto = tokenizer.decode(ids[:end])
+        piece = upto[len(done):]
+        text += f"[[{piece}]]" if trained[start] else piece
+        done = upto
+    return text
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    bounds = [0] + [i for i in range(1, len(flags)) if flags[i] != flags[i - 1]] + [len(flags)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def render_text(tokenizer, sequences: Sequences) -> str:
+    """Each sequence decoded, ``<image>`` where the image goes, the trained tokens between ``[[`` and ``]]``."""
+    lines = []
+    for name, seq in sequences.items():
+        ids, labels = seq["input_ids"], seq["labels"]
+        cut = [-1] + [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX] + [len(ids)]
+        pieces = [_decode_runs(tokenizer, ids[a + 1:b], [x != IGNORE_INDEX for x in labels[a + 1:b]])
+                  for a, b in zip(cut, cut[1:])]
+        lines.append(f"--- {name} ({len(ids)} tokens, {sum(x != IGNORE_INDEX for x in labels)} trained)\n"
+                     + DEFAULT_IMAGE_TOKEN.join(pieces))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Print what the model is trained on (or prompted with) for a record.")
+    p.add_argument("file", help="data file (any format llava.data.records reads)")
+    p.add_argument("--model", required=True, help="model directory (its tokenizer and image processor are used)")
+    p.add_argument("--image_folder", default=None, help="folder image paths are relative to")
+    p.add_argument("--task", default="preference", choices=["sft", "preference", "test"])
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--index", type=int, default=0, help="record number, from 0 (default 0)")
+    which.add_argument("--all", action="store_true", help="every record (with --json: one object per line)")
+    p.add_argument("--json", action="store_true", help="ids and labels as JSON instead of text")
+    p.add_argument("--version", default=None, choices=TEMPLATE_NAMES,
+                   help="template (default: v1 for sft/preference, as training; llava_v1 for test, as inference)")
+    p.add_argument("--prompt_newline", default="True", choices=["True", "False"], help="test: the released trailing newline")
+    p.add_argument("--image_aspect_ratio", default="pad", choices=["pad", "square", "anyres"])
+    p.add_argument("--model_max_length", type=int, default=2048)
+    p.add_argument("--use_image_type", default="diffusion")
+    p.add_argument("--diffusion_step", type=int, default=700)
+    p.add_argument("--seed", type=int, default=42, help="the run's --negatives_seed (default --seed's default, 42)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers import AutoProcessor
+
+    try:
+        records = read_records(args.file, args.task)
+        processor = AutoProcessor.from_pretrained(args.model)
+        tok = processor.tokenizer
+        indices = range(len(records)) if args.all else [args.index]
+        if not args.all and not 0 <= args.index < len(records):
+            raise DataError(DataProblem(args.file, None, None, f"--index {args.index} is out of range: the file has "
+                                                                f"{len(records)} records"))
+        if args.task == "test":
+            version = args.version or "llava_v1"
+            build = lambda i: prompt_sequences(tok, version, records[i].question, args.prompt_newline == "True")  # noqa: E731
+        else:
+            template = get_template(args.version or "v1")
+            images = ImageProcessor(processor, args.image_aspect_ratio)
+            if args.task == "sft":
+                dataset = SFTDataset(records, tok, template, images, args.image_folder, args.model_max_length)
+            else:
+                dataset = PreferenceDataset(records, tok, template, images, args.image_folder, args.model_max_length,
+                                            CONDITIONS, image_type=args.use_image_type,
+                                            diffusion_step=args.diffusion_step, seed=args.seed)
+            build = lambda i: sequences_of(dataset, i)  # noqa: E731
+        for i in indices:
+            sequences = build(i)
+            if args.json:
+                sys.stdout.write(json.dumps(sequences) + "\n")
+            else:
+                sys.stdout.write(f"=== {args.file}, record {i}\n{render_text(tok, sequences)}\n")
+    except (DataError, ValueError, OSError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
