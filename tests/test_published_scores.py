@@ -243,6 +243,7 @@ def test_missing_nltk_data_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.skipif(not D.LEXNAMES_MAN_PAGE.is_file(), reason=f"{D.LEXNAMES_MAN_PAGE} absent (Debian wordnet-base)")
+@pytest.mark.filterwarnings("ignore:The multilingual functions")  # a reader built without Open Multilingual Wordnet
 def test_nltk_data_built_from_packages(tmp_path, monkeypatch):
     import gzip
 
