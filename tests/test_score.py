@@ -1,4 +1,5 @@
-"""Tests for llava.eval.metrics and llava.eval.score (get_score.py).
+"""Tests for llava.eval.metrics and llava.eval.score (get_score.py): the COCO metric set,
+outputs and bad input (the published set: tests/test_published_scores.py).
 
 Starting the METEOR jar costs ~10 s, so every in-process test shares one jar
 (``metrics.get_meteor()``); subprocess runs of get_score.py only go where no METEOR
@@ -101,10 +102,11 @@ def test_metrics_equal_pycocoevalcap(name, meteor):
         assert summary[key] == pytest.approx(100 * corpus[key], rel=0, abs=1e-9), key
         for i, sample in enumerate(per_sample):
             assert sample[key] == pytest.approx(100 * each[key][i], rel=0, abs=1e-9), (key, i)
-    # the file-level numbers of the scoring command are these very numbers
-    row, _ = S.score_loaded(loaded, meteor=meteor)
+    # the file-level numbers of the scoring command are these very numbers, under coco_ keys
+    row, _ = S.score_loaded(loaded, meteor=meteor, metrics="coco")
     for key in M.COCO_KEYS:
-        assert row[key] == pytest.approx(100 * corpus[key], rel=0, abs=1e-9)
+        assert row[f"coco_{key}"] == pytest.approx(100 * corpus[key], rel=0, abs=1e-9)
+    assert all(row[k] is None for k in S.PUBLISHED_ROW_KEYS)  # not asked for
 
 
 def test_identical_and_disjoint_extremes(meteor):
@@ -213,7 +215,8 @@ def test_output_files(tmp_path, capsys, meteor):
     assert by["dpo"]["empty"] == pytest.approx(100 / 6)  # "" (the "..." is text)
     assert by["dpo"]["over_125_chars"] == pytest.approx(100 / 6)
     assert by["mcm"]["empty"] == pytest.approx(100 / 5)  # "   "
-    assert by["mcm"]["ROUGE_L"] > by["sft"]["ROUGE_L"]
+    assert by["mcm"]["coco_ROUGE_L"] > by["sft"]["coco_ROUGE_L"]
+    assert by["mcm"]["published_ROUGE-L"] > by["sft"]["published_ROUGE-L"]
 
     # csv: same columns and values as json
     with open(data / "scores.csv", newline="") as fh:
@@ -229,23 +232,26 @@ def test_output_files(tmp_path, capsys, meteor):
             else:
                 assert float(cell) == pytest.approx(value, rel=1e-12)
 
-    # md: the printed table, numbers as json's with 2 decimals
+    # md: the printed tables, one titled section per metric set, numbers as json's with 2 decimals
     md = (data / "scores.md").read_text()
     assert md in out.out
-    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header[0] == "file" and "CIDEr" in header and "accuracy" not in header
-    assert "errors" in header and "bad_lines" not in header  # all-zero counts are left out
-    assert len(lines) == 2 + len(rows)
-    for line, row in zip(lines[2:], rows):
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        for key, cell in zip(header, cells):
-            if key == "file":
-                assert cell == Path(row["file"]).stem
-            elif isinstance(row[key], float):
-                assert cell == f"{row[key]:.2f}"
-            else:
-                assert cell == str(row[key])
+    sections = md_tables(md)
+    assert [title for title, _ in sections] == [S.SET_TITLES["coco"], S.SET_TITLES["published"]]
+    coco_header, published_header = (lines[0] for _, lines in sections)
+    assert coco_header[0] == "file" and "coco_CIDEr" in coco_header and "accuracy" not in coco_header
+    assert "errors" in coco_header and "bad_lines" not in coco_header  # all-zero counts are left out
+    assert not any(c.startswith("published_") for c in coco_header)
+    assert published_header == ["file", "n"] + list(S.PUBLISHED_ROW_KEYS)
+    for _, (header, *cells_of_rows) in sections:
+        assert len(cells_of_rows) == len(rows)
+        for cells, row in zip(cells_of_rows, rows):
+            for key, cell in zip(header, cells):
+                if key == "file":
+                    assert cell == Path(row["file"]).stem
+                elif isinstance(row[key], float):
+                    assert cell == f"{row[key]:.2f}"
+                else:
+                    assert cell == str(row[key])
 
     # per-sample files: one line per input record, the record plus the sample keys
     for name in CAPTION_FIXTURES:
@@ -258,19 +264,28 @@ def test_output_files(tmp_path, capsys, meteor):
             if "error" in rec:
                 assert all(sample[k] is None for k in S.SAMPLE_KEYS_CAPTION)
             else:
-                assert isinstance(sample["CIDEr"], float) and isinstance(sample["empty"], bool)
+                assert isinstance(sample["coco_CIDEr"], float) and isinstance(sample["empty"], bool)
+                assert isinstance(sample["published_CIDEr"], float)
     dpo = read_jsonl(data / "dpo_score.jsonl")
-    assert dpo[2]["empty"] is True and dpo[2]["ROUGE_L"] == 0.0
+    assert dpo[2]["empty"] is True and dpo[2]["coco_ROUGE_L"] == 0.0 and dpo[2]["published_ROUGE-L"] == 0.0
     assert dpo[3]["over_125"] is True and dpo[3]["chars"] > 125
     # ROUGE-L and CIDEr of the file are the means of the per-sample values
-    assert by["dpo"]["ROUGE_L"] == pytest.approx(sum(s["ROUGE_L"] for s in dpo) / len(dpo))
-    assert by["dpo"]["CIDEr"] == pytest.approx(sum(s["CIDEr"] for s in dpo) / len(dpo))
+    for key in ("coco_ROUGE_L", "coco_CIDEr"):
+        assert by["dpo"][key] == pytest.approx(sum(s[key] for s in dpo) / len(dpo))
+    for key in ("published_ROUGE-L", "published_CIDEr"):  # rounded to 5 digits before x100, as released
+        assert by["dpo"][key] == pytest.approx(sum(s[key] for s in dpo) / len(dpo), abs=0.0005)
 
-    # a second run over the same folder skips the *_score.jsonl it wrote
+    # a second run over the same folder skips the *_score.jsonl it wrote; with --out_dir
+    # every output, the per-sample files included, goes there and the inputs' folder is untouched
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
     assert S.main(["--dir", str(data), "--out_dir", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "scores.json").read_text())
     assert [r["file"] for r in again] == [r["file"] for r in rows]
     assert again == rows
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+    for name in CAPTION_FIXTURES:
+        per_sample = name.replace(".jsonl", "_score.jsonl")
+        assert (tmp_path / "again" / per_sample).read_bytes() == before[per_sample]
     assert not list(data.glob("*_score_score.jsonl"))
     assert not list(data.glob(".*.tmp"))
 
@@ -313,6 +328,17 @@ def test_duplicate_idx_reported(tmp_path, capsys, meteor):
     assert row["duplicate_idx"] == 1 and row["n"] == 4  # both records are scored
 
 
+def md_tables(md: str) -> list[tuple[str, list[list[str]]]]:
+    """``(title, [header, row cells...])`` of each ``### title`` section of scores.md."""
+    sections = []
+    for line in md.splitlines():
+        if line.startswith("### "):
+            sections.append((line[4:], []))
+        elif line.startswith("|") and not line.startswith("|---"):
+            sections[-1][1].append([c.strip() for c in line.strip("|").split("|")])
+    return sections
+
+
 def test_yes_no_metrics(tmp_path):
     # yesno.jsonl: TP 2, FP 1, FN 2 (one without a yes/no word), TN 2, 2 unparsed, 1 error row
     (src,) = copy_fixtures(tmp_path, "yesno.jsonl")
@@ -330,9 +356,11 @@ def test_yes_no_metrics(tmp_path):
     for key in S.CAPTION_KEYS:
         assert row[key] is None
     assert row["mean_words"] is not None
-    header = [c.strip() for c in proc.stdout.splitlines()[0].strip("|").split("|")]
-    assert "accuracy" in header and "f1" in header and "CIDEr" not in header
-    samples = read_jsonl(tmp_path / "yesno_score.jsonl")
+    ((title, (header, _)),) = md_tables(proc.stdout)  # no caption metric: one table
+    assert title == "Scores"
+    assert "accuracy" in header and "f1" in header and not any(c in S.CAPTION_KEYS for c in header)
+    assert not (tmp_path / "yesno_score.jsonl").exists()  # --out_dir given: the per-sample file goes there
+    samples = read_jsonl(tmp_path / "out" / "yesno_score.jsonl")
     assert len(samples) == 9
     assert [s["pred"] for s in samples[:8]] == ["yes", "yes", "no", "no", "no", "yes", None, None]
     assert [s["correct"] for s in samples[:8]] == [True, True, False, True, True, False, False, False]
@@ -347,3 +375,18 @@ def test_cli_arguments(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = run_cli("--dir", str(tmp_path))
     assert proc.returncode == 2 and "no *.jsonl files" in proc.stderr
+    proc = run_cli("--file", str(FIX / "sft.jsonl"), "--metrics", "bleu")
+    assert proc.returncode == 2 and "invalid choice: 'bleu'" in proc.stderr
+
+
+def test_same_names_into_one_out_dir_is_an_error(tmp_path):
+    a = copy_fixtures(tmp_path / "a", "yesno.jsonl")[0]
+    b = copy_fixtures(tmp_path / "b", "yesno.jsonl")[0]
+    proc = run_cli("--file", str(a), str(b), "--out_dir", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert f"{a} and {b} would both write {tmp_path / 'out' / 'yesno_score.jsonl'}" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    # without --out_dir each per-sample file goes beside its input: no clash
+    proc = run_cli("--file", str(a), str(b))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "a" / "yesno_score.jsonl").is_file() and (tmp_path / "b" / "yesno_score.jsonl").is_file()

@@ -15,7 +15,7 @@ def fake_run(path: Path, offset: float):
     scores, grounding = [], []
     for k, m in enumerate(("sft", "dpo", "mcmdpo")):
         v = 10 * (k + 1) + offset
-        scores.append({"file": f"{path}/eval/{m}.jsonl", "Bleu_4": v, "METEOR": v, "ROUGE_L": v, "CIDEr": 10 * v})
+        scores.append({"file": f"{path}/eval/{m}.jsonl", "coco_Bleu_4": v, "coco_METEOR": v, "coco_ROUGE_L": v, "coco_CIDEr": 10 * v})
         grounding.append({"file": f"{path}/eval/{m}.jsonl", "key_fact": v, "context": v, "n": 3})
     (path / "scores.json").write_text(json.dumps(scores))
     (path / "grounding.json").write_text(json.dumps(grounding))
@@ -25,8 +25,8 @@ def test_mean_and_spread_over_seeds(tmp_path):
     for i, off in enumerate((0.0, 2.0, 4.0)):
         fake_run(tmp_path / f"seed{i}", off)
     table = summarize([tmp_path / f"seed{i}" for i in range(3)])
-    assert table["sft"]["Bleu_4"] == pytest.approx((12.0, 2.0))
-    assert table["mcmdpo"]["CIDEr"] == pytest.approx((320.0, 20.0))
+    assert table["sft"]["coco_Bleu_4"] == pytest.approx((12.0, 2.0))
+    assert table["mcmdpo"]["coco_CIDEr"] == pytest.approx((320.0, 20.0))
     out = subprocess.run([sys.executable, "scripts/summarize_runs.py", *[str(tmp_path / f"seed{i}") for i in range(3)],
                           "--md", str(tmp_path / "t.md"), "--png", str(tmp_path / "c.png")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)

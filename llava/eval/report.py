@@ -255,9 +255,9 @@ def response_cell(record: dict | None, kind: str) -> str:
         line = f'{record.get("words")} words · {record.get("chars")} chars'
     else:
         line = (
-            f'BLEU-4 {_num(record.get("Bleu_4"))} · METEOR {_num(record.get("METEOR"))} · '
-            f'ROUGE-L {_num(record.get("ROUGE_L"))} · CIDEr {_num(record.get("CIDEr"))} · '
-            f'edit {_num(record.get("edit_distance"))} · {record.get("words")} words · '
+            f'COCO BLEU-4 {_num(record.get("coco_Bleu_4"))} · METEOR {_num(record.get("coco_METEOR"))} · '
+            f'ROUGE-L {_num(record.get("coco_ROUGE_L"))} · CIDEr {_num(record.get("coco_CIDEr"))} · '
+            f'edit {_num(record.get("coco_edit_distance"))} · {record.get("words")} words · '
             f'{record.get("chars")} chars'
         )
     return (
@@ -319,8 +319,9 @@ def render(
 <ul class="meta">{files}</ul>
 <h2>Scores</h2>
 <div class="wide">{score_table_html(rows, names)}</div>
-<p class="meta">Caption metrics x100 (pycocoevalcap: PTB tokenizer, BLEU, METEOR, ROUGE-L, CIDEr);
-edit distance in words; over_125_chars and empty in percent of responses; scores over all records
+<p class="meta">Caption metrics x100: coco_* as pycocoevalcap computes them (PTB tokenizer, BLEU,
+METEOR, ROUGE-L, CIDEr), published_* as the paper's released scorer does (another scale);
+edit distances in words; over_125_chars and empty in percent of responses; scores over all records
 of each file.</p>
 <h2>Samples</h2>
 <p class="meta">{esc(shown)} records, matched by {esc(mode)};

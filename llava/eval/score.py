@@ -2,11 +2,22 @@
 
 Command line (``python get_score.py`` is a thin front for :func:`main`)::
 
-    python get_score.py --file A.jsonl [B.jsonl ...] [--out_dir DIR]
-    python get_score.py --dir DIR [--out_dir DIR]
+    python get_score.py --file A.jsonl [B.jsonl ...] [--out_dir DIR] [--metrics coco|published|all]
+    python get_score.py --dir DIR [--out_dir DIR] [--metrics coco|published|all]
 
 ``--dir`` scores every ``*.jsonl`` in DIR (sorted) except ``*_score.jsonl``.
 ``--out_dir`` defaults to the directory of the first file (or to DIR).
+
+Two sets of caption metrics, on different scales, never mixed: every key and column
+of one set starts with its set's name.
+
+* ``coco_*``: the COCO caption pipeline of pycocoevalcap (PTB tokenizer, lower-cased,
+  punctuation removed), see :mod:`llava.eval.metrics`;
+* ``published_*``: what the authors' released ``get_score.py`` computes, the numbers
+  of the paper's tables (nltk tokens, case kept), see :mod:`llava.eval.published_metrics`.
+
+``--metrics`` picks ``coco``, ``published`` or ``all`` (the default); the keys of a
+set that was not computed are null.
 
 Input records
 -------------
@@ -33,9 +44,13 @@ Outputs (written atomically: temp file + rename)
 
 * ``file`` (path as given), ``kind`` ("caption" or "yesno"), ``n`` (scored records),
   ``errors``, ``bad_lines``, ``duplicate_idx`` (counts);
-* caption metrics, x100: ``Bleu_1`` .. ``Bleu_4``, ``METEOR``, ``ROUGE_L``, ``CIDEr``
-  (pycocoevalcap, see :mod:`llava.eval.metrics`); ``edit_distance`` (mean word-level
-  Levenshtein distance, lower-cased whitespace tokens); null in yes/no rows;
+* COCO caption metrics, x100: ``coco_Bleu_1`` .. ``coco_Bleu_4``, ``coco_METEOR``,
+  ``coco_ROUGE_L``, ``coco_CIDEr``; ``coco_edit_distance`` (mean word-level Levenshtein
+  distance, lower-cased whitespace tokens); null in yes/no rows;
+* published caption metrics, rounded as released: ``published_bleu_1``,
+  ``published_bleu_4``, ``published_cumulative_bleu_4``, ``published_METEOR``,
+  ``published_ROUGE-L``, ``published_CIDEr`` (x100), ``published_edit_distance``
+  (mean over samples of the nltk-token Levenshtein distance); null in yes/no rows;
 * response length, every kind: ``mean_words``, ``mean_chars``, ``over_125_chars``
   and ``empty`` (shares of responses longer than 125 characters / empty, in percent);
 * yes/no metrics, x100: ``accuracy``, ``precision``, ``recall``, ``f1``,
@@ -45,11 +60,15 @@ Outputs (written atomically: temp file + rename)
 A metric is null when the file has no scored record. Empty responses are scored
 (as zero, see :mod:`llava.eval.metrics`) and counted in ``empty``.
 
-``scores.csv`` has the same columns, ``scores.md`` a Markdown table (printed too;
-numbers with 2 decimals, columns that are null in every row left out, count columns
-left out when zero in every row). ``<name>_score.jsonl`` beside each input holds one
-line per parsed record: the record plus ``SAMPLE_KEYS_CAPTION`` or
-``SAMPLE_KEYS_YESNO`` (null for error rows).
+``scores.csv`` has the same columns, ``scores.md`` Markdown tables (printed too): one
+titled section per metric set that has values (the COCO table also holds the counts,
+lengths and yes/no metrics); numbers with 2 decimals, columns that are null in every
+row left out, count columns left out when zero in every row.
+
+``<name>_score.jsonl`` (in ``--out_dir`` when it is given, else beside each input)
+holds one line per parsed record: the record plus ``SAMPLE_KEYS_CAPTION`` or
+``SAMPLE_KEYS_YESNO`` (null for error rows). Its published values are per sample,
+x100 (edit distance as is), not rounded.
 """
 
 from __future__ import annotations
@@ -66,8 +85,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from llava.eval import metrics as M
+from llava.eval import published_metrics as P
 
-CAPTION_KEYS = M.COCO_KEYS + ("edit_distance",)
+METRIC_SETS = {"coco": ("coco",), "published": ("published",), "all": ("coco", "published")}
+COCO_ROW_KEYS = tuple(f"coco_{k}" for k in M.COCO_KEYS + ("edit_distance",))
+PUBLISHED_ROW_KEYS = tuple(f"published_{k}" for k in P.PUBLISHED_KEYS)
+#: Titles of the Markdown sections, one per metric set.
+SET_TITLES = {
+    "coco": "COCO caption metrics (coco_*: pycocoevalcap, PTB tokens, lower-cased; x100)",
+    "published": "Published metrics (published_*: the authors' released get_score.py, nltk tokens, "
+    "case kept; x100 but edit distance; the paper's scale)",
+}
+CAPTION_KEYS = COCO_ROW_KEYS + PUBLISHED_ROW_KEYS
 LENGTH_KEYS = ("mean_words", "mean_chars", "over_125_chars", "empty")
 YESNO_KEYS = ("accuracy", "precision", "recall", "f1", "yes_ratio", "unparsed")
 COUNT_KEYS = ("n", "errors", "bad_lines", "duplicate_idx", "unparsed")
@@ -76,7 +105,7 @@ COUNT_KEYS = ("n", "errors", "bad_lines", "duplicate_idx", "unparsed")
 ROW_KEYS = ("file", "kind", "n", "errors", "bad_lines", "duplicate_idx") + CAPTION_KEYS + LENGTH_KEYS + YESNO_KEYS
 
 #: Per-sample keys added to each record of a caption file's ``<name>_score.jsonl``.
-SAMPLE_KEYS_CAPTION = M.COCO_KEYS + ("edit_distance", "words", "chars", "over_125", "empty")
+SAMPLE_KEYS_CAPTION = CAPTION_KEYS + ("words", "chars", "over_125", "empty")
 #: Per-sample keys added to each record of a yes/no file's ``<name>_score.jsonl``.
 SAMPLE_KEYS_YESNO = ("pred", "correct", "words", "chars", "over_125", "empty")
 
@@ -164,9 +193,29 @@ def load_file(path: str | Path, warn=None) -> Loaded:
     return loaded
 
 
-def score_loaded(loaded: Loaded, meteor=None) -> tuple[dict, list[dict]]:
-    """Score a validated file. Returns ``(row, per_sample_records)``; the per-sample
-    list has one entry per parsed record (error rows included, metrics null)."""
+def caption_metrics(responses: list[str], references: list[str], sets: Sequence[str], meteor=None):
+    """``(summary, per_sample)`` of a caption file with the prefixed keys of the
+    requested metric sets (``coco``, ``published``) and the length statistics."""
+    summary: dict = M.length_summary(responses)
+    each: list[dict] = [M.length_stats(r) for r in responses]
+    if "coco" in sets:
+        coco, coco_each = M.caption_scores(responses, references, meteor=meteor)
+        keys = M.COCO_KEYS + ("edit_distance",)
+        summary.update({f"coco_{k}": coco[k] for k in keys})
+        for sample, values in zip(each, coco_each):
+            sample.update({f"coco_{k}": values[k] for k in keys})
+    if "published" in sets:
+        published, published_each = P.published_scores(responses, references)
+        summary.update({f"published_{k}": v for k, v in published.items()})
+        for sample, values in zip(each, published_each):
+            sample.update({f"published_{k}": v for k, v in values.items()})
+    return summary, [{k: sample.get(k) for k in SAMPLE_KEYS_CAPTION} for sample in each]
+
+
+def score_loaded(loaded: Loaded, meteor=None, metrics: str = "all") -> tuple[dict, list[dict]]:
+    """Score a validated file with the metric sets ``metrics`` names (see
+    ``METRIC_SETS``). Returns ``(row, per_sample_records)``; the per-sample list has
+    one entry per parsed record (error rows included, metrics null)."""
     if loaded.problems:
         raise InputError("\n".join(loaded.problems))
     good = [r for _, r in loaded.records if not is_error_record(r)]
@@ -187,7 +236,7 @@ def score_loaded(loaded: Loaded, meteor=None) -> tuple[dict, list[dict]]:
         each = [{**e, **M.length_stats(resp)} for e, resp in zip(each, responses)]
         sample_keys = SAMPLE_KEYS_YESNO
     else:
-        summary, each = M.caption_scores(responses, [r["chosen"] for r in good], meteor=meteor)
+        summary, each = caption_metrics(responses, [r["chosen"] for r in good], METRIC_SETS[metrics], meteor=meteor)
         sample_keys = SAMPLE_KEYS_CAPTION
     row.update({k: v for k, v in summary.items() if k in row})
 
@@ -199,13 +248,18 @@ def score_loaded(loaded: Loaded, meteor=None) -> tuple[dict, list[dict]]:
     return row, per_sample
 
 
-def score_files(paths: Sequence[str | Path], warn=None) -> tuple[list[dict], list[list[dict]], list[Loaded]]:
-    """Load and validate every file (all problems reported at once), then score them.
+def score_files(
+    paths: Sequence[str | Path], warn=None, metrics: str = "all"
+) -> tuple[list[dict], list[list[dict]], list[Loaded]]:
+    """Load and validate every file (all problems reported at once), then score them
+    with the metric sets ``metrics`` names (``coco``, ``published`` or ``all``).
 
     Returns ``(rows, per_sample_lists, loaded_files)``. Raises :class:`InputError`
     on missing/invalid fields, :class:`llava.eval.metrics.MetricError` when a
-    Java scorer fails.
+    Java scorer fails or nltk's data is missing.
     """
+    if metrics not in METRIC_SETS:
+        raise ValueError(f"metrics must be one of {', '.join(METRIC_SETS)}, got {metrics!r}")
     loaded = [load_file(p, warn=warn) for p in paths]
     problems = [msg for lf in loaded for msg in lf.problems]
     if problems:
@@ -214,11 +268,15 @@ def score_files(paths: Sequence[str | Path], warn=None) -> tuple[list[dict], lis
             shown.append(f"... and {len(problems) - len(shown)} more")
         raise InputError("\n".join(shown))
     meteor = None
+    sets = METRIC_SETS[metrics]
     if any(lf.kind == "caption" and any(not is_error_record(r) for _, r in lf.records) for lf in loaded):
-        meteor = M.get_meteor()  # starts loading now, while the tokenizer runs
+        if "published" in sets:
+            P.check_nltk_data()  # before the METEOR jar starts: a missing resource stops at once
+        if "coco" in sets:
+            meteor = M.get_meteor()  # starts loading now, while the tokenizer runs
     rows, samples = [], []
     for lf in loaded:
-        row, per_sample = score_loaded(lf, meteor=meteor)
+        row, per_sample = score_loaded(lf, meteor=meteor, metrics=metrics)
         rows.append(row)
         samples.append(per_sample)
     return rows, samples, loaded
@@ -261,8 +319,31 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def format_markdown(rows: Sequence[dict]) -> str:
+def markdown_sections(rows: Sequence[dict]) -> list[tuple[str, list[str]]]:
+    """``(title, columns)`` of each Markdown table: first every column that is not a
+    published metric (counts, COCO metrics, lengths, yes/no metrics), then, when the
+    published set has values, ``file``, ``n`` and the published metrics."""
     cols = table_columns(rows)
+    published = [c for c in cols if c in PUBLISHED_ROW_KEYS]
+    main = [c for c in cols if c not in PUBLISHED_ROW_KEYS]
+    if any(c in COCO_ROW_KEYS for c in main):
+        title = SET_TITLES["coco"]
+    else:
+        title = "Counts and lengths" if published else "Scores"
+    sections = [(title, main)]
+    if published:
+        sections.append((SET_TITLES["published"], [c for c in ("file", "n") if c in cols] + published))
+    return sections
+
+
+def format_markdown(rows: Sequence[dict]) -> str:
+    """One titled Markdown table per section of :func:`markdown_sections`."""
+    return "\n".join(
+        f"### {title}\n\n{markdown_table(rows, cols)}" for title, cols in markdown_sections(rows)
+    )
+
+
+def markdown_table(rows: Sequence[dict], cols: Sequence[str]) -> str:
     lines = [
         "| " + " | ".join(cols) + " |",
         "|" + "|".join("---" if c in ("file", "kind") else "---:" for c in cols) + "|",
@@ -308,19 +389,36 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def per_sample_path(path: str | Path) -> Path:
+def per_sample_path(path: str | Path, folder: str | Path | None = None) -> Path:
+    """``<name>_score.jsonl`` in ``folder``, or beside ``path`` when no folder is given."""
     path = Path(path)
     stem = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.name
-    return path.with_name(f"{stem}_score.jsonl")
+    return (Path(folder) if folder is not None else path.parent) / f"{stem}_score.jsonl"
 
 
-def write_outputs(rows: Sequence[dict], samples: Sequence[Sequence[dict]], out_dir: str | Path) -> str:
-    """Write per-sample files, scores.json/csv/md; returns the Markdown table."""
+def check_per_sample_names(files: Sequence[Path], folder: Path) -> None:
+    """Two inputs of the same name would write one per-sample file in ``folder``."""
+    seen: dict[Path, Path] = {}
+    for f in files:
+        target = per_sample_path(f, folder)
+        if target in seen:
+            raise InputError(f"{seen[target]} and {f} would both write {target}: score them into different --out_dir")
+        seen[target] = f
+
+
+def write_outputs(
+    rows: Sequence[dict],
+    samples: Sequence[Sequence[dict]],
+    out_dir: str | Path,
+    per_sample_dir: str | Path | None = None,
+) -> str:
+    """Write per-sample files (in ``per_sample_dir``, or beside each input when it is
+    None), scores.json/csv/md in ``out_dir``; returns the Markdown text."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for row, per_sample in zip(rows, samples):
         text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in per_sample)
-        atomic_write_text(per_sample_path(row["file"]), text)
+        atomic_write_text(per_sample_path(row["file"], per_sample_dir), text)
     atomic_write_text(out_dir / "scores.json", json.dumps(list(rows), indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out_dir / "scores.csv", format_csv(rows))
     table = format_markdown(rows)
@@ -340,13 +438,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="get_score.py",
         description="Score alt-text inference outputs (JSON Lines with 'response' and 'chosen', "
-        "or 'label' for yes/no benchmarks) with BLEU, METEOR, ROUGE-L, CIDEr and more.",
+        "or 'label' for yes/no benchmarks) with BLEU, METEOR, ROUGE-L, CIDEr and more, "
+        "as the COCO pipeline computes them (coco_*) and as the paper's released scorer does (published_*).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--file", nargs="+", metavar="JSONL", help="one or more inference output files")
     source.add_argument("--dir", metavar="DIR", help="score every *.jsonl in DIR except *_score.jsonl")
     parser.add_argument(
-        "--out_dir", metavar="DIR", help="where scores.json/csv/md go (default: the first file's directory, or DIR)"
+        "--out_dir",
+        metavar="DIR",
+        help="where scores.json/csv/md and the per-sample *_score.jsonl go "
+        "(default: the first file's directory, or DIR; per-sample files then go beside each input)",
+    )
+    parser.add_argument(
+        "--metrics",
+        choices=tuple(METRIC_SETS),
+        default="all",
+        help="coco: pycocoevalcap's pipeline (coco_* keys); published: the authors' released scorer, "
+        "the paper's numbers (published_* keys); all: both (default)",
     )
     return parser
 
@@ -375,8 +484,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         files, out_dir = input_files(args)
-        rows, samples, _ = score_files(files)
-        table = write_outputs(rows, samples, out_dir)
+        per_sample_dir = out_dir if args.out_dir else None
+        if per_sample_dir is not None:
+            check_per_sample_names(files, per_sample_dir)
+        rows, samples, _ = score_files(files, metrics=args.metrics)
+        table = write_outputs(rows, samples, out_dir, per_sample_dir)
     except InputError as exc:
         _warn(f"error: {exc}" if "\n" not in str(exc) else "error:\n" + str(exc))
         raise SystemExit(2) from None
