@@ -134,6 +134,31 @@ def run_py(home: Path, code: str, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+def test_names_are_told_from_paths(tmp_path):
+    from llava.model.hub import HubDataset, HubError, hub_dataset, is_repo_id, local_dir, repo_of_snapshot, with_split
+
+    assert is_repo_id("liuhaotian/llava-v1.5-7b") and is_repo_id("openai/clip-vit-large-patch14-336")
+    assert not any(map(is_repo_id, ("llava-v1.5-7b", "/abs/dir", "./ckpt", "a/b/c", "../x", "org/")))
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "name").mkdir()
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:  # an existing relative path wins over the hub name it looks like
+        assert local_dir("org/name") == Path("org/name") and hub_dataset("org/name") is None
+    finally:
+        os.chdir(here)
+    assert hub_dataset("lmms-lab/POPE") == HubDataset("lmms-lab/POPE")
+    assert hub_dataset("lmms-lab/POPE:test") == HubDataset("lmms-lab/POPE", None, "test")
+    assert hub_dataset("lmms-lab/POPE:Full:adversarial") == HubDataset("lmms-lab/POPE", "Full", "adversarial")
+    assert hub_dataset("lmms-lab/POPE", split="test") == HubDataset("lmms-lab/POPE", None, "test")
+    assert hub_dataset("/data/test.jsonl") is None and hub_dataset("org/name:") is None
+    with pytest.raises(HubError, match="names split 'test' but --split says 'val'"):
+        hub_dataset("lmms-lab/POPE:test", split="val")
+    assert with_split("lmms-lab/POPE", "test") == "lmms-lab/POPE:test" and with_split("/x/y.json", "test") == "/x/y.json"
+    snap = f"/home/u/.cache/huggingface/hub/models--liuhaotian--llava-v1.5-7b/snapshots/{COMMIT_A}"
+    assert repo_of_snapshot(snap) == ("liuhaotian/llava-v1.5-7b", COMMIT_A) and repo_of_snapshot("/data/ckpt") is None
+
+
 def ok(run: subprocess.CompletedProcess) -> None:
     assert run.returncode == 0, run.stderr[-4000:]
 
@@ -167,7 +192,7 @@ def test_hf_llava_by_hub_name_and_revision(hub_home):
     """, work / "tiny-a", work / "tiny-b"))
 
 
-def test_original_format_with_hub_tower_converted_on_load(hub_home):
+def test_original_format_with_hub_tower_converted_on_load(hub_home, tmp_path):
     home, work = hub_home
     ok(run_py(home, LOGITS + """
     from llava.model.builder import load_pretrained_model
@@ -180,7 +205,12 @@ def test_original_format_with_hub_tower_converted_on_load(hub_home):
     # LLaVA's own entry point takes the hub name too.
     tokenizer, compat, image_processor, context_len = load_pretrained_model("org/tiny-llava-orig", None, "llava", device="cpu")
     assert context_len == 4096 and type(compat.hf_model).__name__ == "LlavaForConditionalGeneration"
-    """, work / "tiny-a"))
+    # ... and the converter's command line.
+    from llava.model.convert import main
+    main(["to-hf", "--src", "org/tiny-llava-orig", "--out", sys.argv[2]])
+    saved, _ = load_model(sys.argv[2])
+    torch.testing.assert_close(logits(saved, proc), logits(hf, proc), rtol=0, atol=1e-5)
+    """, work / "tiny-a", tmp_path / "to-hf"))
 
 
 def test_lora_adapter_on_hub_base(hub_home):
