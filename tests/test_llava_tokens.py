@@ -284,3 +284,25 @@ def test_a_three_turn_conversation_equals_llavas(vicuna_like, tmp_path):
     got_pair = (got["sft"]["input_ids"], got["sft"]["labels"])
     assert got_pair == (ids, labels), first_difference(ref, got_pair, (ids, labels))
     assert sum(1 for a, b in zip(labels, labels[1:]) if a == IGNORE and b != IGNORE) == 3  # three answers trained
+
+
+def test_a_legacy_tokenizer_stays_legacy_through_load_and_save(vicuna_like, tiny_llava_dir, tmp_path):
+    """transformers 5 saves ``"legacy": null`` and reloads as non-legacy; the package's loaders keep it."""
+    import shutil
+
+    from transformers import AutoProcessor
+
+    from llava.model.load import load_model, save_model
+
+    model_dir, ref = vicuna_like
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_llava_dir, checkpoint)
+    for f in model_dir.iterdir():  # the Vicuna-like processor over the tiny model's weights
+        shutil.copy(f, checkpoint / f.name)
+    model, processor = load_model(checkpoint)
+    assert processor.tokenizer.legacy is ref.legacy
+    save_model(model, processor, tmp_path / "saved")
+    reloaded = AutoProcessor.from_pretrained(tmp_path / "saved").tokenizer
+    assert reloaded.legacy is ref.legacy
+    text = "An answer.</s>USER: next ASSISTANT:"
+    assert reloaded(text).input_ids == processor.tokenizer(text).input_ids

@@ -8,7 +8,9 @@ Formats (the file's form is detected from its name and first character):
 * LLaVA's SFT conversation format: ``{"image", "conversations": [{"from": "human"|"gpt", "value"}]}``;
 
 each as a JSON array, JSON Lines (also under a ``.json`` name), Parquet (image bytes inside, found by
-its name or its magic bytes) or a ``datasets`` directory (``save_to_disk``). Every problem raises or
+its name or its magic bytes), a ``datasets`` directory (``save_to_disk``) or, for a name that is no local
+path, a hub dataset split ``org/name[:config][:split]`` (``llava.model.hub``: the image column becomes
+``image``, a yes/no ``answer`` the ``label``). Every problem raises or
 reports a ``DataProblem`` that names the file, the record number (0-based position in the file; the
 line number too for JSON Lines) and the field. Problems are errors (the record is unusable for the
 task: ``read_records`` raises, or skips it when not strict) or warnings (used as read; listed by
@@ -119,8 +121,8 @@ def iter_rows(path: str | Path) -> Iterator[tuple[int, int | None, dict | DataPr
     path = Path(path)
     name = str(path)
     if not path.exists():
-        raise DataError(DataProblem(name, None, None, "file not found"))
-    if path.is_dir():
+        yield from _iter_hub_dataset(name)
+    elif path.is_dir():
         yield from _iter_dataset_dir(path)
     elif _is_parquet(path):
         yield from _iter_parquet(path)
@@ -190,7 +192,7 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, int | None, dict | DataProb
 
 
 def _iter_dataset_dir(path: Path) -> Iterator[tuple[int, int | None, dict | DataProblem]]:
-    from datasets import Image, load_from_disk
+    from datasets import load_from_disk
 
     try:
         ds = load_from_disk(str(path))
@@ -199,6 +201,41 @@ def _iter_dataset_dir(path: Path) -> Iterator[tuple[int, int | None, dict | Data
     if hasattr(ds, "keys"):  # a DatasetDict: take its only (or its train) split
         split = "train" if "train" in ds else next(iter(ds.keys()))
         ds = ds[split]
+    yield from _iter_dataset(ds)
+
+
+def _iter_hub_dataset(name: str) -> Iterator[tuple[int, int | None, dict | DataProblem]]:
+    """A hub dataset split (``org/name[:config][:split]``, see ``llava.model.hub``), or "file not found"."""
+    from llava.model.hub import HubError, hub_dataset, load_hub_dataset
+
+    try:
+        found = hub_dataset(name)
+        if found is None:
+            raise DataError(DataProblem(name, None, None, "file not found"))
+        ds = load_hub_dataset(found)
+    except HubError as e:
+        raise DataError(DataProblem(name, None, None, f"no such file, and as a hub dataset: {e.reason}"))
+    yield from _iter_dataset(_hub_columns(ds))
+
+
+def _hub_columns(ds):
+    """Hub datasets name things their own way: the image column becomes ``image``; a bare ``answer``
+    (POPE, VQA sets) becomes the yes/no ``label`` or, for other answers, the reference ``chosen``."""
+    from datasets import Image
+
+    if "image" not in ds.column_names:
+        image_columns = [c for c, f in ds.features.items() if isinstance(f, Image)]
+        if image_columns:
+            ds = ds.rename_column(image_columns[0], "image")
+    if "answer" in ds.column_names and not {"label", "chosen", "text", "conversations"} & set(ds.column_names):
+        answers = {str(a).strip().lower() for a in ds["answer"]}
+        ds = ds.rename_column("answer", "label" if answers <= {"yes", "no"} else "chosen")
+    return ds
+
+
+def _iter_dataset(ds) -> Iterator[tuple[int, int | None, dict | DataProblem]]:
+    from datasets import Image
+
     # Keep image columns as their stored bytes/path: decoding them here would re-encode every image and
     # stop the whole file at the first corrupt one instead of reporting it on its record.
     for column, feature in ds.features.items():

@@ -103,11 +103,13 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate alt-text (or yes/no answers) for test records with a LLaVA model.")
     p.add_argument("--model_name", "--model-path", "--model_path", dest="model_name", required=True,
-                   help="HF-format LLaVA directory, LoRA adapter directory (with --model_base) or original-format LLaVA directory")
+                   help="HF-format LLaVA, LoRA adapter (with --model_base) or original-format LLaVA: a directory or hub name")
     p.add_argument("--model_base", default=None, help="base model directory of a LoRA adapter")
     p.add_argument("--vision_tower", default=None, help="local CLIP directory for an original-format checkpoint")
+    p.add_argument("--model_revision", default=None, help="branch, tag or commit of a hub --model_name")
     p.add_argument("--test_datasets", nargs="+", required=True,
-                   help="test files: JSON array, JSON Lines, Parquet or a datasets directory")
+                   help="test files: JSON array, JSON Lines, Parquet, a datasets directory, or hub datasets org/name[:split]")
+    p.add_argument("--split", default=None, help="split of the hub datasets in --test_datasets that name none")
     p.add_argument("--eval_output", required=True, help="output JSON Lines file (resumed when it exists)")
     p.add_argument("--image_folder", default=None, help="folder relative image paths are resolved against")
     p.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"], help="prompts per generate call (per process)")
@@ -126,6 +128,14 @@ def check_args(args) -> None:
             raise InferenceError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.temperature < 0:
         raise InferenceError(f"--temperature must be >= 0, got {args.temperature}")
+    from llava.model.hub import HubError, with_split
+    from llava.model.load import ModelLoadError, resolve
+
+    try:  # hub names: the split joins each dataset name; the model is fetched (or found in the cache) at its revision
+        args.test_datasets = [with_split(d, args.split) for d in args.test_datasets]
+        args.model_name = str(resolve(args.model_name, args.model_revision))
+    except (HubError, ModelLoadError) as e:
+        raise InferenceError(str(e))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
     output_ids = model.generate(input_ids, images=image_tensor, image_sizes=[image.size], max_new_tokens=64)
 
 * The checkpoint is whatever ``load_model`` reads: an HF LLaVA / LLaVA-NeXT directory, a LoRA adapter on
-  ``model_base`` (merged), or an original-format LLaVA directory. ``model_name`` is accepted and not used:
+  ``model_base`` (merged), or an original-format LLaVA directory, each also by hub name (``revision=`` pins
+  the checkpoint's). ``model_name`` is accepted and not used:
   the directory's own files say what it is.
 * ``model`` is a ``LlavaCompatModel``: the native transformers model behind LLaVA's calling convention.
   Its ``generate`` takes LLaVA's input ids, with one ``IMAGE_TOKEN_INDEX`` (-200) where each image goes,
@@ -29,7 +30,7 @@ import torch
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.model.forward import image_features, is_llava_next, unwrap
-from llava.model.load import checkpoint_kind, load_model
+from llava.model.load import ModelLoadError, checkpoint_kind, load_model, lora_base, resolve
 
 __all__ = ["load_pretrained_model", "LlavaCompatModel"]
 
@@ -48,12 +49,13 @@ def _dtype(value) -> torch.dtype | None:
     return getattr(torch, value) if isinstance(value, str) else value
 
 
-def _checkpoint_config(model_path: str | Path, model_base) -> dict:
+def _checkpoint_config(path: Path, model_base) -> dict:
     """config.json of the directory holding the weights (the base's, for a LoRA adapter)."""
-    path = Path(model_path)
     if checkpoint_kind(path) == "lora":
-        base = model_base or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        path = Path(base) if base else path
+        try:
+            path = lora_base(path, model_base)
+        except ModelLoadError:
+            pass
     try:
         return json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -81,6 +83,7 @@ def load_pretrained_model(model_path, model_base, model_name, load_8bit=False, l
         else:
             warnings.warn("load_pretrained_model: use_flash_attn needs CUDA; using the default attention", stacklevel=2)
     vision_tower = kwargs.pop("vision_tower", None)
+    model_path = resolve(model_path, kwargs.pop("revision", None))  # a hub name becomes its local snapshot
     if kwargs:
         raise TypeError(f"load_pretrained_model: unsupported arguments {sorted(kwargs)}")
 

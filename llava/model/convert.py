@@ -3,6 +3,9 @@
     python -m llava.model.convert to-hf       --src ORIGINAL_DIR --out HF_DIR [--vision_tower CLIP_DIR]
     python -m llava.model.convert to-original --src HF_DIR --out ORIGINAL_DIR [--separate_vision_tower]
 
+``--src`` and ``--vision_tower`` may also be hub names (``liuhaotian/llava-v1.5-7b``), resolved through
+``huggingface_hub`` (``llava.model.hub``).
+
 This module holds the command line and the export direction, ``hf_to_original`` (an HF LLaVA / LLaVA-NeXT
 model -> the original layout). The original layout itself (its key names, ``is_original_format``, the HF class
 a config maps to: ``target_architecture``, what is supported and not) and the import direction
@@ -34,6 +37,7 @@ from pathlib import Path
 import torch
 
 from llava.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from llava.model.hub import local_dir
 from llava.model.original_layout import (
     _H_NEWLINE,
     _H_PROJ,
@@ -73,6 +77,7 @@ def _load_hf(path: Path):
     import transformers
     from transformers import AutoProcessor
 
+    path = local_dir(path, what="checkpoint")
     if is_original_format(path):
         raise ValueError(f"{path} is already in the original LLaVA format")
     cfg = _read_config(path)
@@ -209,7 +214,7 @@ def hf_to_original(
     """
     src_dir = None
     if isinstance(model_or_path, (str, Path)):
-        src_dir = Path(model_or_path)
+        src_dir = local_dir(model_or_path, what="checkpoint")
         model, loaded_processor = _load_hf(src_dir)
         processor = processor or loaded_processor
     elif isinstance(model_or_path, tuple):
@@ -354,14 +359,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m llava.model.convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     to_hf = sub.add_parser("to-hf", help="original LLaVA layout -> transformers LlavaForConditionalGeneration / LlavaNext")
-    to_hf.add_argument("--src", required=True, help="original-format checkpoint directory")
+    to_hf.add_argument("--src", required=True, help="original-format checkpoint directory or hub name")
     to_hf.add_argument("--out", required=True, help="directory to write the HF checkpoint to")
-    to_hf.add_argument("--vision_tower", default=None, help="local CLIP directory (overrides mm_vision_tower)")
+    to_hf.add_argument("--vision_tower", default=None, help="CLIP directory or hub name (overrides mm_vision_tower)")
     to_hf.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 (default: as stored)")
     to_hf.add_argument("--image_aspect_ratio", default=None, choices=["pad", "square", "anyres"],
                        help="override the config's image_aspect_ratio (e.g. pad for LLaVA-1.6 with one view)")
     to_orig = sub.add_parser("to-original", help="HF LLaVA / LLaVA-NeXT directory -> original LLaVA layout")
-    to_orig.add_argument("--src", required=True, help="HF-format checkpoint directory")
+    to_orig.add_argument("--src", required=True, help="HF-format checkpoint directory or hub name")
     to_orig.add_argument("--out", required=True, help="directory to write the original-format checkpoint to")
     to_orig.add_argument("--separate_vision_tower", action="store_true",
                          help="write the CLIP tower to OUT/vision_tower instead of into the main weights")

@@ -1,10 +1,15 @@
-"""Load, compose and save LLaVA checkpoints (local directories only: nothing is downloaded).
+"""Load, compose and save LLaVA checkpoints: local directories, or hub names (``org/name``, ``llava.model.hub``).
 
 * an HF-format LLaVA-1.5 / LLaVA-NeXT directory (what ``llava-hf/*`` checkpoints look like);
 * a peft LoRA adapter directory on a base (``model_base``), optionally merged;
 * an original-format LLaVA directory (``liuhaotian/llava-v1.5-*`` layout), converted on load;
 * a new LLaVA composed of a CLIP vision tower and a causal language model, as LLaVA's
   pre-training does (``compose``).
+
+Every path here may also be a hub repository name: it is resolved through ``huggingface_hub`` (its cache,
+``HF_HUB_OFFLINE``, tokens) to the local snapshot directory, which is then read as any directory; ``revision``
+pins the main checkpoint's branch, tag or commit. A LoRA adapter's base is its ``--model_base`` or the
+``base_model_name_or_path`` (and ``revision``) its adapter_config.json records.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from pathlib import Path
 import torch
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PAD_TOKEN
-from llava.conversation import VICUNA_V1_CHAT_TEMPLATE
+from llava.conversation import VICUNA_V1_CHAT_TEMPLATE, keep_legacy_on_save
+from llava.model.hub import HubError, local_dir, repo_of_snapshot
 
 LLAVA_MODEL_TYPES = ("llava", "llava_next")
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
@@ -32,11 +38,19 @@ def _read_json(path: Path) -> dict:
         raise ModelLoadError(f"{path}: cannot read ({e})")
 
 
-def checkpoint_kind(path: str | Path) -> str:
-    """``hf``, ``lora``, ``original`` (LLaVA's own layout) or ``causal_lm`` for a directory."""
-    path = Path(path)
+def resolve(path: str | Path, revision: str | None = None, *, what: str = "model") -> Path:
+    """The local directory of ``path``: itself, or the hub snapshot of a hub name (``llava.model.hub``)."""
+    try:
+        return local_dir(path, revision, what=what)
+    except HubError as e:
+        raise ModelLoadError(str(e)) from e
+
+
+def checkpoint_kind(path: str | Path, revision: str | None = None) -> str:
+    """``hf``, ``lora``, ``original`` (LLaVA's own layout) or ``causal_lm`` for a directory or hub name."""
+    path = resolve(path, revision)
     if not path.is_dir():
-        raise ModelLoadError(f"model path not found: {path} (a local directory is needed; nothing is downloaded)")
+        raise ModelLoadError(f"model path not found: {path} (neither a local directory nor a hub name org/name)")
     if (path / "adapter_config.json").is_file():
         return "lora"
     if not (path / "config.json").is_file():
@@ -49,39 +63,69 @@ def checkpoint_kind(path: str | Path) -> str:
     return "causal_lm"
 
 
+def lora_base(adapter_dir: Path, model_base: str | Path | None = None) -> Path:
+    """The local directory of a LoRA adapter's base: ``model_base``, else the one its adapter_config.json names.
+
+    A base recorded as a hub-cache snapshot path that is not on this machine (an adapter trained elsewhere)
+    is looked up again by its repository name and commit.
+    """
+    adapter = _read_json(adapter_dir / "adapter_config.json")
+    base, revision = model_base, None
+    if base is None:
+        base, revision = adapter.get("base_model_name_or_path"), adapter.get("revision")
+        cached = repo_of_snapshot(base) if base and not Path(base).exists() else None
+        if cached:
+            base, revision = cached
+    if not base:
+        raise ModelLoadError(f"{adapter_dir} is a LoRA adapter: pass its base model with --model_base (a directory or hub name)")
+    try:
+        found = local_dir(base, revision, what=f"base model of the LoRA adapter {adapter_dir}")
+    except HubError as e:
+        raise ModelLoadError(f"{e} (pass the base with --model_base)") from e
+    if not found.is_dir():
+        raise ModelLoadError(f"{adapter_dir} is a LoRA adapter: pass its base model directory with --model_base (got {str(base)!r})")
+    return found
+
+
 def load_model(path: str | Path, model_base: str | Path | None = None, *, dtype: torch.dtype | None = None,
-               merge_lora: bool = False, vision_tower: str | None = None, attn_implementation: str | None = None):
-    """``(model, processor)`` for an HF, LoRA-adapter or original-format LLaVA directory."""
+               merge_lora: bool = False, vision_tower: str | None = None, attn_implementation: str | None = None,
+               revision: str | None = None):
+    """``(model, processor)`` for an HF, LoRA-adapter or original-format LLaVA directory or hub name."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    path = resolve(path, revision)
     kind = checkpoint_kind(path)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if kind == "hf":
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-        return model, AutoProcessor.from_pretrained(path)
+        return model, _keeping_legacy(AutoProcessor.from_pretrained(path))
     if kind == "original":
         from llava.model.convert import load_original
 
-        return load_original(path, vision_tower=vision_tower, dtype=dtype)
+        model, processor = load_original(path, vision_tower=vision_tower, dtype=dtype)
+        return model, _keeping_legacy(processor)
     if kind == "lora":
         from peft import PeftModel
 
-        adapter = _read_json(Path(path) / "adapter_config.json")
-        base = model_base or adapter.get("base_model_name_or_path")
-        if not base or not Path(base).is_dir():
-            raise ModelLoadError(f"{path} is a LoRA adapter: pass its base model directory with --model_base (got {base!r})")
+        base = lora_base(path, model_base)
         model, processor = load_model(base, dtype=dtype, vision_tower=vision_tower, attn_implementation=attn_implementation)
         model = PeftModel.from_pretrained(model, str(path))
         if merge_lora:
             model = model.merge_and_unload()
         if (Path(path) / "processor_config.json").is_file() or (Path(path) / "preprocessor_config.json").is_file():
-            processor = AutoProcessor.from_pretrained(path)
+            processor = _keeping_legacy(AutoProcessor.from_pretrained(path))
         return model, processor
     raise ModelLoadError(
         f"{path} is a plain language model, not a LLaVA: give a CLIP directory with --vision_tower to compose one"
     )
+
+
+def _keeping_legacy(processor):
+    """The processor, its tokenizer set to save its ``legacy`` setting (transformers 5 would drop it)."""
+    keep_legacy_on_save(processor.tokenizer)
+    return processor
 
 
 def _add_special_tokens(tokenizer) -> None:
@@ -121,7 +165,7 @@ def clip_image_processor(vision_tower: str | Path, image_size: int):
 def compose(language_model: str | Path, vision_tower: str | Path, *, projector_type: str = "mlp2x_gelu",
             select_layer: int = -2, select_feature: str = "patch", next_arch: bool = False,
             dtype: torch.dtype | None = None, seed: int = 0):
-    """A new LLaVA from a CLIP vision tower directory and a causal-LM directory, projector freshly initialised.
+    """A new LLaVA from a CLIP vision tower and a causal LM (directories or hub names), projector freshly initialised.
 
     ``linear`` (a single linear projector) is written exactly in the native two-layer projector:
     ``projector_hidden_act="linear"`` and an identity second layer, which ``llava.train`` keeps frozen.
@@ -134,13 +178,16 @@ def compose(language_model: str | Path, vision_tower: str | Path, *, projector_t
         raise ModelLoadError(f"--mm_projector_type must be one of {PROJECTOR_TYPES}, got {projector_type!r}")
     if select_feature not in ("patch", "cls_patch"):
         raise ModelLoadError(f"--mm_vision_select_feature must be patch or cls_patch, got {select_feature!r}")
-    tower_cfg = Path(vision_tower) / "config.json"
+    language_model = resolve(language_model, what="language model")
+    vision_tower = resolve(vision_tower, what="--vision_tower")
+    tower_cfg = vision_tower / "config.json"
     if not tower_cfg.is_file() or _read_json(tower_cfg).get("model_type") not in ("clip", "clip_vision_model"):
         raise ModelLoadError(f"--vision_tower {vision_tower}: not a local CLIP model directory")
     kwargs = {"dtype": dtype} if dtype is not None else {}
     lm = AutoModelForCausalLM.from_pretrained(language_model, **kwargs)
     tower = CLIPVisionModel.from_pretrained(vision_tower, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(language_model)
+    keep_legacy_on_save(tokenizer)
     _add_special_tokens(tokenizer)
     common = dict(
         vision_config=tower.config, text_config=lm.config, image_token_id=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN),
@@ -188,3 +235,22 @@ def save_model(model, processor, out_dir: str | Path) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     return out
+
+
+def resolve_hub_arguments(model_args) -> None:
+    """Replace hub names in training's ``ModelArguments`` by local paths, in place, before anything reads them:
+    ``--model_name_or_path`` (at ``--model_revision``), ``--vision_tower`` and ``--pretrain_mm_mlp_adapter``
+    (``org/name``: its ``mm_projector.bin``; ``org/name/FILE``). Fingerprints, loaders and the saved
+    adapter's base then all see the same local snapshot."""
+    from llava.model.hub import local_file
+
+    model_args.model_name_or_path = str(resolve(model_args.model_name_or_path, getattr(model_args, "model_revision", None),
+                                                what="--model_name_or_path"))
+    if model_args.vision_tower:
+        model_args.vision_tower = str(resolve(model_args.vision_tower, what="--vision_tower"))
+    if model_args.pretrain_mm_mlp_adapter:
+        try:
+            model_args.pretrain_mm_mlp_adapter = str(local_file(model_args.pretrain_mm_mlp_adapter,
+                                                                what="--pretrain_mm_mlp_adapter"))
+        except HubError as e:
+            raise ModelLoadError(str(e)) from e

@@ -52,11 +52,13 @@ Vision tower
 ------------
 Weights inside the checkpoint are used when present. The CLIP directory (for the config, the image processor
 settings and, when the checkpoint has no tower weights, the weights) is, in order: ``vision_tower=`` (a local
-directory), ``mm_vision_tower`` when it is a local directory (absolute, relative to the working directory, or
-relative to the checkpoint), a copy of that hub id already in the local Hugging Face cache, and finally a
-``vision_tower/`` folder inside the checkpoint (what ``hf_to_original`` writes). Nothing is downloaded: a hub id
-with no local copy is an error asking for ``vision_tower=``, except when the tower weights are inside the
-checkpoint and the id is one of the OpenAI CLIP-L/14 towers LLaVA uses, whose config is known.
+directory or a hub name), ``mm_vision_tower`` when it is a local directory (absolute, relative to the working
+directory, or relative to the checkpoint), that hub name resolved through ``huggingface_hub``
+(``llava.model.hub``: the cache, downloaded when online; only its config files when the weights are inside
+the checkpoint), and finally a ``vision_tower/`` folder inside the checkpoint (what ``hf_to_original``
+writes). A hub name that cannot be resolved (offline and not cached, say) is an error asking for
+``vision_tower=``, except when the tower weights are inside the checkpoint and the id is one of the OpenAI
+CLIP-L/14 towers LLaVA uses, whose config is known.
 
 Tokenizer
 ---------
@@ -70,7 +72,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ from typing import Any
 import torch
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PAD_TOKEN
+from llava.model.hub import HubError, is_repo_id, local_dir, snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -252,40 +254,41 @@ def _load_original_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if not k.endswith((".inv_freq", ".position_ids"))}
 
 
-def _hub_cache_dir(name: str) -> Path | None:
-    """A copy of hub repo ``name`` already in the local Hugging Face cache (never downloads)."""
-    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", name):
-        return None
-    try:
-        from huggingface_hub import snapshot_download
-
-        found = Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached, offline, or no hub client: all mean "no local copy"
-        return None
-    return found if (found / "config.json").is_file() else None
+# Files of a CLIP repository needed when the checkpoint carries the tower's weights itself (v1.6).
+_CLIP_CONFIG_FILES = ["config.json", "preprocessor_config.json"]
 
 
-def _resolve_clip_dir(ckpt: Path, cfg: dict, vision_tower: str | Path | None) -> Path | None:
+def _resolve_clip_dir(ckpt: Path, cfg: dict, vision_tower: str | Path | None, has_inside_weights: bool = False):
+    """``(CLIP directory or None, why the hub name was not found or None)``; see "Vision tower" above."""
     if vision_tower is not None:
-        p = Path(vision_tower).expanduser()
+        try:
+            p = local_dir(vision_tower, what="vision_tower")
+        except HubError as e:
+            raise FileNotFoundError(f"vision_tower={str(vision_tower)!r}: {e.reason}") from e
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"vision_tower={str(vision_tower)!r} is not a local CLIP directory (no config.json)")
-        return p
+        return p, None
     name = cfg.get("mm_vision_tower") or cfg.get("vision_tower")
+    why = None
     if name:
         for cand in (Path(name).expanduser(), ckpt / name):
             if (cand / "config.json").is_file():
-                return cand
-        cached = _hub_cache_dir(name)
-        if cached is not None:
-            return cached
+                return cand, None
+        if is_repo_id(name):
+            try:  # the weights inside the checkpoint win: then only the tower's config files are fetched
+                found = snapshot(name, what="vision tower", allow_patterns=_CLIP_CONFIG_FILES if has_inside_weights else None)
+            except HubError as e:
+                why = e.reason
+            else:
+                if (found / "config.json").is_file():
+                    return found, None
     side = ckpt / "vision_tower"
     if (side / "config.json").is_file():
-        return side
-    return None
+        return side, None
+    return None, why
 
 
-def _vision_config(clip_dir: Path | None, name: str | None, has_inside_weights: bool):
+def _vision_config(clip_dir: Path | None, name: str | None, has_inside_weights: bool, why: str | None = None):
     from transformers import CLIPVisionConfig
 
     if clip_dir is not None:
@@ -298,8 +301,8 @@ def _vision_config(clip_dir: Path | None, name: str | None, has_inside_weights: 
     if has_inside_weights and name in KNOWN_CLIP_TOWERS:
         return CLIPVisionConfig(**KNOWN_CLIP_TOWERS[name])
     raise FileNotFoundError(
-        f"the vision tower {name!r} is not a local directory and has no local copy; nothing is downloaded at run time: "
-        "pass vision_tower=<local CLIP directory> (CLI: --vision_tower DIR), e.g. a snapshot of "
+        f"the vision tower {name!r} is not a local directory, and as a hub name: {why or 'not a hub name'}; "
+        "pass vision_tower=<CLIP directory or hub name> (CLI: --vision_tower), e.g. "
         f"{name or 'openai/clip-vit-large-patch14-336'}"
     )
 
@@ -439,7 +442,7 @@ def load_original(
 ):
     """Load an original-format LLaVA checkpoint into ``(model, processor)`` of the native transformers classes.
 
-    ``vision_tower`` is a local CLIP directory that overrides ``mm_vision_tower``; ``dtype`` defaults to the dtype
+    ``path`` is a directory or a hub name; ``vision_tower`` is a CLIP directory or hub name that overrides ``mm_vision_tower``; ``dtype`` defaults to the dtype
     the language model is stored in; ``image_aspect_ratio`` overrides the config's (e.g. ``"pad"`` to use a
     LLaVA-1.6 checkpoint with one 336 view, as the MCM-DPO paper does).
     """
@@ -448,7 +451,7 @@ def load_original(
 
     from llava.conversation import VICUNA_V1_CHAT_TEMPLATE
 
-    path = Path(path)
+    path = local_dir(path, what="checkpoint")  # a directory, or a hub name resolved to its snapshot
     if not is_original_format(path):
         cfg = _read_config(path)
         what = "no config.json" if cfg is None else f"architectures {cfg.get('architectures')}"
@@ -471,8 +474,8 @@ def load_original(
     inside = {k[len(_O_VISION):]: v for k, v in sd.items() if k.startswith(_O_VISION)}
     sd = {k: v for k, v in sd.items() if not k.startswith(_O_VISION)}
     name = cfg.get("mm_vision_tower") or cfg.get("vision_tower")
-    clip_dir = _resolve_clip_dir(path, cfg, vision_tower)
-    vision_config = _vision_config(clip_dir, name, bool(inside))
+    clip_dir, why = _resolve_clip_dir(path, cfg, vision_tower, has_inside_weights=bool(inside))
+    vision_config = _vision_config(clip_dir, name, bool(inside), why)
     if cfg.get("mm_hidden_size") not in (None, vision_config.hidden_size):
         raise ValueError(f"mm_hidden_size {cfg['mm_hidden_size']} != vision tower hidden_size {vision_config.hidden_size}")
 
@@ -587,7 +590,7 @@ def original_to_hf(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    _copy_sentencepiece(Path(path), out)
+    _copy_sentencepiece(local_dir(path, what="checkpoint"), out)
     return out
 
 

@@ -23,6 +23,7 @@ REFERENCE_MODES = ("cached", "live", "adapters_off")
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "HF-format LLaVA / LLaVA-NeXT directory, an original-format "
                                               "LLaVA directory (converted on load), or a causal LM to compose with --vision_tower"})
+    model_revision: str | None = field(default=None, metadata={"help": "branch, tag or commit of a hub --model_name_or_path"})
     version: str = field(default="v1", metadata={"help": "conversation template: v1 (Vicuna v1), plain, llava_llama_2, mistral_instruct"})
     vision_tower: str | None = field(default=None, metadata={"help": "local CLIP directory: composes a new LLaVA with a causal LM, "
                                                              "or supplies the tower of an original-format checkpoint"})

@@ -29,11 +29,12 @@ from llava.data.datasets import PreferenceDataset, SFTDataset
 from llava.data.images import ImageProcessor, missing_images
 from llava.data.records import DataError, read_records
 from llava.data.show import render_text, sequences_of
-from llava.model.load import ModelLoadError, checkpoint_kind, compose, load_model, save_model
+from llava.model.hub import dataset_fingerprint
+from llava.model.load import ModelLoadError, checkpoint_kind, compose, load_model, resolve_hub_arguments, save_model
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
 from llava.train.params import Trainable, apply_lora, set_trainable
 from llava.train.policy import ResponseLogps
-from llava.train.reference import AdaptersOffReference, CachedReference, LiveReference, file_fingerprint, model_fingerprint
+from llava.train.reference import AdaptersOffReference, CachedReference, LiveReference, model_fingerprint
 from llava.train.trainer import DPOObjective, LlavaTrainer, MCMObjective, SFTObjective
 
 logger = logging.getLogger("llava.train")
@@ -120,7 +121,7 @@ def make_reference(model_args, data_args, args, conditions):
     key = {
         "model": model_fingerprint(model_path),
         "vision_tower": model_fingerprint(model_args.vision_tower) if model_args.vision_tower and Path(model_args.vision_tower).is_dir() else None,
-        "data": file_fingerprint(data_args.data_path),
+        "data": dataset_fingerprint(data_args.data_path),
         "image_folder": str(Path(data_args.image_folder).resolve()) if data_args.image_folder else None,
         "negatives": [args.negatives_seed, args.use_image_type, args.diffusion_step],
         "preprocess": [model_args.version, data_args.image_aspect_ratio, args.model_max_length],
@@ -154,6 +155,7 @@ def abandoned_build_locks(max_age_minutes: float) -> list[Path]:
 
 def prepare(argv: list[str] | None = None) -> LlavaTrainer:
     model_args, data_args, args = parse_args(argv)
+    resolve_hub_arguments(model_args)
     if args.deepspeed:
         minutes = float(os.environ.get("STALE_LOCK_MINUTES", 10))
         if stale := abandoned_build_locks(minutes):
