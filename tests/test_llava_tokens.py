@@ -26,7 +26,7 @@ import sentencepiece as spm
 from PIL import Image
 from sentencepiece import sentencepiece_model_pb2
 
-from llava.conversation import keep_legacy_on_save
+from llava.conversation import is_legacy, keep_legacy_on_save
 from llava.data import negatives, show
 from llava.model.tiny import tokenizer_corpus
 
@@ -299,10 +299,10 @@ def test_a_legacy_tokenizer_stays_legacy_through_load_and_save(vicuna_like, tiny
     shutil.copytree(tiny_llava_dir, checkpoint)
     for f in model_dir.iterdir():  # the Vicuna-like processor over the tiny model's weights
         shutil.copy(f, checkpoint / f.name)
-    model, processor = load_model(checkpoint)
-    assert processor.tokenizer.legacy is ref.legacy
+    model, processor = load_model(checkpoint)  # beside a LLaVA config.json transformers picks its generic class
+    assert is_legacy(processor.tokenizer) is ref.legacy
     save_model(model, processor, tmp_path / "saved")
-    reloaded = AutoProcessor.from_pretrained(tmp_path / "saved").tokenizer
-    assert reloaded.legacy is ref.legacy
-    text = "An answer.</s>USER: next ASSISTANT:"
-    assert reloaded(text).input_ids == processor.tokenizer(text).input_ids
+    for reloaded in (AutoProcessor.from_pretrained(tmp_path / "saved").tokenizer, load_model(tmp_path / "saved")[1].tokenizer):
+        assert is_legacy(reloaded) is ref.legacy
+        text = "An answer.</s>USER: next ASSISTANT:"
+        assert reloaded(text).input_ids == processor.tokenizer(text).input_ids == ref(text)
