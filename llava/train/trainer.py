@@ -8,7 +8,11 @@ A step, top to bottom (``compute_loss``)::
                      -> metrics averaged over ranks, kept until the next log
 
 The model the Trainer holds is ``ResponseLogps`` (the LLaVA model called on a batch); checkpoints
-are saved as the LLaVA model itself, in HF format with its processor.
+are saved as the LLaVA model itself, in HF format with its processor (and its chat template), the
+released decoding (``generation_config.json``) and a model card (``llava.train.model_card``).
+
+Held-out evaluation (``evaluate``) runs the same objective on the eval set, with its own reference
+(a cache of the eval records) when given one, and logs the per-record means of its metrics.
 """
 
 from __future__ import annotations
