@@ -12,6 +12,8 @@ from PIL import Image
 
 from llava.conversation import ALIASES, TEMPLATES, encode_conversation, encode_prompt, get_template, image_question
 from llava.model.chat_template import set_chat_template
+from llava.train.arguments import parse_args
+from llava.train.model_card import CardFacts, final_metrics, public_flags, render_card
 from llava.train.losses import TERM_LOSERS
 from llava.train.train import prepare, train
 from tests.conftest import write_preference_set
@@ -241,3 +243,31 @@ def test_a_lora_adapter_and_its_merged_model_are_publishable(tiny_llava_dir, pre
         assert GenerationConfig.from_pretrained(directory).num_beams == 3
         prompt = AutoProcessor.from_pretrained(directory).apply_chat_template([user(QUESTION)], add_generation_prompt=True)
         assert prompt == get_template("v1").human_text(image_question(QUESTION), first=True)
+
+
+# -- the card's pieces ----------------------------------------------------------------------------
+
+
+def test_the_card_never_records_a_hub_token_or_the_launchers_rank():
+    argv = ["--model_name_or_path", "m", "--hub_token", "hf_secret", "--local_rank=1", "--data_path", "d.json",
+            "--hub-token=hf_other", "--push_to_hub", "True", "--local_rank", "0", "--seed", "3"]
+    assert public_flags(argv) == ("--model_name_or_path", "m", "--data_path", "d.json", "--push_to_hub", "True", "--seed", "3")
+
+
+@pytest.mark.parametrize("flags,stage,says", [
+    (["--task", "LM"], "SFT", "negative log-likelihood of the answer tokens"),
+    (["--task", "DPO", "--beta", "0.2"], "DPO", "beta 0.2"),
+    (["--task", "DPO", "--use_cross_modal_loss", "True", "--mcm_aggregate", "loss", "--use_image_type", "black"], "MCM-DPO",
+     "Corrupted image: `black`"),
+])
+def test_stage_and_method(flags, stage, says, tmp_path):
+    argv = ["--model_name_or_path", "org/llava", "--data_path", "d.json", "--output_dir", str(tmp_path), *flags]
+    model_args, data_args, args = parse_args(argv)
+    facts = CardFacts.from_run(model_args, data_args, args, argv, "LlavaForConditionalGeneration", 10, None)
+    history = [{"loss": 0.5, "step": 3, "epoch": 1.0}, {"train_loss": 0.6, "train_runtime": 9.0, "step": 3, "epoch": 1.0}]
+    card = render_card(facts, history, tmp_path)
+    assert facts.stage == stage and f"trained by {stage}" in card and says in card
+    assert ("| term |" in card) == (stage == "MCM-DPO")
+    assert "base_model: org/llava" in card  # a Hub id goes into the metadata
+    assert "| train | `d.json` | 10 |" in card and "| eval |" not in card
+    assert final_metrics(history) == (3, {"loss": 0.5, "epoch": 1.0, "train_loss": 0.6, "train_runtime": 9.0}, {})

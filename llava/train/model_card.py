@@ -59,6 +59,21 @@ def method_lines(args) -> list[str]:
     return lines
 
 
+# flags the card leaves out with their values: a secret, and the launcher's own (nothing about the run)
+PRIVATE_FLAGS = ("hub_token", "local_rank")
+
+
+def public_flags(argv: Sequence[str]) -> tuple[str, ...]:
+    """``argv`` without ``PRIVATE_FLAGS`` and their values (``--flag value`` or ``--flag=value``)."""
+    kept, private = [], False
+    for arg in argv:
+        if arg.startswith("--"):
+            private = arg[2:].split("=", 1)[0].replace("-", "_") in PRIVATE_FLAGS
+        if not private:
+            kept.append(arg)
+    return tuple(kept)
+
+
 @dataclass(frozen=True)
 class CardFacts:
     base_model: str
@@ -79,11 +94,9 @@ class CardFacts:
         data = [("train", str(data_args.data_path), n_train)]
         if n_eval is not None:
             data.append(("eval", str(data_args.eval_data_path), n_eval))
-        # the launcher's own flag says nothing about the run
-        command = [a for a in argv if not a.startswith("--local_rank")]
         return cls(base_model=str(model_args.model_name_or_path), vision_tower=model_args.vision_tower,
                    model_class=model_class, version=model_args.version, image_aspect_ratio=data_args.image_aspect_ratio,
-                   method=tuple(method_lines(args)), stage=stage_of(args), data=tuple(data), command=tuple(command),
+                   method=tuple(method_lines(args)), stage=stage_of(args), data=tuple(data), command=public_flags(argv),
                    lora=f"r {args.lora_r}, alpha {args.lora_alpha}" if args.lora_enable else None,
                    hub_model_id=args.hub_model_id if args.push_to_hub else None)
 
@@ -126,7 +139,7 @@ def _front_matter(facts: CardFacts) -> str:
 
     tags = ["llava", "alt-text", facts.stage.lower()]
     # the Hub wants a repository id here; a local path would be flagged as invalid metadata
-    on_hub = "/" in facts.base_model and not Path(facts.base_model).exists() and facts.base_model.count("/") == 1
+    on_hub = facts.base_model.count("/") == 1 and not Path(facts.base_model).exists()
     data = ModelCardData(library_name="peft" if facts.lora else "transformers", pipeline_tag="image-text-to-text",
                          tags=tags, base_model=facts.base_model if on_hub else None)
     return f"---\n{data.to_yaml()}\n---\n"
