@@ -164,7 +164,8 @@ def test_the_cards_transformers_snippet_runs_without_the_toolkit(run, tmp_path):
     assert "model.generate(**inputs)" in code
     code = code.replace("model.generate(**inputs)", "model.generate(**inputs, max_new_tokens=8)")
     code += "\nassert not any(m == 'llava' or m.startswith('llava.') for m in sys.modules), 'the project was imported'\n"
-    code += "print('generated', out.shape[1] - inputs['input_ids'].shape[1], 'tokens with', model.generation_config.num_beams, 'beams')\n"
+    code += ("print('generated', out.shape[1] - inputs['input_ids'].shape[1], 'tokens with',"
+             " model.generation_config.num_beams, 'beams')\n")
     # -I: isolated mode, the repository is not on sys.path
     result = subprocess.run([sys.executable, "-I", "-c", "import sys\n" + code], cwd=tmp_path, capture_output=True, text=True,
                             timeout=600)

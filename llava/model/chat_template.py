@@ -55,8 +55,7 @@ def generation_prompt(template: Template) -> str:
 def chat_template(template: Template) -> str:
     """The Jinja chat template that writes ``template``'s conversations."""
     tag = generation_prompt(template)
-    first_user = template.first_human.removesuffix(tag) if tag else template.first_human
-    later_user = template.human.removesuffix(tag) if tag else template.human
+    first_user, later_user = template.first_human.removesuffix(tag), template.human.removesuffix(tag)
     fields = {"system": "ns.system", "message": "body"}
     image = _literal(DEFAULT_IMAGE_TOKEN)
     if template.image_only_prompt:  # `plain`: the human turn keeps only its image
@@ -80,7 +79,8 @@ def chat_template(template: Template) -> str:
         f"{{%- if ns.first -%}}{{{{- {_expression(first_user, fields)} -}}}}",
         f"{{%- else -%}}{{{{- {_expression(later_user, fields)} -}}}}{{%- endif -%}}",
         "{%- set ns.first = false -%}",
-        f"{{%- if not loop.last and messages[loop.index0 + 1]['role'] == 'assistant' -%}}{{{{- {_literal(tag)} -}}}}{{%- endif -%}}",
+        "{%- if not loop.last and messages[loop.index0 + 1]['role'] == 'assistant' -%}",
+        f"{{{{- {_literal(tag)} -}}}}{{%- endif -%}}",
         "{%- elif message['role'] == 'assistant' -%}",
         f"{{{{- {_expression(template.answer, {'message': 'text'})}{eos} -}}}}",
         "{%- else -%}{{- raise_exception('unknown role: ' + message['role']) -}}",

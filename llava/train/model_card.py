@@ -55,7 +55,8 @@ def method_lines(args) -> list[str]:
     lines.append("")
     lines.append("| term | prefers `cw_mw_yw` to | weight |")
     lines.append("|---|---|---|")
-    lines += [f"| {term} | `{loser}` | {weights[term]:g}{'' if weights[term] else ' (off)'} |" for term, loser in TERM_LOSERS.items()]
+    lines += [f"| {term} | `{loser}` | {weights[term]:g}{'' if weights[term] else ' (off)'} |"
+              for term, loser in TERM_LOSERS.items()]
     return lines
 
 
