@@ -52,6 +52,8 @@ class DataArguments:
     image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (square in the mean colour), square (resize and centre crop) "
                                                              "or anyres (LLaVA-NeXT multi-crop)"})
     lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for compatibility: records are always processed lazily"})
+    eval_data_path: str | None = field(default=None, metadata={"help": "held-out data (same format as --data_path) evaluated "
+                                                         "with the training objective at --eval_steps (--eval_strategy steps)"})
 
     def __post_init__(self):
         if not self.data_path:

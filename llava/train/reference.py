@@ -56,14 +56,16 @@ def cache_path(cache_dir: str | Path, key: dict) -> Path:
 
 
 @torch.no_grad()
-def reference_pass(trainer) -> torch.Tensor:
-    """``[N, C]`` log-probabilities of every record and condition under the current model.
+def reference_pass(trainer, dataset=None) -> torch.Tensor:
+    """``[N, C]`` log-probabilities of every record and condition of ``dataset`` (default: the
+    training set) under the current model.
 
     Every rank runs the same number of batches (ZeRO-3 gathers parameters collectively), over
     its share of the records; the shares are gathered so every rank holds the whole table.
     """
     acc, args = trainer.accelerator, trainer.args
-    dataset, collator = trainer.train_dataset, trainer.data_collator
+    dataset = trainer.train_dataset if dataset is None else dataset
+    collator = trainer.data_collator
     n, world, rank = len(dataset), acc.num_processes, acc.process_index
     mine = list(range(rank, n, world))
     mine += [mine[-1] if mine else 0] * (math.ceil(n / world) - len(mine))
@@ -87,17 +89,24 @@ def reference_pass(trainer) -> torch.Tensor:
 
 
 class CachedReference:
-    def __init__(self, cache_dir: str | Path, key: dict):
-        self.key = key
-        self.path = cache_path(cache_dir, key)
+    """``split`` is the trainer's dataset the table covers, ``train`` or ``eval``; each has its own cache file."""
+
+    def __init__(self, cache_dir: str | Path, key: dict, split: str = "train"):
+        self.cache_dir, self.split = Path(cache_dir), split
+        self.key = key if split == "train" else {**key, "split": split}
+        self.path = cache_path(cache_dir, self.key)
         self.table: torch.Tensor | None = None
         self.reused = False
 
+    def for_split(self, split: str) -> "CachedReference":
+        return CachedReference(self.cache_dir, self.key, split)
+
     def prepare(self, trainer) -> None:
         n_conditions = len(self.key["conditions"])
+        dataset = trainer.eval_dataset if self.split == "eval" else trainer.train_dataset
         if self.path.is_file():
             saved = torch.load(self.path, map_location="cpu")
-            if saved["key"] != self.key or saved["logps"].shape != (len(trainer.train_dataset), n_conditions):
+            if saved["key"] != self.key or saved["logps"].shape != (len(dataset), n_conditions):
                 raise ValueError(f"{self.path}: reference cache does not match this run; delete it to recompute")
             self.table, self.reused = saved["logps"], True
             return
@@ -105,7 +114,7 @@ class CachedReference:
             raise ValueError(
                 f"resuming at step {trainer.state.global_step}, but the reference cache {self.path} is missing: the "
                 "reference log-probabilities must come from the starting checkpoint, not from the resumed policy")
-        self.table = reference_pass(trainer)
+        self.table = reference_pass(trainer, dataset)
         if trainer.accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".tmp{os.getpid()}")

@@ -10,6 +10,7 @@ is reported before the first step as one line naming the file, record and field.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -29,9 +30,11 @@ from llava.data.datasets import PreferenceDataset, SFTDataset
 from llava.data.images import ImageProcessor, missing_images
 from llava.data.records import DataError, read_records
 from llava.data.show import render_text, sequences_of
+from llava.model.chat_template import set_chat_template
 from llava.model.hub import dataset_fingerprint
 from llava.model.load import ModelLoadError, checkpoint_kind, compose, load_model, resolve_hub_arguments, save_model
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
+from llava.train.model_card import CardFacts, release_generation_config, write_model_card
 from llava.train.params import Trainable, apply_lora, set_trainable
 from llava.train.policy import ResponseLogps
 from llava.train.reference import AdaptersOffReference, CachedReference, LiveReference, model_fingerprint
@@ -103,6 +106,14 @@ def build_data(data_args: DataArguments, model_args: ModelArguments, args: Train
     return dataset, PreferenceCollator(conditions, tok.pad_token_id, image_token_id, packed=packed)
 
 
+def check_eval_flags(data_args: DataArguments, args: TrainingArguments) -> None:
+    if data_args.eval_data_path and args.eval_strategy == "no":
+        raise ValueError(f"--eval_data_path {data_args.eval_data_path}: say when to evaluate, with --eval_strategy steps "
+                         "--eval_steps N (or --eval_strategy epoch)")
+    if args.eval_strategy != "no" and not data_args.eval_data_path:
+        raise ValueError(f"--eval_strategy {args.eval_strategy.value}: give the held-out data with --eval_data_path")
+
+
 def make_objective(args: TrainingArguments):
     if args.task == "LM":
         return SFTObjective()
@@ -154,7 +165,9 @@ def abandoned_build_locks(max_age_minutes: float) -> list[Path]:
 
 
 def prepare(argv: list[str] | None = None) -> LlavaTrainer:
+    argv = sys.argv[1:] if argv is None else list(argv)  # the model card records the command as given
     model_args, data_args, args = parse_args(argv)
+    check_eval_flags(data_args, args)
     resolve_hub_arguments(model_args)
     if args.deepspeed:
         minutes = float(os.environ.get("STALE_LOCK_MINUTES", 10))
@@ -171,10 +184,17 @@ def prepare(argv: list[str] | None = None) -> LlavaTrainer:
     objective = make_objective(args)
     conditions = objective.conditions
     llava, processor = build_model(model_args, args)
+    # saved directories write the training prompt through apply_chat_template and decode as released
+    set_chat_template(processor, get_template(model_args.version))
+    llava.generation_config = release_generation_config(processor.tokenizer)
     dataset, collator = build_data(data_args, model_args, args, processor, conditions)
     if args.process_index == 0:  # what the model is trained on, seen before step 1 (python -m llava.data.show)
         logger.info("record 0 of %s as the model sees it ([[trained]]):\n%s", data_args.data_path,
                     render_text(processor.tokenizer, sequences_of(dataset, 0)))
+    eval_data = dataclasses.replace(data_args, data_path=data_args.eval_data_path) if data_args.eval_data_path else None
+    eval_dataset = build_data(eval_data, model_args, args, processor, conditions)[0] if eval_data else None
+    card = CardFacts.from_run(model_args, data_args, args, argv, type(llava).__name__, len(dataset),
+                              len(eval_dataset) if eval_dataset is not None else None)
     trainable = Trainable.from_flags(tune_mm_mlp_adapter=model_args.tune_mm_mlp_adapter,
                                      freeze_backbone=model_args.freeze_backbone,
                                      unfreeze_mm_vision_tower=model_args.unfreeze_mm_vision_tower)
@@ -182,9 +202,13 @@ def prepare(argv: list[str] | None = None) -> LlavaTrainer:
     if args.lora_enable:
         llava = apply_lora(llava, trainable, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, bias=args.lora_bias)
     reference = make_reference(model_args, data_args, args, conditions) if objective.needs_reference else None
+    eval_reference = None
+    if eval_data and isinstance(reference, CachedReference):  # the held-out records get their own cache
+        eval_reference = make_reference(model_args, eval_data, args, conditions).for_split("eval")
     model = ResponseLogps(llava, naive=args.preference_forward == "naive")
-    return LlavaTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor,
-                        objective=objective, reference=reference)
+    return LlavaTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=collator,
+                        processing_class=processor, objective=objective, reference=reference, eval_reference=eval_reference,
+                        card=card)
 
 
 def train(trainer: LlavaTrainer) -> None:
@@ -195,7 +219,9 @@ def train(trainer: LlavaTrainer) -> None:
     if args.lora_enable and args.merge_lora and trainer.is_world_process_zero():
         base = trainer.model.llava.peft_config["default"].base_model_name_or_path
         merged, processor = load_model(args.output_dir, model_base=base, merge_lora=True)
+        merged.generation_config = release_generation_config(processor.tokenizer)
         save_model(merged, processor, Path(args.output_dir) / "merged")
+        write_model_card(Path(args.output_dir) / "merged", trainer.card.merged(), trainer.state.log_history)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,11 @@ A step, top to bottom (``compute_loss``)::
                      -> metrics averaged over ranks, kept until the next log
 
 The model the Trainer holds is ``ResponseLogps`` (the LLaVA model called on a batch); checkpoints
-are saved as the LLaVA model itself, in HF format with its processor.
+are saved as the LLaVA model itself, in HF format with its processor (and its chat template), the
+released decoding (``generation_config.json``) and a model card (``llava.train.model_card``).
+
+Held-out evaluation (``evaluate``) runs the same objective on the eval set, with its own reference
+(a cache of the eval records) when given one, and logs the per-record means of its metrics.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from typing import Mapping
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.utils import GENERATION_CONFIG_NAME
 
 from llava.constants import DPO_CONDITIONS
 from llava.data.sampler import ModalityLengthGroupedSampler
 from llava.train.losses import dpo_loss, mcm_dpo_loss, needed_conditions
+from llava.train.model_card import CardFacts, write_model_card
 from llava.train.params import parameter_groups
 
 Metrics = dict[str, torch.Tensor]
@@ -72,34 +78,56 @@ class MCMObjective:
 
 
 class _PrepareReference(TrainerCallback):
-    """Runs the reference's preparation (the cached pass) once the model is wrapped, before step 1."""
+    """Runs the references' preparation (the cached passes) once the model is wrapped, before step 1.
+
+    The held-out set's reference comes from the starting model too, so it is prepared here, before
+    any step (and before ``--eval_on_start``'s evaluation), not at the first evaluation.
+    """
 
     def __init__(self, trainer: "LlavaTrainer"):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.reference.prepare(self.trainer)
+        self.trainer.prepare_references()
 
 
 class LlavaTrainer(Trainer):
     # compute_loss returns a per-micro-batch mean; the Trainer divides by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, objective, reference=None, **kwargs):
+    def __init__(self, *args, objective, reference=None, eval_reference=None, card: CardFacts | None = None, **kwargs):
+        """``eval_reference``: the held-out set's own reference (a cache of its records); ``None``
+        evaluates with ``reference`` (live and adapters-off references serve any batch).
+        ``card``: what the model card of each saved directory says about the run."""
         super().__init__(*args, **kwargs)
-        self.objective, self.reference = objective, reference
+        self.objective, self.reference, self.eval_reference, self.card = objective, reference, eval_reference, card
         if objective.needs_reference:
             if reference is None:
                 raise ValueError("this objective needs a reference")
             self.add_callback(_PrepareReference(self))
+        self._references_ready = False
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._eval_rows: list[torch.Tensor] = []
+        self._eval_names: list[str] = []
+
+    def prepare_references(self) -> None:
+        if self._references_ready or not self.objective.needs_reference:
+            return
+        self.reference.prepare(self)
+        if self.eval_reference is not None and self.eval_dataset is not None:
+            self.eval_reference.prepare(self)
+        self._references_ready = True
 
     # -- the step ---------------------------------------------------------------------------
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _objective(self, model, inputs, reference) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
         policy = model(**inputs)
-        reference = self.reference.logps(self, model, inputs) if self.objective.needs_reference else None
-        loss, metrics = self.objective(policy, reference, inputs)
+        ref = reference.logps(self, model, inputs) if self.objective.needs_reference else None
+        loss, metrics = self.objective(policy, ref, inputs)
+        return loss, policy, metrics
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, policy, metrics = self._objective(model, inputs, self.reference)
         if model.training and metrics:
             self._store(metrics)
         return (loss, policy) if return_outputs else loss
@@ -116,6 +144,29 @@ class LlavaTrainer(Trainer):
             logs.update({k: sum(v) / len(v) for k, v in self._metrics.items()})
             self._metrics.clear()
         super().log(logs, start_time)
+
+    # -- held-out evaluation: the training objective and its metrics on --eval_data_path ---------
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, _, metrics = self._objective(model, inputs, self.eval_reference or self.reference)
+        if metrics:
+            self._eval_names = sorted(metrics)
+            rows = torch.stack([metrics[k].float() for k in self._eval_names], dim=1)  # [B, metrics]
+            self._eval_rows.append(self.accelerator.gather_for_metrics(rows).cpu())
+        return loss.detach(), None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        self.prepare_references()
+        self._eval_rows = []
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self._eval_rows:  # per-record means over the whole set (ranks' padding dropped by gather_for_metrics)
+            means = torch.cat(self._eval_rows).mean(0).tolist()
+            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in zip(self._eval_names, means)})
+        self._eval_rows = []
+        return output
 
     # -- data and optimizer -----------------------------------------------------------------
 
@@ -154,6 +205,27 @@ class LlavaTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        if not os.path.isfile(os.path.join(output_dir, GENERATION_CONFIG_NAME)):  # a LoRA adapter's directory
+            llava.generation_config.save_pretrained(output_dir)
+        if self.card is not None:
+            write_model_card(output_dir, self.card, self.state.log_history)
+
+    # -- publishing: every saved directory carries its card; push_to_hub uploads output_dir as saved --
+
+    def create_model_card(self, **kwargs) -> None:
+        """This run's card (``llava.train.model_card``) in place of the Trainer's generic one.
+
+        ``Trainer.push_to_hub`` calls this just before it uploads ``output_dir``."""
+        if self.card is None:
+            return super().create_model_card(**kwargs)
+        if self.is_world_process_zero():
+            write_model_card(self.args.output_dir, self.card, self.state.log_history)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # The Trainer copies the checkpoint's weights into output_dir and uploads that: the card goes with them.
+        if self.card is not None:
+            self.create_model_card()
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         llava = (model or self.model).llava
