@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from llava.conversation import ALIASES, TEMPLATES, encode_conversation, encode_prompt, get_template, image_question
+from llava.conversation import (ALIASES, TEMPLATES, encode_conversation, encode_prompt, get_template, image_question,
+                                image_token_id_of, tokenize_with_images)
 from llava.model.chat_template import set_chat_template
 from llava.train.arguments import parse_args
 from llava.train.model_card import CardFacts, final_metrics, public_flags, render_card
@@ -54,19 +55,19 @@ def test_chat_template_writes_the_training_prompt(name, tiny_llava_dir, tmp_path
 
     prompt = processor.apply_chat_template([user(QUESTION)], add_generation_prompt=True)
     assert prompt == template.human_text(image_question(QUESTION), first=True)
-    # the ids the processor's tokenizer gives that text are the training encoder's prompt ids
-    assert tok(prompt).input_ids == encode_prompt(tok, template, image_question(QUESTION))
+    # tokenized as LLaVA tokenizes (pieces split at <image>), that text gives the training encoder's prompt ids
+    image_id = image_token_id_of(tok)
+    assert tokenize_with_images(tok, prompt, image_id) == encode_prompt(tok, template, image_question(QUESTION))
 
     turns = [user(QUESTION), assistant("A red circle."), user("Is it large?", image=False), assistant("No.")]
     text = processor.apply_chat_template(turns)
-    assert text == (template.human_text(image_question(QUESTION), first=True) + template.answer_text("A red circle.") + eos
-                    + template.human_text("Is it large?", first=False) + template.answer_text("No.") + eos)
-    # One turn with its answer, the alt-text record, tokenized whole is what training encodes piece by piece
-    # (after the first turn, a piece tokenized on its own may begin with a word-start mark the whole text has not;
-    # in `plain` the answer follows <image> directly, so there already).
+    assert text == template.render([(image_question(QUESTION), "A red circle."), ("Is it large?", "No.")])
+    assert text.count(tok.eos_token) == (2 if eos else 0)  # each answer closed by </s> where the template closes them
+    # one turn with its answer, the alt-text record: the text training renders, hence its ids
     one = processor.apply_chat_template(turns[:2])
+    assert one == template.render([(image_question(QUESTION), "A red circle.")])
     ids, _ = encode_conversation(tok, template, [(image_question(QUESTION), "A red circle.")])
-    assert (tok(one).input_ids == ids) == (template.name != "plain")
+    assert tokenize_with_images(tok, one, image_id) == ids
 
     # the tokenizer saved beside it carries the same template; string contents work as LLaVA writes them
     alone = AutoTokenizer.from_pretrained(tmp_path)
