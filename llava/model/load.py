@@ -50,14 +50,22 @@ def checkpoint_kind(path: str | Path) -> str:
 
 
 def load_model(path: str | Path, model_base: str | Path | None = None, *, dtype: torch.dtype | None = None,
-               merge_lora: bool = False, vision_tower: str | None = None, attn_implementation: str | None = None):
-    """``(model, processor)`` for an HF, LoRA-adapter or original-format LLaVA directory."""
+               merge_lora: bool = False, vision_tower: str | None = None, attn_implementation: str | None = None,
+               quantization: dict | None = None):
+    """``(model, processor)`` for an HF, LoRA-adapter or original-format LLaVA directory.
+
+    ``quantization``: ``from_pretrained``'s ``quantization_config`` and ``device_map`` (QLoRA), for
+    HF-format checkpoints.
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     kind = checkpoint_kind(path)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization and kind == "original":
+        raise ModelLoadError(f"{path}: quantized loading needs an HF-format checkpoint: convert it first (python -m llava.model.convert)")
+    kwargs.update(quantization or {})
     if kind == "hf":
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
         return model, AutoProcessor.from_pretrained(path)
@@ -72,7 +80,8 @@ def load_model(path: str | Path, model_base: str | Path | None = None, *, dtype:
         base = model_base or adapter.get("base_model_name_or_path")
         if not base or not Path(base).is_dir():
             raise ModelLoadError(f"{path} is a LoRA adapter: pass its base model directory with --model_base (got {base!r})")
-        model, processor = load_model(base, dtype=dtype, vision_tower=vision_tower, attn_implementation=attn_implementation)
+        model, processor = load_model(base, dtype=dtype, vision_tower=vision_tower, attn_implementation=attn_implementation,
+                                      quantization=quantization)
         model = PeftModel.from_pretrained(model, str(path))
         if merge_lora:
             model = model.merge_and_unload()
