@@ -168,3 +168,19 @@ def test_cache_is_reused_unchanged_and_recomputed_after_an_image_changes(setup, 
     assert not changed.reference.reused
     assert not torch.equal(changed.reference.table[2], first.reference.table[2])
     torch.testing.assert_close(changed.reference.table[3:], first.reference.table[3:], rtol=0, atol=0)
+
+
+def test_the_base_under_a_lora_adapter_is_part_of_the_key(setup, tmp_path):
+    from transformers import AutoProcessor
+
+    model, data, adapter = setup
+    base = shutil.copytree(model, tmp_path / "base")
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base), "peft_type": "LORA"}))
+    processor = AutoProcessor.from_pretrained(model)
+    before = key_digest(lora, data, adapter, processor=processor)
+    config = json.loads((base / "config.json").read_text())
+    config["text_config"]["rms_norm_eps"] = 1e-3
+    (base / "config.json").write_text(json.dumps(config))
+    assert key_digest(lora, data, adapter, processor=processor) != before

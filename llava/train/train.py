@@ -11,6 +11,7 @@ is reported before the first step as one line naming the file, record and field.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import sys
@@ -129,9 +130,12 @@ def reference_key(model_args, data_args, args, conditions, processor, records) -
     model_path = Path(model_args.model_name_or_path)
     tower = model_args.vision_tower if model_args.vision_tower and Path(model_args.vision_tower).is_dir() else None
     adapter = model_args.pretrain_mm_mlp_adapter
-    composed = checkpoint_kind(model_path) == "causal_lm"  # a fresh projector: its settings and seed decide it
+    kind = checkpoint_kind(model_path)
+    composed = kind == "causal_lm"  # a fresh projector: its settings and seed decide it
+    base = json.loads((model_path / "adapter_config.json").read_text()).get("base_model_name_or_path") if kind == "lora" else None
     return {
         "model": model_fingerprint(model_path),
+        "base_model": model_fingerprint(base) if base and Path(base).is_dir() else None,  # under a LoRA adapter
         "vision_tower": model_fingerprint(tower) if tower else None,
         "projector_adapter": file_fingerprint(adapter) if adapter else None,
         "composed": [model_args.mm_projector_type, model_args.mm_vision_select_layer, model_args.mm_vision_select_feature,
