@@ -13,10 +13,9 @@ published values): ``--version`` v1 (released v0), ``--image_aspect_ratio`` pad 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import importlib.util
 import logging
+from dataclasses import dataclass, field
 
 import transformers
 
