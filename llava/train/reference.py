@@ -2,7 +2,7 @@
 
 * ``cached`` (default): computed once, before the first optimizer step, by the policy itself (at
   step 0 it *is* the starting checkpoint; LoRA adapters start as the identity), one record at a
-  time, and stored on disk under a key of everything that changes the numbers (``train.make_reference``:
+  time, and stored on disk under a key of everything that changes the numbers (``train.reference_key``:
   weights, projector adapter, data, image files, tokenizer and image processor, template, negatives,
   precision). Training then holds no reference model, and a rerun with the same key reads the
   cache instead of recomputing it.
