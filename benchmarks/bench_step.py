@@ -361,7 +361,7 @@ def project_runner(variant: str, model_dir: Path, data: Data, device: str, dtype
     from llava.train.trainer import LlavaTrainer
 
     llava, processor = load_model(model_dir, dtype=dtype, attn_implementation="sdpa")
-    set_trainable(llava, Trainable())  # language model + projector train, vision tower frozen
+    set_trainable(llava, Trainable(vision=False))  # language model + projector train, vision tower frozen
     objective = objective_of(variant)
     naive = variant == "naive_mcm"
     args = TrainingArguments(task="DPO", use_cross_modal_loss=variant != "dpo",
@@ -385,7 +385,7 @@ def trl_runner(variant: str, model_dir: Path, data: Data, device: str, dtype, se
 
     patch_trl_compact_head()
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
-    set_trainable(model, Trainable())  # the same trainable parameters as the project's runs
+    set_trainable(model, Trainable(vision=False))  # the same trainable parameters as the project's runs
     processor = AutoProcessor.from_pretrained(model_dir)
     examples = data.trl_examples()
     # TRL only reads the dataset's first row here (to see it is a vision dataset); steps get prepared batches.

@@ -28,11 +28,12 @@ def snapshot(trainer):
 # -- paradigms -------------------------------------------------------------------------------
 
 PARADIGMS = {  # stage flags -> which parts train
-    "default": ([], {"language", "projector"}),
-    "vision": (["--unfreeze_mm_vision_tower", "True"], {"language", "projector", "vision"}),
+    "default": ([], {"language", "projector", "vision"}),  # the released code trains the tower whatever its flags say
+    "frozen_tower": (["--unfreeze_mm_vision_tower", "False"], {"language", "projector"}),
     "projector_only": (["--tune_mm_mlp_adapter", "True"], {"projector"}),
-    "freeze_backbone": (["--freeze_backbone", "True"], {"projector"}),
-    "freeze_backbone_vision": (["--freeze_backbone", "True", "--unfreeze_mm_vision_tower", "True"], {"projector", "vision"}),
+    "projector_and_tower": (["--tune_mm_mlp_adapter", "True", "--unfreeze_mm_vision_tower", "True"], {"projector", "vision"}),
+    "freeze_backbone": (["--freeze_backbone", "True"], {"projector", "vision"}),
+    "frozen_projector": (["--freeze_mm_mlp_adapter", "True"], {"language", "vision"}),
 }
 # METHOD.md's paradigms: whether the ViT trains in (SFT, alignment)
 METHOD_PARADIGMS = {"a": (False, False), "b": (False, True), "c": (True, False), "d": (True, True)}

@@ -89,8 +89,12 @@ def lora_base(adapter_dir: Path, model_base: str | Path | None = None) -> Path:
 
 def load_model(path: str | Path, model_base: str | Path | None = None, *, dtype: torch.dtype | None = None,
                merge_lora: bool = False, vision_tower: str | None = None, attn_implementation: str | None = None,
-               revision: str | None = None):
-    """``(model, processor)`` for an HF, LoRA-adapter or original-format LLaVA directory or hub name."""
+               revision: str | None = None, quantization: dict | None = None):
+    """``(model, processor)`` for an HF, LoRA-adapter or original-format LLaVA directory or hub name.
+
+    ``quantization``: ``from_pretrained``'s ``quantization_config`` and ``device_map`` (QLoRA), for
+    HF-format checkpoints.
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = resolve(path, revision)
@@ -98,6 +102,9 @@ def load_model(path: str | Path, model_base: str | Path | None = None, *, dtype:
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization and kind == "original":
+        raise ModelLoadError(f"{path}: quantized loading needs an HF-format checkpoint: convert it first (python -m llava.model.convert)")
+    kwargs.update(quantization or {})
     if kind == "hf":
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
         return model, _keeping_legacy(AutoProcessor.from_pretrained(path))
@@ -110,7 +117,8 @@ def load_model(path: str | Path, model_base: str | Path | None = None, *, dtype:
         from peft import PeftModel
 
         base = lora_base(path, model_base)
-        model, processor = load_model(base, dtype=dtype, vision_tower=vision_tower, attn_implementation=attn_implementation)
+        model, processor = load_model(base, dtype=dtype, vision_tower=vision_tower, attn_implementation=attn_implementation,
+                                      quantization=quantization)
         model = PeftModel.from_pretrained(model, str(path))
         if merge_lora:
             model = model.merge_and_unload()

@@ -1,12 +1,20 @@
 """Command-line arguments of ``llava.train.train``: the published flags, typed and validated.
 
-Every flag of the released scripts is accepted with its name and meaning (METHOD.md), so an
-existing command line runs unchanged; bad values and bad combinations are rejected here, before
-any model or data is loaded.
+Every field of the released argument dataclasses (``LVUGAI/MCM-DPO``'s ``llava/train/train.py``) is
+accepted with its name and meaning (METHOD.md), so an existing command line runs unchanged. Those
+that change nothing here are listed in ``NO_EFFECT`` and named in one warning line when given. Bad
+values and bad combinations are rejected here, before any model or data is loaded.
+
+Defaults that differ from the released dataclasses when a flag is omitted (the scripts pass the
+published values): ``--version`` v1 (released v0), ``--image_aspect_ratio`` pad (square),
+``--mm_vision_select_layer`` -2 (-1), ``--mm_projector_type`` mlp2x_gelu (linear),
+``--model_max_length`` 2048 (512), ``--mm_use_im_patch_token`` False (True).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from dataclasses import dataclass, field
 
 import transformers
@@ -17,6 +25,25 @@ from llava.train.losses import AGGREGATES, DEFAULT_WEIGHTS, TERM_FLAGS, term_wei
 
 TASKS = ("LM", "DPO")
 REFERENCE_MODES = ("cached", "live", "adapters_off")
+QUANT_TYPES = ("nf4", "fp4")
+
+logger = logging.getLogger("llava.train")
+
+# Released fields that change nothing in this toolkit, and why; accepted so that the released
+# command lines run unchanged.
+NO_EFFECT = {
+    "lazy_preprocess": "records are always processed lazily (the released code never reads it either)",
+    "is_multimodal": "every model here is multimodal (the released trainer sets it itself from --vision_tower)",
+    "mm_patch_merge_type": "the architecture decides: LLaVA flat, LLaVA-NeXT unpadded tiles with a newline row",
+    "mpt_attn_impl": "MPT language models are not supported",
+    "cache_dir": "models load from local directories only: nothing is downloaded or cached",
+    "lora_weight_path": "never read by the released code",
+    "dpo_token_weighted": "never read by the released code",
+    "dpo_token_weight": "never read by the released code",
+    "use_cross_modal_gama": "never read by the released code",
+    "tok_beta": "never read by the released code",
+    "use_tdpo": "never read by the released code",
+}
 
 
 @dataclass
@@ -31,16 +58,22 @@ class ModelArguments:
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "vision layer whose features feed the projector (composed models)"})
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLS) or cls_patch (composed models)"})
     mm_use_im_start_end: bool = field(default=False, metadata={"help": "LLaVA's image start/end tokens (only False is supported)"})
-    mm_use_im_patch_token: bool = field(default=False, metadata={"help": "LLaVA's image patch token (only False is supported)"})
+    mm_use_im_patch_token: bool = field(default=False, metadata={"help": "LLaVA's image patch token: True (the released default) "
+                                                                "only adds a token no prompt uses; accepted, not added"})
+    mm_patch_merge_type: str = field(default="flat", metadata={"help": "accepted, no effect: " + NO_EFFECT["mm_patch_merge_type"]})
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "projector weights (safetensors or .bin) to load"})
     freeze_backbone: bool = field(default=False, metadata={"help": "freeze the language model"})
     tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "train the projector only (pre-training)"})
-    unfreeze_mm_vision_tower: bool = field(default=False, metadata={"help": "train the vision tower too (paradigms b, c, d)"})
+    unfreeze_mm_vision_tower: bool | None = field(default=None, metadata={
+        "help": "train the vision tower: unset, it trains (as in the released code, whatever its flags) except with "
+                "--tune_mm_mlp_adapter; False freezes it (paradigms a, b, c in the stages they freeze it)"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or eager (tree-packed batches need a mask-aware kernel)"})
 
     def __post_init__(self):
-        if self.mm_use_im_start_end or self.mm_use_im_patch_token:
-            raise ValueError("--mm_use_im_start_end / --mm_use_im_patch_token True are not supported (LLaVA-1.5 and later use False)")
+        if self.mm_use_im_start_end:
+            # It wraps the image in two new tokens whose embeddings must be learnt: other prompts, other
+            # ids. No LLaVA-1.5 or later checkpoint (nor the released scripts) uses it.
+            raise ValueError("--mm_use_im_start_end True is not supported (LLaVA-1.5 and later, and the released scripts, use False)")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError("--attn_implementation must be sdpa or eager (flash attention takes no tree mask)")
 
@@ -51,7 +84,8 @@ class DataArguments:
     image_folder: str | None = field(default=None, metadata={"help": "folder that image paths in the data are relative to"})
     image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (square in the mean colour), square (resize and centre crop) "
                                                              "or anyres (LLaVA-NeXT multi-crop)"})
-    lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for compatibility: records are always processed lazily"})
+    lazy_preprocess: bool = field(default=True, metadata={"help": "accepted, no effect: " + NO_EFFECT["lazy_preprocess"]})
+    is_multimodal: bool = field(default=False, metadata={"help": "accepted, no effect: " + NO_EFFECT["is_multimodal"]})
     eval_data_path: str | None = field(default=None, metadata={"help": "held-out data (same format as --data_path) evaluated "
                                                          "with the training objective at --eval_steps (--eval_strategy steps)"})
 
@@ -100,6 +134,20 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_bias: str = field(default="none", metadata={"help": "LoRA bias: none, all or lora_only"})
     merge_lora: bool = field(default=False, metadata={"help": "with LoRA: also save a merged full model to <output_dir>/merged"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: batches carry their own keys"})
+    optim: str = field(default="adamw_torch", metadata={"help": "optimizer (the released default, adamw_torch: not the fused one)"})
+    freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "freeze the projector"})
+    bits: int = field(default=16, metadata={"help": "4 or 8: QLoRA (with --lora_enable), the language model quantized by "
+                                            "bitsandbytes on a CUDA GPU; 16 (or 32): no quantization"})
+    double_quant: bool = field(default=True, metadata={"help": "with --bits 4: quantize the quantization constants too"})
+    quant_type: str = field(default="nf4", metadata={"help": "with --bits 4: nf4 or fp4"})
+    cache_dir: str | None = field(default=None, metadata={"help": "accepted, no effect: " + NO_EFFECT["cache_dir"]})
+    mpt_attn_impl: str | None = field(default="triton", metadata={"help": "accepted, no effect: " + NO_EFFECT["mpt_attn_impl"]})
+    lora_weight_path: str = field(default="", metadata={"help": "accepted, no effect: " + NO_EFFECT["lora_weight_path"]})
+    dpo_token_weighted: bool = field(default=False, metadata={"help": "accepted, no effect: " + NO_EFFECT["dpo_token_weighted"]})
+    dpo_token_weight: float = field(default=1.1, metadata={"help": "accepted, no effect: " + NO_EFFECT["dpo_token_weight"]})
+    use_cross_modal_gama: float = field(default=0.3, metadata={"help": "accepted, no effect: " + NO_EFFECT["use_cross_modal_gama"]})
+    tok_beta: float = field(default=0.1, metadata={"help": "accepted, no effect: " + NO_EFFECT["tok_beta"]})
+    use_tdpo: bool = field(default=True, metadata={"help": "accepted, no effect: " + NO_EFFECT["use_tdpo"]})
     # Spellings of the published scripts that transformers 5 renamed.
     warmup_ratio: float | None = field(default=None, metadata={"help": "warmup as a share of all steps (= --warmup_steps < 1)"})
     evaluation_strategy: str | None = field(default=None, metadata={"help": "older name of --eval_strategy"})
@@ -111,6 +159,11 @@ class TrainingArguments(transformers.TrainingArguments):
             self.warmup_steps = self.warmup_ratio
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
+        if self.tf32 and not transformers.utils.is_torch_tf32_available():
+            # The released scripts pass --tf32 True; it is a matmul mode of NVIDIA GPUs, nothing to do elsewhere.
+            logger.warning("--tf32 True ignored: no GPU with TF32 here")
+            self.tf32 = None
+        self._check_quantization()
         super().__post_init__()
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
@@ -131,6 +184,22 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.negatives_seed is None:
             self.negatives_seed = self.seed
 
+    def _check_quantization(self) -> None:
+        if self.bits not in (4, 8, 16, 32):
+            raise ValueError(f"--bits must be 4 or 8 (QLoRA) or 16 (no quantization), got {self.bits}")
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"--quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
+        if self.bits not in (4, 8):
+            return
+        import torch
+
+        if self.use_cpu or not torch.cuda.is_available():
+            raise ValueError(f"--bits {self.bits} quantizes with bitsandbytes, which needs a CUDA GPU: none is available here")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(f"--bits {self.bits} needs the bitsandbytes package: pip install bitsandbytes")
+        if not self.lora_enable:
+            raise ValueError(f"--bits {self.bits} trains LoRA adapters on a quantized model: add --lora_enable True")
+
     def weights(self) -> dict[str, float]:
         """Weights of the seven MCM-DPO terms (``llava.train.losses.term_weights``)."""
         return term_weights(self.use_cl_reward_num, {flag: getattr(self, flag) for flag in TERM_FLAGS.values()})
@@ -150,4 +219,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if model_args.tune_mm_mlp_adapter and training_args.lora_enable:
         raise ValueError("--tune_mm_mlp_adapter trains only the projector: it cannot be combined with --lora_enable")
+    for line in released_flag_notes(argv, model_args):
+        logger.warning(line)
     return model_args, data_args, training_args
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """Names of the flags on a command line (``--name value`` or ``--name=value``)."""
+    return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
+def released_flag_notes(argv: list[str], model_args: ModelArguments) -> list[str]:
+    """Warning lines for released flags given on the command line that change nothing here."""
+    given = given_flags(argv)
+    notes = []
+    idle = [f"--{name}" for name in NO_EFFECT if name in given]
+    if idle:
+        notes.append(f"accepted but without effect here (see --help for why): {', '.join(idle)}")
+    if model_args.mm_use_im_patch_token and "mm_use_im_patch_token" in given:
+        notes.append("--mm_use_im_patch_token True: the released code only adds an <im_patch> token that no prompt "
+                     "contains (one more vocabulary row, no other token id changes); it is not added here")
+    return notes

@@ -6,12 +6,15 @@ The three parts of a LLaVA model, by parameter name:
 * ``projector``: the multimodal projector (and LLaVA-NeXT's ``image_newline``);
 * ``language``: the language model, its embeddings and its head.
 
-Rules (the paradigms of METHOD.md choose ``unfreeze_mm_vision_tower`` per stage): language model
-and projector train; the vision tower trains with ``unfreeze_mm_vision_tower``;
-``tune_mm_mlp_adapter`` trains the projector alone; ``freeze_backbone`` freezes the language
-model; with LoRA, the language model's linear layers get adapters and its weights stay frozen,
-while the projector (and the vision tower, if unfrozen) train in full as peft
-``modules_to_save``. A ``linear`` projector keeps its identity second layer frozen.
+Rules (the paradigms of METHOD.md choose ``unfreeze_mm_vision_tower`` per stage): all three parts
+train by default, the vision tower included, as in the released code (whose tower trains whatever
+its flags say); ``unfreeze_mm_vision_tower False`` freezes the tower; ``tune_mm_mlp_adapter``
+trains the projector alone (and the tower only if ``unfreeze_mm_vision_tower`` is True);
+``freeze_backbone`` freezes the language model; ``freeze_mm_mlp_adapter`` freezes the projector.
+With LoRA, the language model's linear layers get adapters and its weights stay frozen, while the
+projector and the vision tower, where they train, train in full as peft ``modules_to_save``. A
+``linear`` projector keeps its identity second layer frozen. Integer (quantized) weights never
+train.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-PARTS = ("vision", "projector", "language")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -36,14 +38,17 @@ def part_of(name: str) -> str:
 class Trainable:
     language: bool = True
     projector: bool = True
-    vision: bool = False
+    vision: bool = True
 
     @classmethod
     def from_flags(cls, *, tune_mm_mlp_adapter: bool = False, freeze_backbone: bool = False,
-                   unfreeze_mm_vision_tower: bool = False) -> "Trainable":
-        if tune_mm_mlp_adapter:
-            return cls(language=False, projector=True, vision=False)
-        return cls(language=not freeze_backbone, projector=True, vision=unfreeze_mm_vision_tower)
+                   unfreeze_mm_vision_tower: bool | None = None, freeze_mm_mlp_adapter: bool = False) -> "Trainable":
+        """``unfreeze_mm_vision_tower`` None (not given): the tower trains unless ``tune_mm_mlp_adapter``."""
+        vision = not tune_mm_mlp_adapter if unfreeze_mm_vision_tower is None else unfreeze_mm_vision_tower
+        trainable = cls(language=not (tune_mm_mlp_adapter or freeze_backbone), projector=not freeze_mm_mlp_adapter, vision=vision)
+        if not (trainable.language or trainable.projector or trainable.vision):
+            raise ValueError("these flags freeze every parameter (language model, projector and vision tower): nothing would train")
+        return trainable
 
 
 def _frozen_identity(name: str, projector_type: str | None) -> bool:
@@ -54,18 +59,18 @@ def set_trainable(model: torch.nn.Module, trainable: Trainable) -> None:
     """Set ``requires_grad`` on a plain (not peft) LLaVA model."""
     projector_type = getattr(model.config, "mm_projector_type", None)
     for name, p in model.named_parameters():
-        p.requires_grad_(getattr(trainable, part_of(name)) and not _frozen_identity(name, projector_type))
+        trains = getattr(trainable, part_of(name)) and not _frozen_identity(name, projector_type)
+        p.requires_grad_(trains and p.is_floating_point())
 
 
 def apply_lora(model, trainable: Trainable, *, r: int, alpha: int, dropout: float, bias: str = "none"):
-    """Wrap ``model`` in peft LoRA adapters on the language model; projector/vision as modules_to_save."""
+    """Wrap ``model`` in peft LoRA adapters on the language model; a trainable projector/vision tower as modules_to_save."""
     from peft import LoraConfig, get_peft_model
 
-    if not trainable.projector:
-        raise ValueError("LoRA needs a trainable projector")
-    modules_to_save = ["multi_modal_projector"] + (["vision_tower"] if trainable.vision else [])
+    modules_to_save = [module for module, trains in (("multi_modal_projector", trainable.projector),
+                                                     ("vision_tower", trainable.vision)) if trains]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias=bias, target_modules=LORA_TARGETS,
-                        modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+                        modules_to_save=modules_to_save or None, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     projector_type = getattr(model.config, "mm_projector_type", None)
     for name, p in peft_model.named_parameters():
@@ -86,3 +91,17 @@ def parameter_groups(model: torch.nn.Module, *, lr: float, weight_decay: float, 
         {"params": params, "lr": lrs[part], "weight_decay": weight_decay if decay else 0.0, "name": f"{part}/{'decay' if decay else 'no_decay'}"}
         for (part, decay), params in sorted(groups.items())
     ]
+
+
+def quantization(bits: int, *, quant_type: str, double_quant: bool, compute_dtype: torch.dtype, device) -> dict:
+    """``from_pretrained`` arguments that load the language model in ``bits`` (4 or 8) with bitsandbytes (QLoRA).
+
+    The vision tower, the projector and the head stay in full precision: the released code quantizes
+    only the language model (its tower is loaded afterwards, unquantized, and it skips the projector).
+    """
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_compute_dtype=compute_dtype,
+                                bnb_4bit_use_double_quant=double_quant, bnb_4bit_quant_type=quant_type,
+                                llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+    return {"quantization_config": config, "device_map": {"": device}}

@@ -1,9 +1,11 @@
 """The reference model's log-probabilities, three ways (``--reference_mode``).
 
 * ``cached`` (default): computed once, before the first optimizer step, by the policy itself (at
-  step 0 it *is* the starting checkpoint; LoRA adapters start as the identity), and stored on disk
-  under a key of reference model, data, negatives and preprocessing. Training then holds no
-  reference model, and a rerun with the same key reads the cache instead of recomputing it.
+  step 0 it *is* the starting checkpoint; LoRA adapters start as the identity), one record at a
+  time, and stored on disk under a key of everything that changes the numbers (``train.reference_key``:
+  weights, projector adapter, data, image files, tokenizer and image processor, template, negatives,
+  precision). Training then holds no reference model, and a rerun with the same key reads the
+  cache instead of recomputing it.
 * ``live``: a frozen copy of the starting model run every step (sharded too under ZeRO-3).
 * ``adapters_off``: the LoRA policy with its adapters disabled: no second copy of the weights.
 """
@@ -15,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -50,6 +53,26 @@ def model_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def images_fingerprint(paths) -> str:
+    """Hash of image files' names, sizes and modification times (a stat each: cheap for thousands of files)."""
+    h = hashlib.sha256()
+    for path in sorted({str(p) for p in paths}):
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def processor_fingerprint(processor) -> str:
+    """Hash of what the processor saves: tokenizer (vocabulary, merges, added tokens, settings) and image processor."""
+    h = hashlib.sha256()
+    with tempfile.TemporaryDirectory() as tmp:
+        processor.save_pretrained(tmp)
+        for f in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+            h.update(str(f.relative_to(tmp)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def cache_path(cache_dir: str | Path, key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return Path(cache_dir) / f"ref_logps_{digest}.pt"
@@ -60,8 +83,11 @@ def reference_pass(trainer, dataset=None) -> torch.Tensor:
     """``[N, C]`` log-probabilities of every record and condition of ``dataset`` (default: the
     training set) under the current model.
 
-    Every rank runs the same number of batches (ZeRO-3 gathers parameters collectively), over
-    its share of the records; the shares are gathered so every rank holds the whole table.
+    One record per forward, as the released code computes its offline reference: a padded batch
+    can shift a record's numbers slightly (other kernels and shapes, bf16 most of all), and the
+    table must not depend on which records happened to share a batch. Every rank runs the same
+    number of records (ZeRO-3 gathers parameters collectively) over its share; the shares are
+    gathered so every rank holds the whole table.
     """
     acc, args = trainer.accelerator, trainer.args
     dataset = trainer.train_dataset if dataset is None else dataset
@@ -69,7 +95,7 @@ def reference_pass(trainer, dataset=None) -> torch.Tensor:
     n, world, rank = len(dataset), acc.num_processes, acc.process_index
     mine = list(range(rank, n, world))
     mine += [mine[-1] if mine else 0] * (math.ceil(n / world) - len(mine))
-    loader = DataLoader(Subset(dataset, mine), batch_size=args.per_device_eval_batch_size, collate_fn=collator,
+    loader = DataLoader(Subset(dataset, mine), batch_size=1, collate_fn=collator,
                         num_workers=args.dataloader_num_workers)
     model = trainer.model_wrapped
     was_training = model.training

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import sys
@@ -27,7 +28,7 @@ from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.conversation import get_template
 from llava.data.collate import PreferenceCollator, SFTCollator
 from llava.data.datasets import PreferenceDataset, SFTDataset
-from llava.data.images import ImageProcessor, missing_images
+from llava.data.images import ImageProcessor, image_path, missing_images
 from llava.data.records import DataError, read_records
 from llava.data.show import render_text, sequences_of
 from llava.model.chat_template import set_chat_template
@@ -35,9 +36,10 @@ from llava.model.hub import dataset_fingerprint
 from llava.model.load import ModelLoadError, checkpoint_kind, compose, load_model, resolve_hub_arguments, save_model
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
 from llava.train.model_card import CardFacts, release_generation_config, write_model_card
-from llava.train.params import Trainable, apply_lora, set_trainable
+from llava.train.params import Trainable, apply_lora, quantization, set_trainable
 from llava.train.policy import ResponseLogps
-from llava.train.reference import AdaptersOffReference, CachedReference, LiveReference, model_fingerprint
+from llava.train.reference import (AdaptersOffReference, CachedReference, LiveReference, file_fingerprint, images_fingerprint,
+                                   model_fingerprint, processor_fingerprint)
 from llava.train.trainer import DPOObjective, LlavaTrainer, MCMObjective, SFTObjective
 
 logger = logging.getLogger("llava.train")
@@ -51,9 +53,13 @@ def build_model(model_args: ModelArguments, args: TrainingArguments):
     """``(llava, processor)`` from ``--model_name_or_path`` (and ``--vision_tower`` to compose)."""
     path = model_args.model_name_or_path
     kind = checkpoint_kind(path)
+    quantized = quantization(args.bits, quant_type=args.quant_type, double_quant=args.double_quant, compute_dtype=model_dtype(args),
+                             device=args.device) if args.bits in (4, 8) else None
     if kind == "causal_lm":
         if not model_args.vision_tower:
             raise ModelLoadError(f"{path} is a plain language model: give a CLIP directory with --vision_tower")
+        if quantized:
+            raise ModelLoadError(f"--bits {args.bits}: quantized loading needs a LLaVA checkpoint, not one composed from parts")
         model, processor = compose(path, model_args.vision_tower, projector_type=model_args.mm_projector_type,
                                    select_layer=model_args.mm_vision_select_layer,
                                    select_feature=model_args.mm_vision_select_feature, dtype=model_dtype(args), seed=args.seed)
@@ -61,7 +67,7 @@ def build_model(model_args: ModelArguments, args: TrainingArguments):
         if model_args.vision_tower and kind == "hf":
             logger.info("%s has its own vision tower; --vision_tower %s is not used", path, model_args.vision_tower)
         model, processor = load_model(path, dtype=model_dtype(args), attn_implementation=model_args.attn_implementation,
-                                      vision_tower=model_args.vision_tower if kind == "original" else None)
+                                      vision_tower=model_args.vision_tower if kind == "original" else None, quantization=quantized)
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
     return model, processor
@@ -122,24 +128,42 @@ def make_objective(args: TrainingArguments):
     return DPOObjective(args.beta)
 
 
-def make_reference(model_args, data_args, args, conditions):
+def make_reference(model_args, data_args, args, conditions, processor=None, records=()):
     if args.reference_mode == "adapters_off":
         return AdaptersOffReference()
     if args.reference_mode == "live":
         llava, _ = build_model(model_args, args)
         return LiveReference(ResponseLogps(llava, naive=args.preference_forward == "naive"))
+    key = reference_key(model_args, data_args, args, conditions, processor, records)
+    return CachedReference(args.offline_ref_logits or Path(args.output_dir) / "ref_logps", key)
+
+
+def reference_key(model_args, data_args, args, conditions, processor, records) -> dict:
+    """Everything that changes the cached reference log-probabilities; a change in any recomputes them."""
     model_path = Path(model_args.model_name_or_path)
-    key = {
+    tower = model_args.vision_tower if model_args.vision_tower and Path(model_args.vision_tower).is_dir() else None
+    adapter = model_args.pretrain_mm_mlp_adapter
+    kind = checkpoint_kind(model_path)
+    composed = kind == "causal_lm"  # a fresh projector: its settings and seed decide it
+    base = json.loads((model_path / "adapter_config.json").read_text()).get("base_model_name_or_path") if kind == "lora" else None
+    return {
         "model": model_fingerprint(model_path),
-        "vision_tower": model_fingerprint(model_args.vision_tower) if model_args.vision_tower and Path(model_args.vision_tower).is_dir() else None,
+        "base_model": model_fingerprint(base) if base and Path(base).is_dir() else None,  # under a LoRA adapter
+        "vision_tower": model_fingerprint(tower) if tower else None,
+        "projector_adapter": file_fingerprint(adapter) if adapter else None,
+        "composed": [model_args.mm_projector_type, model_args.mm_vision_select_layer, model_args.mm_vision_select_feature,
+                     args.seed] if composed else None,
         "data": dataset_fingerprint(data_args.data_path),
         "image_folder": str(Path(data_args.image_folder).resolve()) if data_args.image_folder else None,
+        "images": images_fingerprint(image_path(r.image, data_args.image_folder) for r in records if r.image and r.image.path),
+        "processor": processor_fingerprint(processor) if processor is not None else None,
         "negatives": [args.negatives_seed, args.use_image_type, args.diffusion_step],
         "preprocess": [model_args.version, data_args.image_aspect_ratio, args.model_max_length],
+        "forward": [args.preference_forward, model_args.attn_implementation],
+        "quantization": [args.bits, args.quant_type, args.double_quant] if args.bits in (4, 8) else None,
         "conditions": list(conditions),
         "dtype": str(model_dtype(args)),
     }
-    return CachedReference(args.offline_ref_logits or Path(args.output_dir) / "ref_logps", key)
 
 
 def abandoned_build_locks(max_age_minutes: float) -> list[Path]:
@@ -183,6 +207,10 @@ def prepare(argv: list[str] | None = None) -> LlavaTrainer:
         deepspeed.init_distributed()  # joins the process group the Trainer's arguments created
     objective = make_objective(args)
     conditions = objective.conditions
+    trainable = Trainable.from_flags(tune_mm_mlp_adapter=model_args.tune_mm_mlp_adapter,
+                                     freeze_backbone=model_args.freeze_backbone,
+                                     unfreeze_mm_vision_tower=model_args.unfreeze_mm_vision_tower,
+                                     freeze_mm_mlp_adapter=args.freeze_mm_mlp_adapter)
     llava, processor = build_model(model_args, args)
     # saved directories write the training prompt through apply_chat_template and decode as released
     set_chat_template(processor, get_template(model_args.version))
@@ -195,16 +223,18 @@ def prepare(argv: list[str] | None = None) -> LlavaTrainer:
     eval_dataset = build_data(eval_data, model_args, args, processor, conditions)[0] if eval_data else None
     card = CardFacts.from_run(model_args, data_args, args, argv, type(llava).__name__, len(dataset),
                               len(eval_dataset) if eval_dataset is not None else None)
-    trainable = Trainable.from_flags(tune_mm_mlp_adapter=model_args.tune_mm_mlp_adapter,
-                                     freeze_backbone=model_args.freeze_backbone,
-                                     unfreeze_mm_vision_tower=model_args.unfreeze_mm_vision_tower)
+    if args.bits in (4, 8):  # QLoRA (untested here: no CUDA): peft's preparation of a quantized model, as released
+        from peft import prepare_model_for_kbit_training
+
+        llava = prepare_model_for_kbit_training(llava, use_gradient_checkpointing=args.gradient_checkpointing)
     set_trainable(llava, trainable)
     if args.lora_enable:
         llava = apply_lora(llava, trainable, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, bias=args.lora_bias)
-    reference = make_reference(model_args, data_args, args, conditions) if objective.needs_reference else None
+    reference = make_reference(model_args, data_args, args, conditions, processor, dataset.records) if objective.needs_reference else None
     eval_reference = None
     if eval_data and isinstance(reference, CachedReference):  # the held-out records get their own cache
-        eval_reference = make_reference(model_args, eval_data, args, conditions).for_split("eval")
+        eval_reference = make_reference(model_args, eval_data, args, conditions, processor,
+                                        eval_dataset.records).for_split("eval")
     model = ResponseLogps(llava, naive=args.preference_forward == "naive")
     return LlavaTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=collator,
                         processing_class=processor, objective=objective, reference=reference, eval_reference=eval_reference,
