@@ -52,7 +52,9 @@ def test_mcm_dpo_evaluates_every_term_and_matches_a_naive_computation(tiny_llava
         assert all(math.isfinite(entry[k]) for k in keys), step
     # step 0: the policy is its own reference, every reward is 0 and the loss -log sigmoid(0)
     assert logs[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert all(logs[0][f"eval_mcm/{t}/margin"] == 0 for t in TERMS)
+    # policy = reference at step 0; the reference table is computed a record at a time and evaluation
+    # runs padded batches, which moves a float32 log-prob by ~1e-7
+    assert all(abs(logs[0][f"eval_mcm/{t}/margin"]) < 1e-5 for t in TERMS)
     assert logs[2]["eval_loss"] != pytest.approx(math.log(2), abs=1e-4)
 
     # step 2 (after the last update) against the saved model and the starting model, scored naively
@@ -79,7 +81,7 @@ def test_dpo_eval_loss_is_log_2_at_step_0_and_the_eval_set_has_its_own_cache(tin
     train(trainer)
     logs = eval_logs(out)
     assert logs[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert logs[0]["eval_rewards/margins"] == 0 and logs[0]["eval_rewards/accuracies"] == 0
+    assert abs(logs[0]["eval_rewards/margins"]) < 1e-5  # policy = reference (up to batch padding, ~1e-7)
     assert not any(k.startswith("eval_mcm/") for k in logs[0])
     assert logs[1]["eval_rewards/margins"] != 0
     # two caches: the training records' and the held-out records', each of its own length

@@ -156,7 +156,7 @@ def test_train_mem_runs_as_a_script(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == f"error: model path not found: {tmp_path / 'model'} " \
-                                                     "(a local directory is needed; nothing is downloaded)"
+                                                     "(neither a local directory nor a hub name org/name)"
 
 
 # The released scripts/mcmdpo.sh, flag for flag; only the placeholders are filled (and the run is
