@@ -97,6 +97,9 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_bias: str = field(default="none", metadata={"help": "LoRA bias: none, all or lora_only"})
     merge_lora: bool = field(default=False, metadata={"help": "with LoRA: also save a merged full model to <output_dir>/merged"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: batches carry their own keys"})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping norm; 0 (released: no clipping) turns it off"})
+    save_at_epoch_end: bool = field(default=False, metadata={"help": "with --save_strategy steps: also save a checkpoint "
+                                                           "at the end of each epoch"})
     # Spellings of the published scripts that transformers 5 renamed.
     warmup_ratio: float | None = field(default=None, metadata={"help": "warmup as a share of all steps (= --warmup_steps < 1)"})
     evaluation_strategy: str | None = field(default=None, metadata={"help": "older name of --eval_strategy"})
