@@ -36,6 +36,7 @@ def run_script(script, out, model, data, **env):
     full_env = {**os.environ, "MODEL_PATH": str(model), "DATA_PATH": str(data), "IMAGE_FOLDER": str(data.parent),
                 "OUTPUT_DIR": str(out), "NUM_GPUS": "2", "REPORT_TO": "none", "MASTER_PORT": str(free_port()),
                 "PYTHON": sys.executable, **env}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset
     result = subprocess.run(["bash", f"scripts/{script}", "--max_steps", "3", "--gradient_accumulation_steps", "1",
                              "--save_strategy", "no"], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -51,8 +52,11 @@ def run_script(script, out, model, data, **env):
 ])
 def test_script_runs_under_deepspeed(script, zero, report_to, tiny_llava_dir, preference_file, tmp_path):
     out = tmp_path / "out"
-    run_script(script, out, tiny_llava_dir, preference_file, ZERO=zero, REPORT_TO=report_to,
-               WANDB_MODE="offline", WANDB_DIR=str(tmp_path))
+    # wandb as on a compute node that was never logged in: no key, no netrc, WANDB_MODE unset
+    home = tmp_path / "home"
+    result = run_script(script, out, tiny_llava_dir, preference_file, ZERO=zero, REPORT_TO=report_to, HOME=str(home),
+                        NETRC=str(home / ".netrc"), WANDB_CONFIG_DIR=str(home / "wandb"), WANDB_CACHE_DIR=str(home / "cache"),
+                        WANDB_MODE=None, WANDB_API_KEY=None, WANDB_DIR=None)
     logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
     assert [h["step"] for h in logs] == [1, 2, 3]
     assert all(math.isfinite(h["loss"]) for h in logs)
@@ -64,7 +68,8 @@ def test_script_runs_under_deepspeed(script, zero, report_to, tiny_llava_dir, pr
     if report_to == "tensorboard":
         assert list(out.rglob("events.out.tfevents.*"))
     if report_to == "wandb":
-        assert list(tmp_path.rglob("offline-run-*"))
+        assert f"wandb: no API key or login found, logging offline to {out}/wandb; " in result.stdout
+        assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     loaded = subprocess.run([sys.executable, "-c", LOADS_IN_PLAIN_TRANSFORMERS, str(out)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
@@ -84,7 +89,8 @@ def test_scripts_refuse_an_abandoned_build_lock(tmp_path):
     old = lock.stat().st_mtime - 3600
     os.utime(lock, (old, old))
     result = subprocess.run(["bash", "scripts/sft.sh"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHON": sys.executable})
+                            env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHON": sys.executable,
+                                 "MODEL_PATH": str(tmp_path)})  # the trainer stops on the lock before it reads the model
     assert result.returncode == 2, result.stderr[-2000:]
     assert "build lock older than 10 minutes" in result.stderr and str(lock) in result.stderr
     assert lock.exists(), "the script must not delete a lock it did not create"
