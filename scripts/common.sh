@@ -110,8 +110,9 @@ require_default_model() {
   fi
 }
 
-# stage_flags STAGE: the published flags every stage shares, from the stage's variables
-# (MODEL_PATH DATA_PATH IMAGE_FOLDER OUTPUT_DIR EPOCHS LR BATCH_SIZE GRAD_ACCUM).
+# stage_flags STAGE: the flags every stage shares, from the stage's variables (MODEL_PATH DATA_PATH
+# IMAGE_FOLDER OUTPUT_DIR EPOCHS LR BATCH_SIZE GRAD_ACCUM). Each fixed value is the released one;
+# the save flags differ on purpose (SAVE_STEPS above).
 stage_flags() {
   # Defaults are repository paths; the trainer runs in the caller's directory.
   local var
