@@ -257,3 +257,33 @@ def test_sft_batch_and_the_default_model(caller_dir):
     missing = dry_run(caller_dir, "sft.sh", **env)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert "no model at" in missing.stderr and "python -m llava.model.tiny --out" in missing.stderr.replace(sys.executable, "python")
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_train_as_one_node(tiny_llava_dir, tmp_path):
+    """Two "nodes" (two launchers, NODE_RANK 0 and 1, one process each, no ssh, a shared OUTPUT_DIR)
+    train exactly as one node with two processes."""
+    from tests.conftest import write_preference_set
+
+    write_preference_set(tmp_path / "data", n=8, seed=1)
+    (tmp_path / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
+    env = {**os.environ, "MODEL_PATH": str(tiny_llava_dir), "DATA_PATH": "data/preference.json", "IMAGE_FOLDER": "data",
+           "ZERO": "zero2", "REPORT_TO": "none", "PYTHON": sys.executable, "EPOCHS": "1", "BATCH_SIZE": "1",
+           "GRAD_ACCUM": "2", "LR": "1e-3", "SAVE_STEPS": "1", "OMP_NUM_THREADS": "1"}
+    command = ["bash", str(REPO / "scripts/mcmdpo.sh"), "--seed", "0", "--gradient_checkpointing", "False"]
+    one = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                         env={**env, "NUM_GPUS": "2", "OUTPUT_DIR": "one", "MASTER_PORT": str(free_port())})
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    port = str(free_port())
+    nodes = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**env, "HOSTFILE": "hostfile", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": port, "OUTPUT_DIR": "two"}) for rank in (0, 1)]
+    for node in nodes:
+        output, _ = node.communicate(timeout=900)
+        assert node.returncode == 0, output[-3000:]
+        assert "dist_world_size=2" in output
+    assert step_losses(tmp_path / "two") == pytest.approx(step_losses(tmp_path / "one"), rel=1e-5)
+    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
