@@ -18,7 +18,7 @@
 #   RESUME        auto: continue from the newest complete checkpoint in OUTPUT_DIR, if any (default);
 #                 never: start afresh
 #   REPORT_TO     wandb | tensorboard | none (default wandb, as released; offline when not logged in)
-#   WANDB_PROJECT wandb project (default llava-mcmdpo); the run is named after OUTPUT_DIR
+#   WANDB_PROJECT wandb project (default llava-mcmdpo, set by the trainer); runs are named after OUTPUT_DIR
 #   NUM_WORKERS   data loader workers (default 4 with CUDA, 0 without)
 #   OMP_NUM_THREADS  threads per process on a host without CUDA (default: cores / NUM_GPUS)
 #   PYTHON        interpreter (default: the repository's .venv/bin/python if present, else python3)
@@ -61,7 +61,6 @@ ZERO=${ZERO:-zero3}
 PARADIGM=${PARADIGM:-d}
 case "$PARADIGM" in a|b|c|d) ;; *) echo "PARADIGM must be a, b, c or d (got $PARADIGM)" >&2; exit 2 ;; esac
 REPORT_TO=${REPORT_TO:-wandb}
-export WANDB_PROJECT=${WANDB_PROJECT:-llava-mcmdpo}
 # Released: one save per epoch (--save_strategy epoch). Here also every SAVE_STEPS steps, so that a
 # preempted job loses at most SAVE_STEPS steps; the released runs kept 10 checkpoints.
 SAVE_STEPS=${SAVE_STEPS:-500}
@@ -132,7 +131,7 @@ stage_flags() {
     --max_grad_norm 0  # released: no gradient clipping (the DeepSpeed configs say 0 too)
     --model_max_length 2048 --gradient_checkpointing True --lazy_preprocess True
     --save_strategy steps --save_steps "$SAVE_STEPS" --save_at_epoch_end True --save_total_limit "$SAVE_TOTAL_LIMIT"
-    --output_dir "$OUTPUT_DIR" --run_name "$(basename "$OUTPUT_DIR")"
+    --output_dir "$OUTPUT_DIR"
   )
   if [ "$RESUME" = auto ]; then STAGE_FLAGS+=(--resume_from_checkpoint auto); fi
 }
