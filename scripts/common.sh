@@ -1,31 +1,72 @@
-# Shared by sft.sh, dpo.sh and mcmdpo.sh: it only assembles the launcher and the flags that
-# depend on the host. Every setting is an environment variable with a working default.
+# Shared by the stage scripts (sft.sh, dpo.sh, mcmdpo.sh): it assembles the launcher and the flags
+# that depend on the host. Every setting is an environment variable with a working default.
 #
-#   NUM_GPUS      processes on this node (default: the GPUs present; on a host without CUDA: 1 CPU process)
-#   HOSTFILE      DeepSpeed hostfile for multi-node runs (default: none, one node)
+# Paths you set (MODEL_PATH, DATA_PATH, IMAGE_FOLDER, OUTPUT_DIR, HOSTFILE, VISION_TOWER, PYTHON, and
+# paths in extra arguments) are taken relative to the directory you run the script from; the
+# defaults point into the repository.
+#
+#   NUM_GPUS      processes on this node (default: the GPUs torch sees; on a host without CUDA: 1 CPU process)
+#   CUDA_VISIBLE_DEVICES  when set, the GPUs to run on (the first NUM_GPUS of them); NUM_GPUS may not exceed them
+#   HOSTFILE      DeepSpeed hostfile for multi-node runs (default: none, one node); with NODE_RANK and
+#                 MASTER_ADDR each node starts its own launcher (no ssh: SLURM's srun, see README)
 #   MASTER_PORT   rendezvous port (default 29500)
-#   ZERO          zero2 | zero3 | zero3_offload (default zero3, as published)
+#   ZERO          zero2 | zero3 | zero3_offload, or a DeepSpeed config file (default zero3, as released)
 #   PRECISION     bf16 | fp16 | fp32 (default: bf16 with CUDA, fp32 without)
 #   PARADIGM      a | b | c | d: when the vision tower trains (METHOD.md); default d (both stages)
-#   REPORT_TO     wandb | tensorboard | none (default wandb, as published)
+#   SAVE_STEPS    save a checkpoint every SAVE_STEPS optimizer steps, and at each epoch end (default 500)
+#   SAVE_TOTAL_LIMIT  checkpoints kept in OUTPUT_DIR (default 2)
+#   RESUME        auto: continue from the newest complete checkpoint in OUTPUT_DIR, if any (default);
+#                 never: start afresh
+#   REPORT_TO     wandb | tensorboard | none (default wandb, as released; offline when not logged in)
+#   WANDB_PROJECT wandb project (default llava-mcmdpo, set by the trainer); runs are named after OUTPUT_DIR
 #   NUM_WORKERS   data loader workers (default 4 with CUDA, 0 without)
 #   OMP_NUM_THREADS  threads per process on a host without CUDA (default: cores / NUM_GPUS)
-#   PYTHON        interpreter (default: .venv/bin/python if present, else python3)
+#   PYTHON        interpreter (default: the repository's .venv/bin/python if present, else python3)
+#   DRY_RUN       1: print the launch command (shell-quoted) instead of running it
 
+CALLER_DIR=$PWD
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# The path variables the caller set, made absolute against the caller's directory. A model, data
+# set or tower that does not exist here may be a hub name: it is left as given (the trainer runs in
+# the caller's directory, so a relative path that is not a hub name still means the caller's).
+CALLER_SET=" "
+for _var in MODEL_PATH DATA_PATH IMAGE_FOLDER OUTPUT_DIR HOSTFILE VISION_TOWER; do
+  _val=${!_var:-}
+  [ -n "$_val" ] || continue
+  CALLER_SET+="$_var "
+  case "$_val" in /*) continue ;; esac
+  case "$_var" in
+    IMAGE_FOLDER|OUTPUT_DIR|HOSTFILE) printf -v "$_var" '%s' "$CALLER_DIR/$_val" ;;
+    *) if [ -e "$CALLER_DIR/$_val" ]; then printf -v "$_var" '%s' "$CALLER_DIR/$_val"; fi ;;
+  esac
+done
+case "${PYTHON:-}" in /*|"") ;; */*) PYTHON="$CALLER_DIR/$PYTHON" ;; esac
+unset _var _val
+
+# The stage scripts' defaults below are relative to the repository.
 cd "$REPO_ROOT"
 if [ -z "${PYTHON:-}" ]; then
-  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+  if [ -x "$REPO_ROOT/.venv/bin/python" ]; then PYTHON="$REPO_ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
-HAS_CUDA=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+GPU_COUNT=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+case "$GPU_COUNT" in ''|*[!0-9]*) GPU_COUNT=0 ;; esac
+if [ "$GPU_COUNT" -gt 0 ]; then HAS_CUDA=1; else HAS_CUDA=0; fi
 if [ -z "${NUM_GPUS:-}" ]; then
-  if [ "$HAS_CUDA" = 1 ]; then NUM_GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())"); else NUM_GPUS=1; fi
+  if [ "$HAS_CUDA" = 1 ]; then NUM_GPUS=$GPU_COUNT; else NUM_GPUS=1; fi
 fi
+case "$NUM_GPUS" in ''|*[!0-9]*|0) echo "NUM_GPUS must be a positive number (got $NUM_GPUS)" >&2; exit 2 ;; esac
 MASTER_PORT=${MASTER_PORT:-29500}
 ZERO=${ZERO:-zero3}
 PARADIGM=${PARADIGM:-d}
 case "$PARADIGM" in a|b|c|d) ;; *) echo "PARADIGM must be a, b, c or d (got $PARADIGM)" >&2; exit 2 ;; esac
 REPORT_TO=${REPORT_TO:-wandb}
+# Released: one save per epoch (--save_strategy epoch). Here also every SAVE_STEPS steps, so that a
+# preempted job loses at most SAVE_STEPS steps; the released runs kept 10 checkpoints.
+SAVE_STEPS=${SAVE_STEPS:-500}
+SAVE_TOTAL_LIMIT=${SAVE_TOTAL_LIMIT:-2}
+RESUME=${RESUME:-auto}
+case "$RESUME" in auto|never) ;; *) echo "RESUME must be auto or never (got $RESUME)" >&2; exit 2 ;; esac
 if [ -z "${PRECISION:-}" ]; then
   if [ "$HAS_CUDA" = 1 ]; then PRECISION=bf16; else PRECISION=fp32; fi
 fi
@@ -57,9 +98,26 @@ vit_trains() {
   esac
 }
 
-# stage_flags STAGE: the published flags every stage shares, from the stage's variables
-# (MODEL_PATH DATA_PATH IMAGE_FOLDER OUTPUT_DIR EPOCHS LR BATCH_SIZE GRAD_ACCUM).
+# caller_set VAR: did the caller set VAR (rather than the stage script's default)?
+caller_set() { [[ "$CALLER_SET" == *" $1 "* ]]; }
+
+# require_default_model HINT: stop with one line when MODEL_PATH is the stage's default and absent.
+require_default_model() {
+  if ! caller_set MODEL_PATH && [ ! -d "$MODEL_PATH" ]; then
+    echo "no model at $REPO_ROOT/$MODEL_PATH (the default MODEL_PATH): $1" >&2
+    exit 2
+  fi
+}
+
+# stage_flags STAGE: the flags every stage shares, from the stage's variables (MODEL_PATH DATA_PATH
+# IMAGE_FOLDER OUTPUT_DIR EPOCHS LR BATCH_SIZE GRAD_ACCUM). Each fixed value is the released one;
+# the save flags differ on purpose (SAVE_STEPS above).
 stage_flags() {
+  # Defaults are repository paths; the trainer runs in the caller's directory.
+  local var
+  for var in MODEL_PATH DATA_PATH IMAGE_FOLDER OUTPUT_DIR VISION_TOWER; do
+    if ! caller_set "$var" && [ -n "${!var:-}" ] && [[ "${!var}" != /* ]]; then printf -v "$var" '%s' "$REPO_ROOT/${!var}"; fi
+  done
   STAGE_FLAGS=(
     --model_name_or_path "$MODEL_PATH" --version v1
     --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER"
@@ -70,25 +128,53 @@ stage_flags() {
     --num_train_epochs "$EPOCHS" --per_device_train_batch_size "$BATCH_SIZE"
     --gradient_accumulation_steps "$GRAD_ACCUM" --learning_rate "$LR" --weight_decay 0.
     --warmup_ratio 0.03 --lr_scheduler_type cosine --logging_steps 1
+    --max_grad_norm 0  # released: no gradient clipping (the DeepSpeed configs say 0 too)
     --model_max_length 2048 --gradient_checkpointing True --lazy_preprocess True
-    --save_strategy steps --save_steps 50000 --save_total_limit 1
+    --save_strategy steps --save_steps "$SAVE_STEPS" --save_at_epoch_end True --save_total_limit "$SAVE_TOTAL_LIMIT"
     --output_dir "$OUTPUT_DIR"
   )
+  if [ "$RESUME" = auto ]; then STAGE_FLAGS+=(--resume_from_checkpoint auto); fi
 }
 
-# launch ARGS...: the trainer under DeepSpeed's launcher, one process per GPU (or CPU process).
+# launch ARGS...: the trainer under DeepSpeed's launcher, one process per GPU (or CPU process), run
+# from the caller's directory.
 launch() {
-  local config="scripts/${ZERO}.json"
+  local config
+  case "$ZERO" in
+    /*.json) config=$ZERO ;;
+    *.json) config="$CALLER_DIR/$ZERO" ;;
+    *) config="$REPO_ROOT/scripts/${ZERO}.json" ;;
+  esac
   [ -f "$config" ] || { echo "no DeepSpeed config $config (ZERO=$ZERO)" >&2; exit 2; }
-  local launcher=("$(dirname "$PYTHON")/deepspeed")
+  local launcher=("$(dirname "$PYTHON")/deepspeed") env=()
   [ -x "${launcher[0]}" ] || launcher=(deepspeed)
   if [ -n "${HOSTFILE:-}" ]; then
     launcher+=(--hostfile "$HOSTFILE")
+    if [ -n "${NODE_RANK:-}" ]; then  # each node starts its own launcher (srun): no ssh
+      launcher+=(--no_ssh --node_rank "$NODE_RANK" --master_addr "${MASTER_ADDR:?MASTER_ADDR is needed with NODE_RANK}")
+    fi
+  elif [ "$HAS_CUDA" = 1 ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    # DeepSpeed's --num_gpus would take GPUs 0..N-1 whatever the mask says; without it the
+    # launcher runs on the GPUs CUDA_VISIBLE_DEVICES lists.
+    local visible
+    IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
+    if [ "$NUM_GPUS" -gt "${#visible[@]}" ]; then
+      echo "NUM_GPUS=$NUM_GPUS but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES lists ${#visible[@]} GPU(s)" >&2; exit 2
+    fi
+    env=("CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${visible[*]:0:$NUM_GPUS}")")
+  elif [ "$HAS_CUDA" = 1 ] && [ "$NUM_GPUS" -gt "$GPU_COUNT" ]; then
+    echo "NUM_GPUS=$NUM_GPUS but this host has $GPU_COUNT GPU(s)" >&2; exit 2
   else
     launcher+=(--num_gpus "$NUM_GPUS")
   fi
+  local cmd=("${launcher[@]}" --master_port "$MASTER_PORT" "$REPO_ROOT/llava/train/train.py" --deepspeed "$config"
+             "${PRECISION_FLAGS[@]}" --report_to "$REPORT_TO" --dataloader_num_workers "$NUM_WORKERS" "$@")
+  if [ "${DRY_RUN:-0}" = 1 ]; then
+    printf '%q ' "${env[@]}" "${cmd[@]}"; echo
+    return 0
+  fi
+  cd "$CALLER_DIR"
   set -x
-  "${launcher[@]}" --master_port "$MASTER_PORT" llava/train/train.py --deepspeed "$config" \
-    "${PRECISION_FLAGS[@]}" --report_to "$REPORT_TO" --dataloader_num_workers "$NUM_WORKERS" "$@"
+  env "${env[@]}" "${cmd[@]}"
   { set +x; } 2>/dev/null
 }

@@ -3,12 +3,15 @@
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TERMS = ("response", "image", "context", "context_response", "image_response", "context_image", "all")
@@ -33,6 +36,7 @@ def run_script(script, out, model, data, **env):
     full_env = {**os.environ, "MODEL_PATH": str(model), "DATA_PATH": str(data), "IMAGE_FOLDER": str(data.parent),
                 "OUTPUT_DIR": str(out), "NUM_GPUS": "2", "REPORT_TO": "none", "MASTER_PORT": str(free_port()),
                 "PYTHON": sys.executable, **env}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset
     result = subprocess.run(["bash", f"scripts/{script}", "--max_steps", "3", "--gradient_accumulation_steps", "1",
                              "--save_strategy", "no"], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -48,8 +52,11 @@ def run_script(script, out, model, data, **env):
 ])
 def test_script_runs_under_deepspeed(script, zero, report_to, tiny_llava_dir, preference_file, tmp_path):
     out = tmp_path / "out"
-    run_script(script, out, tiny_llava_dir, preference_file, ZERO=zero, REPORT_TO=report_to,
-               WANDB_MODE="offline", WANDB_DIR=str(tmp_path))
+    # wandb as on a compute node that was never logged in: no key, no netrc, WANDB_MODE unset
+    home = tmp_path / "home"
+    result = run_script(script, out, tiny_llava_dir, preference_file, ZERO=zero, REPORT_TO=report_to, HOME=str(home),
+                        NETRC=str(home / ".netrc"), WANDB_CONFIG_DIR=str(home / "wandb"), WANDB_CACHE_DIR=str(home / "cache"),
+                        WANDB_MODE=None, WANDB_API_KEY=None, WANDB_DIR=None)
     logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
     assert [h["step"] for h in logs] == [1, 2, 3]
     assert all(math.isfinite(h["loss"]) for h in logs)
@@ -61,7 +68,8 @@ def test_script_runs_under_deepspeed(script, zero, report_to, tiny_llava_dir, pr
     if report_to == "tensorboard":
         assert list(out.rglob("events.out.tfevents.*"))
     if report_to == "wandb":
-        assert list(tmp_path.rglob("offline-run-*"))
+        assert f"wandb: no API key or login found, logging offline to {out}/wandb; " in result.stdout
+        assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     loaded = subprocess.run([sys.executable, "-c", LOADS_IN_PLAIN_TRANSFORMERS, str(out)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
@@ -81,7 +89,200 @@ def test_scripts_refuse_an_abandoned_build_lock(tmp_path):
     old = lock.stat().st_mtime - 3600
     os.utime(lock, (old, old))
     result = subprocess.run(["bash", "scripts/sft.sh"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHON": sys.executable})
+                            env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHON": sys.executable,
+                                 "MODEL_PATH": str(tmp_path)})  # the trainer stops on the lock before it reads the model
     assert result.returncode == 2, result.stderr[-2000:]
     assert "build lock older than 10 minutes" in result.stderr and str(lock) in result.stderr
     assert lock.exists(), "the script must not delete a lock it did not create"
+
+
+# -- preemption: kill, run the same command again -------------------------------------------------
+
+
+def step_losses(out):
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(out / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_losses_and_weights(tiny_llava_dir, tmp_path):
+    """MCM-DPO under DeepSpeed (ZeRO-2, 2 CPU processes, grouped sampler, accumulation 2), killed
+    inside its second epoch right after a checkpoint, run again with the same command from the
+    caller's directory (relative paths): every step's loss and the final weights equal an
+    uninterrupted run's."""
+    from tests.conftest import write_preference_set
+
+    write_preference_set(tmp_path / "data", n=8, seed=1)  # 2 processes x batch 1 x accumulation 2: 2 steps an epoch
+    env = {**os.environ, "MODEL_PATH": str(tiny_llava_dir), "DATA_PATH": "data/preference.json", "IMAGE_FOLDER": "data",
+           "NUM_GPUS": "2", "ZERO": "zero2", "REPORT_TO": "none", "PYTHON": sys.executable, "EPOCHS": "4",
+           "BATCH_SIZE": "1", "GRAD_ACCUM": "2", "LR": "1e-3", "SAVE_STEPS": "3", "SAVE_TOTAL_LIMIT": "2"}
+
+    def command(out):
+        return dict(args=["bash", str(REPO / "scripts/mcmdpo.sh"), "--seed", "0", "--gradient_checkpointing", "False"],
+                    cwd=tmp_path, env={**env, "OUTPUT_DIR": out, "MASTER_PORT": str(free_port())})
+
+    full = subprocess.run(**command("full"), capture_output=True, text=True, timeout=900)
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+
+    log = open(tmp_path / "killed.log", "w")
+    killed = subprocess.Popen(**command("run"), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    checkpoint = tmp_path / "run" / "checkpoint-3" / "trainer_state.json"  # step 3: the first step of epoch 2
+    deadline = time.time() + 900
+    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert checkpoint.exists(), (tmp_path / "killed.log").read_text()[-3000:]
+    assert not (tmp_path / "run" / "trainer_state.json").exists(), "the run finished before it could be killed"
+
+    again = subprocess.run(**command("run"), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming from" in again.stderr
+    expected, resumed = step_losses(tmp_path / "full"), step_losses(tmp_path / "run")
+    assert sorted(resumed) == sorted(expected) == list(range(1, 9))
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "run")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# -- the launch command: paths from the caller's directory, GPUs from the mask ------------------------
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# torch's answer on a host with 8 GPUs, of which CUDA_VISIBLE_DEVICES shows some; the rest goes to Python.
+if [ "$1" = -c ] && [[ "$2" == *torch.cuda.device_count* ]]; then
+  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then tr , '\\n' <<< "$CUDA_VISIBLE_DEVICES" | grep -c .; else echo 8; fi
+  exit 0
+fi
+exec %s "$@"
+"""
+
+
+def dry_run(caller_dir, script, gpu_host=True, **env):
+    python = sys.executable
+    if gpu_host:
+        python = caller_dir / "bin" / "python"
+        python.parent.mkdir(exist_ok=True)
+        python.write_text(FAKE_PYTHON % sys.executable)
+        python.chmod(0o755)
+    full_env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NUM_GPUS", "HOSTFILE")}
+    result = subprocess.run(["bash", str(REPO / "scripts" / script), "--max_steps", "2"], cwd=caller_dir,
+                            env={**full_env, "DRY_RUN": "1", "PYTHON": str(python), **env}, capture_output=True, text=True, timeout=120)
+    return result
+
+
+def flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+@pytest.fixture
+def caller_dir(tmp_path):
+    """A user's directory with a model, data and images, away from the repository."""
+    (tmp_path / "ckpt" / "sft").mkdir(parents=True)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "pref.json").write_text("[]")
+    (tmp_path / "hosts").write_text("localhost slots=2\n")
+    return tmp_path
+
+
+RELATIVE = {"MODEL_PATH": "ckpt/sft", "DATA_PATH": "pref.json", "IMAGE_FOLDER": "images", "OUTPUT_DIR": "runs/mcmdpo"}
+
+
+def test_paths_are_the_callers_and_gpus_the_masks(caller_dir):
+    import shlex
+
+    result = dry_run(caller_dir, "mcmdpo.sh", CUDA_VISIBLE_DEVICES="2,3", **RELATIVE)
+    assert result.returncode == 0, result.stderr
+    words = shlex.split(result.stdout)
+    # DeepSpeed's --num_gpus N would run on GPUs 0..N-1 whatever the mask says: the launcher gets the mask itself.
+    assert words[0] == "CUDA_VISIBLE_DEVICES=2,3" and "--num_gpus" not in words and "--include" not in words
+    assert Path(words[1]).name == "deepspeed"
+    assert flag(words, "--model_name_or_path") == str(caller_dir / "ckpt/sft")
+    assert flag(words, "--data_path") == str(caller_dir / "pref.json")
+    assert flag(words, "--image_folder") == str(caller_dir / "images")
+    assert flag(words, "--output_dir") == str(caller_dir / "runs/mcmdpo")
+    assert words[words.index("--deepspeed") - 1] == str(REPO / "llava/train/train.py")
+    # released settings, each said once: no clipping (config and trainer), batch 1 x 16, and saves
+    assert json.loads(Path(flag(words, "--deepspeed")).read_text())["gradient_clipping"] == 0
+    assert flag(words, "--max_grad_norm") == "0"
+    assert (flag(words, "--per_device_train_batch_size"), flag(words, "--gradient_accumulation_steps")) == ("1", "16")
+    assert (flag(words, "--save_strategy"), flag(words, "--save_steps"), flag(words, "--save_at_epoch_end"),
+            flag(words, "--save_total_limit")) == ("steps", "500", "True", "2")
+    assert flag(words, "--resume_from_checkpoint") == "auto"
+    assert words[-2:] == ["--max_steps", "2"]
+
+    one = shlex.split(dry_run(caller_dir, "mcmdpo.sh", CUDA_VISIBLE_DEVICES="2,3", NUM_GPUS="1", **RELATIVE).stdout)
+    assert one[0] == "CUDA_VISIBLE_DEVICES=2"
+    too_many = dry_run(caller_dir, "mcmdpo.sh", CUDA_VISIBLE_DEVICES="2,3", NUM_GPUS="3", **RELATIVE)
+    assert too_many.returncode == 2
+    assert too_many.stderr.strip() == "NUM_GPUS=3 but CUDA_VISIBLE_DEVICES=2,3 lists 2 GPU(s)"
+
+
+def test_launch_without_a_mask_with_a_hostfile_and_afresh(caller_dir):
+    import shlex
+
+    words = shlex.split(dry_run(caller_dir, "dpo.sh", **RELATIVE).stdout)
+    assert flag(words, "--num_gpus") == "8" and "CUDA_VISIBLE_DEVICES" not in words[0]
+    assert dry_run(caller_dir, "dpo.sh", NUM_GPUS="9", **RELATIVE).stderr.strip() == "NUM_GPUS=9 but this host has 8 GPU(s)"
+    words = shlex.split(dry_run(caller_dir, "dpo.sh", HOSTFILE="hosts", **RELATIVE).stdout)
+    assert flag(words, "--hostfile") == str(caller_dir / "hosts") and "--num_gpus" not in words
+    words = shlex.split(dry_run(caller_dir, "dpo.sh", HOSTFILE="hosts", NODE_RANK="1", MASTER_ADDR="node-a", **RELATIVE).stdout)
+    assert (flag(words, "--node_rank"), flag(words, "--master_addr")) == ("1", "node-a") and "--no_ssh" in words
+    words = shlex.split(dry_run(caller_dir, "dpo.sh", RESUME="never", SAVE_STEPS="50", SAVE_TOTAL_LIMIT="3", **RELATIVE).stdout)
+    assert "--resume_from_checkpoint" not in words
+    assert (flag(words, "--save_steps"), flag(words, "--save_total_limit")) == ("50", "3")
+    # a host without CUDA: CPU processes, the mask means nothing there
+    words = shlex.split(dry_run(caller_dir, "dpo.sh", gpu_host=False, CUDA_VISIBLE_DEVICES="2,3", NUM_GPUS="2", **RELATIVE).stdout)
+    assert flag(words, "--num_gpus") == "2" and not words[0].startswith("CUDA_VISIBLE_DEVICES")
+
+
+def test_sft_batch_and_the_default_model(caller_dir):
+    import shlex
+
+    words = shlex.split(dry_run(caller_dir, "sft.sh", **RELATIVE).stdout)
+    assert (flag(words, "--per_device_train_batch_size"), flag(words, "--gradient_accumulation_steps")) == ("1", "32")
+    assert flag(words, "--learning_rate") == "2e-5"
+    env = {k: v for k, v in RELATIVE.items() if k != "MODEL_PATH"}
+    if (REPO / "outputs/tiny-llava").exists():
+        pytest.skip("outputs/tiny-llava exists in this checkout")
+    missing = dry_run(caller_dir, "sft.sh", **env)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert "no model at" in missing.stderr and "python -m llava.model.tiny --out" in missing.stderr.replace(sys.executable, "python")
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_train_as_one_node(tiny_llava_dir, tmp_path):
+    """Two "nodes" (two launchers, NODE_RANK 0 and 1, one process each, no ssh, a shared OUTPUT_DIR)
+    train exactly as one node with two processes."""
+    from tests.conftest import write_preference_set
+
+    write_preference_set(tmp_path / "data", n=8, seed=1)
+    (tmp_path / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
+    env = {**os.environ, "MODEL_PATH": str(tiny_llava_dir), "DATA_PATH": "data/preference.json", "IMAGE_FOLDER": "data",
+           "ZERO": "zero2", "REPORT_TO": "none", "PYTHON": sys.executable, "EPOCHS": "1", "BATCH_SIZE": "1",
+           "GRAD_ACCUM": "2", "LR": "1e-3", "SAVE_STEPS": "1", "OMP_NUM_THREADS": "1"}
+    command = ["bash", str(REPO / "scripts/mcmdpo.sh"), "--seed", "0", "--gradient_checkpointing", "False"]
+    one = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                         env={**env, "NUM_GPUS": "2", "OUTPUT_DIR": "one", "MASTER_PORT": str(free_port())})
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    port = str(free_port())
+    nodes = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**env, "HOSTFILE": "hostfile", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": port, "OUTPUT_DIR": "two"}) for rank in (0, 1)]
+    for node in nodes:
+        output, _ = node.communicate(timeout=900)
+        assert node.returncode == 0, output[-3000:]
+        assert "dist_world_size=2" in output
+    assert step_losses(tmp_path / "two") == pytest.approx(step_losses(tmp_path / "one"), rel=1e-5)
+    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -148,6 +148,9 @@ class TrainingArguments(transformers.TrainingArguments):
     use_cross_modal_gama: float = field(default=0.3, metadata={"help": "accepted, no effect: " + NO_EFFECT["use_cross_modal_gama"]})
     tok_beta: float = field(default=0.1, metadata={"help": "accepted, no effect: " + NO_EFFECT["tok_beta"]})
     use_tdpo: bool = field(default=True, metadata={"help": "accepted, no effect: " + NO_EFFECT["use_tdpo"]})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping norm; 0 (released: no clipping) turns it off"})
+    save_at_epoch_end: bool = field(default=False, metadata={"help": "with --save_strategy steps: also save a checkpoint "
+                                                           "at the end of each epoch"})
     # Spellings of the published scripts that transformers 5 renamed.
     warmup_ratio: float | None = field(default=None, metadata={"help": "warmup as a share of all steps (= --warmup_steps < 1)"})
     evaluation_strategy: str | None = field(default=None, metadata={"help": "older name of --eval_strategy"})

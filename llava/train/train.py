@@ -35,11 +35,14 @@ from llava.model.chat_template import set_chat_template
 from llava.model.hub import dataset_fingerprint
 from llava.model.load import ModelLoadError, checkpoint_kind, compose, load_model, resolve_hub_arguments, save_model
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
+from llava.train.checkpoints import (ReplayEpochOrder, ResumeError, SaveAtEpochEnd, copy_final_model, resolve_resume,
+                                     steps_done)
 from llava.train.model_card import CardFacts, release_generation_config, write_model_card
 from llava.train.params import Trainable, apply_lora, quantization, set_trainable
 from llava.train.policy import ResponseLogps
 from llava.train.reference import (AdaptersOffReference, CachedReference, LiveReference, file_fingerprint, images_fingerprint,
                                    model_fingerprint, processor_fingerprint)
+from llava.train.reporting import prepare_wandb
 from llava.train.trainer import DPOObjective, LlavaTrainer, MCMObjective, SFTObjective
 
 logger = logging.getLogger("llava.train")
@@ -242,16 +245,52 @@ def prepare(argv: list[str] | None = None) -> LlavaTrainer:
 
 
 def train(trainer: LlavaTrainer) -> None:
+    """Train (or continue from ``--resume_from_checkpoint``), then save the final model and state.
+
+    A run whose checkpoint is already at its last step trains nothing: its final model is left as
+    it is (or copied from that checkpoint, if the run was killed before the final save).
+    """
     args = trainer.args
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    checkpoint = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint is not None:
+        done, total = steps_done(checkpoint), planned_steps(trainer)
+        logger.info("resuming from %s (step %d of %d)", checkpoint, done, total)
+        if done >= total:
+            finish_without_training(trainer, checkpoint, total)
+            return
+    elif args.resume_from_checkpoint:
+        logger.info("no complete checkpoint in %s: starting afresh", args.output_dir)
+    if (note := prepare_wandb(args)) and trainer.is_world_process_zero():
+        print(note, flush=True)
+    trainer.add_callback(ReplayEpochOrder())
+    if args.save_at_epoch_end:
+        trainer.add_callback(SaveAtEpochEnd())
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     trainer.save_model(args.output_dir)
-    trainer.save_state()  # trainer_state.json: the logged history the demo's plots read
     if args.lora_enable and args.merge_lora and trainer.is_world_process_zero():
         base = trainer.model.llava.peft_config["default"].base_model_name_or_path
         merged, processor = load_model(args.output_dir, model_base=base, merge_lora=True)
         merged.generation_config = release_generation_config(processor.tokenizer)
         save_model(merged, processor, Path(args.output_dir) / "merged")
         write_model_card(Path(args.output_dir) / "merged", trainer.card.merged(), trainer.state.log_history)
+    trainer.save_state()  # trainer_state.json, written last: the logged history the plots read, and "finished"
+
+
+def planned_steps(trainer: LlavaTrainer) -> int:
+    """The optimizer steps this run is set to take (``--max_steps``, or the epochs' worth)."""
+    if trainer.args.max_steps > 0:
+        return trainer.args.max_steps
+    return trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+
+
+def finish_without_training(trainer: LlavaTrainer, checkpoint: Path, total: int) -> None:
+    output_dir = Path(trainer.args.output_dir)
+    final = steps_done(output_dir)
+    if final is not None and final >= total:
+        logger.info("this run finished at step %d: nothing to train, %s left as it is", final, output_dir)
+    elif trainer.is_world_process_zero():
+        logger.info("this run reached step %d in %s: copying its model to %s", total, checkpoint, output_dir)
+        copy_final_model(checkpoint, output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -261,7 +300,11 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # flags, data, paths: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    train(trainer)
+    try:
+        train(trainer)
+    except ResumeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

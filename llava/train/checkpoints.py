@@ -1,0 +1,137 @@
+"""Checkpoints a preempted run resumes from: which one, whether anything is left to train, when to save.
+
+``--resume_from_checkpoint`` takes a checkpoint directory, ``True`` (the newest complete checkpoint in
+``--output_dir``, an error if there is none) or ``auto`` (the newest complete one if any, else a
+fresh start: what the scripts pass, so that the same command run again continues a killed run).
+A checkpoint is complete once the Trainer has written its ``trainer_state.json``, the last file of
+a save; a directory killed mid-save is passed over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+NEWEST = ("true", "latest")
+AUTO = ("auto",)
+NONE = ("", "false", "none", "never", "no")
+# What a checkpoint holds besides the model directory itself: optimizer, scheduler, RNG, DeepSpeed.
+TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "latest", "zero_to_fp32.py", STATE_FILE)
+
+
+class ResumeError(ValueError):
+    pass
+
+
+def steps_done(checkpoint: str | Path) -> int | None:
+    """The global step a checkpoint was saved at, or None if its save did not complete."""
+    checkpoint = Path(checkpoint)
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        step = int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    # DeepSpeed writes its ``latest`` tag once every rank's shards are on disk.
+    if any(checkpoint.glob("global_step*")) and not (checkpoint / "latest").is_file():
+        return None
+    return step
+
+
+def newest_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    found = []
+    for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        number = path.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+        if path.is_dir() and number.isdigit() and steps_done(path) is not None:
+            found.append((int(number), path))
+    return max(found)[1] if found else None
+
+
+def resolve_resume(value: str | bool | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint ``--resume_from_checkpoint VALUE`` means for a run writing to ``output_dir``."""
+    if value is None or value is False:
+        return None
+    word = str(value).strip().lower()
+    if word in NONE:
+        return None
+    if word in NEWEST + AUTO:
+        newest = newest_complete_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if newest is None and word in NEWEST:
+            raise ResumeError(f"--resume_from_checkpoint {value}: no complete checkpoint in {output_dir}")
+        return newest
+    path = Path(value)
+    if not path.is_dir():
+        raise ResumeError(f"--resume_from_checkpoint {value}: no such directory")
+    if steps_done(path) is None:
+        raise ResumeError(f"--resume_from_checkpoint {value}: not a complete checkpoint (no readable {STATE_FILE})")
+    return path
+
+
+def copy_final_model(checkpoint: Path, output_dir: Path) -> None:
+    """The model of a checkpoint taken at the last step, as the run's final model in ``output_dir``.
+
+    A run killed after its last checkpoint but before the final save finishes this way; its
+    ``trainer_state.json`` goes last, as the Trainer's does, marking the copy complete.
+    """
+    for item in checkpoint.iterdir():
+        if item.name in TRAINING_STATE or item.name.startswith(("global_step", "rng_state")):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, output_dir / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, output_dir / item.name)
+    shutil.copy2(checkpoint / STATE_FILE, output_dir / STATE_FILE)
+
+
+class SaveAtEpochEnd(TrainerCallback):
+    """``--save_at_epoch_end``: a checkpoint at each epoch's end on top of the step-based ones.
+
+    The released runs save once per epoch; saving every ``--save_steps`` as well bounds what a
+    preemption loses. An epoch that ends on a step just saved is not saved twice.
+    """
+
+    def __init__(self):
+        self.saved_at = -1
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saved_at = state.global_step
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if args.save_strategy != "no" and state.global_step != self.saved_at:
+            control.should_save = True
+        return control
+
+
+class ReplayEpochOrder(TrainerCallback):
+    """Tells the training sampler which epoch is starting, resumed epochs included.
+
+    The grouped sampler's order is a function of (seed, epoch). After a resume inside an epoch the
+    Trainer skips the batches already trained through a wrapper that does not pass ``set_epoch``
+    on to a sampler sharded over several processes, so that epoch would replay epoch 0's order.
+    The epoch in progress is the integer part of ``state.epoch`` when an epoch begins.
+    """
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        sampler = epoch_sampler(train_dataloader)
+        if sampler is not None:
+            sampler.set_epoch(math.floor(state.epoch or 0))
+
+
+def epoch_sampler(loader):
+    """The innermost object with ``set_epoch`` under a data loader's (batch) samplers, if any."""
+    found, node, seen = None, loader, set()
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if node is not loader and hasattr(node, "set_epoch"):
+            found = node
+        inner = getattr(node, "batch_sampler", None)
+        node = inner if inner is not None else getattr(node, "sampler", None)
+    return found

@@ -1,0 +1,103 @@
+"""Resuming: which checkpoint ``--resume_from_checkpoint`` means, finished runs, epoch-end saves, epoch order."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DataLoader
+from accelerate.data_loader import BatchSamplerShard, DataLoaderShard, skip_first_batches
+
+from llava.data.sampler import ModalityLengthGroupedSampler
+from llava.train.checkpoints import ReplayEpochOrder, ResumeError, newest_complete_checkpoint, resolve_resume
+from llava.train.train import prepare, train
+from tests.conftest import write_preference_set
+from tests.test_train import argv, log_history
+
+
+def checkpoint(out, step, complete=True, deepspeed=None):
+    path = out / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"")
+    if complete:
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if deepspeed is not None:
+        (path / f"global_step{step}").mkdir()
+        if deepspeed == "tagged":
+            (path / "latest").write_text(f"global_step{step}")
+    return path
+
+
+def test_resume_means_the_newest_complete_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    assert resolve_resume("auto", out) is None  # no output directory yet: a fresh start
+    with pytest.raises(ResumeError, match=r"--resume_from_checkpoint True: no complete checkpoint in .*run"):
+        resolve_resume("True", out)
+    good = checkpoint(out, 2)
+    checkpoint(out, 10, deepspeed="tagged")
+    checkpoint(out, 11, complete=False)  # killed before its trainer_state.json
+    checkpoint(out, 12, deepspeed="untagged")  # killed before DeepSpeed's `latest` tag
+    (out / "checkpoint-x").mkdir()
+    assert newest_complete_checkpoint(out) == out / "checkpoint-10"
+    for word in ("True", "true", "auto", "latest"):
+        assert resolve_resume(word, out) == out / "checkpoint-10"
+    for word in (None, False, "", "False", "never"):
+        assert resolve_resume(word, out) is None
+    assert resolve_resume(str(good), out) == good
+    with pytest.raises(ResumeError, match="checkpoint-11: not a complete checkpoint"):
+        resolve_resume(str(out / "checkpoint-11"), out)
+    with pytest.raises(ResumeError, match="nowhere: no such directory"):
+        resolve_resume(str(tmp_path / "nowhere"), out)
+
+
+def test_sampler_epoch_reaches_a_sharded_sampler_after_a_skip():
+    """accelerate's skip wrapper does not pass ``set_epoch`` on to a sampler under ``BatchSamplerShard``
+    (several processes): the callback sets it, so the resumed epoch has that epoch's order."""
+    lengths = [5, -3, 7, 2, -8, 4, 6, 1, -2, 9, 3, 8]
+
+    def loader(process):
+        sampler = ModalityLengthGroupedSampler(lengths, batch_size=1, world_size=2 * 2, seed=3)
+        shard = BatchSamplerShard(BatchSampler(sampler, 1, False), num_processes=2, process_index=process)
+        return DataLoaderShard(list(range(len(lengths))), batch_sampler=shard)
+
+    for process in (0, 1):
+        uninterrupted = loader(process)
+        uninterrupted.set_epoch(1)
+        expected = [b.tolist() for b in uninterrupted][2:]
+        resumed = loader(process)
+        skipped = skip_first_batches(resumed, 2)
+        ReplayEpochOrder().on_epoch_begin(None, type("S", (), {"epoch": 1.5})(), None, train_dataloader=resumed)
+        skipped.set_epoch(1)
+        assert [b.tolist() for b in skipped] == expected
+        assert expected != [b.tolist() for b in loader(process)][2:]  # epoch 0's order differs
+
+
+@pytest.mark.slow
+def test_a_finished_run_run_again_trains_nothing(tiny_llava_dir, tmp_path):
+    """Two epochs of two steps, a save every 3 steps and at each epoch end; the same command again
+    leaves the model, its state and its checkpoints as they were (it used to log a 5th step)."""
+    data = write_preference_set(tmp_path / "data", n=4, seed=1)
+    out = tmp_path / "run"
+    args = argv(tiny_llava_dir, data, out, "--task", "DPO", "--use_cross_modal_loss", "True", "--num_train_epochs", "2",
+                "--learning_rate", "1e-3", "--group_by_modality_length", "True", "--save_strategy", "steps",
+                "--save_steps", "3", "--save_at_epoch_end", "True", "--save_total_limit", "10", "--resume_from_checkpoint", "auto")
+    train(prepare(args))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    assert [h["step"] for h in log_history(out) if "loss" in h] == [1, 2, 3, 4]
+
+    def snapshot():
+        return {p.relative_to(out): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    train(prepare(args))
+    assert snapshot() == before
+
+    # killed after its last checkpoint, before the final save: the rerun takes the final model from it
+    losses = [(h["step"], h["loss"]) for h in log_history(out) if "loss" in h]
+    (out / "trainer_state.json").unlink()
+    (out / "model.safetensors").unlink()
+    train(prepare(args))
+    state = Path("trainer_state.json")
+    assert {k: v for k, v in snapshot().items() if k != state} == {k: v for k, v in before.items() if k != state}
+    assert [(h["step"], h["loss"]) for h in log_history(out) if "loss" in h] == losses
