@@ -189,15 +189,15 @@ def write_records(folder: Path, tok, n: int, seed: int) -> Path:
 
 
 def mcm_objective():
-    from llava.train.losses import DEFAULT_WEIGHTS, TERM_FLAGS, term_weights
-    from llava.train.trainer import MCMObjective
+    from llava.method import TERMS, term_weights
+    from llava.train.losses import MCMObjective
 
     weights = term_weights(7, {TERM_FLAGS[t]: w for t, w in DEFAULT_WEIGHTS.items()})
     return MCMObjective(weights, norm=2.8, beta=BETA)
 
 
 def objective_of(variant: str):
-    from llava.train.trainer import DPOObjective
+    from llava.train.losses import DPOObjective
 
     return DPOObjective(BETA) if variant == "dpo" else mcm_objective()
 

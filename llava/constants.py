@@ -15,10 +15,3 @@ PAD_TOKEN = "<pad>"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# The eight conditions of one preference record: context (c), image (m), response (y),
-# each winning (w) or losing (l). Their order here is the order of every tensor that stacks them.
-CONDITIONS = (
-    "cw_mw_yw", "cw_mw_yl", "cw_ml_yw", "cw_ml_yl",
-    "cl_mw_yw", "cl_mw_yl", "cl_ml_yw", "cl_ml_yl",
-)
-DPO_CONDITIONS = ("cw_mw_yw", "cw_mw_yl")

@@ -5,7 +5,7 @@
 Writes, under ``--out``:
 
     mcm_conditions.png            the eight conditions of one preference record as the 2x2x2 cube
-                                  and the seven MCM-DPO terms (arrows from cw_mw_yw to each loser)
+                                  and the seven MCM-DPO terms (arrows from the all-winning condition to each loser)
     paradigms.png                 the four training paradigms (PARADIGM=a|b|c|d): which of ViT,
                                   projector and language model train in SFT and in alignment
     training_curves_example.png   llava.eval.curves on the runs under --demo-dir (sft, dpo, mcmdpo)
@@ -35,26 +35,21 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from llava.eval.curves import TERM_COLORS, TERM_LABELS, CurvesError, find_state, plot_runs  # noqa: E402
+from llava.method import CHOSEN, REJECTED, Condition  # noqa: E402
+from llava.method import TERMS as METHOD_TERMS  # noqa: E402
 
 RC = {"font.family": "DejaVu Sans", "mathtext.fontset": "dejavusans"}
 PNG_META = {"Software": None}
 
-# term -> (loser condition, default weight, module, published flag), in METHOD.md's order
-TERMS = {
-    "response": ("cw_mw_yl", 1.0, "single", "para_r3"),
-    "image": ("cw_ml_yw", 0.5, "single", "para_r2"),
-    "context": ("cl_mw_yw", 0.5, "single", "para_r1"),
-    "context_response": ("cl_mw_yl", 0.2, "pairwise", "para_r4"),
-    "image_response": ("cw_ml_yl", 0.2, "pairwise", "para_r5"),
-    "context_image": ("cl_ml_yw", 0.2, "pairwise", "para_r6"),
-    "all": ("cl_ml_yl", 0.2, "multi", "para_r7"),
-}
+# term -> (loser condition, default weight, module, published flag), from llava.method (docs/method.md "Terms")
+TERMS = {t.name: (t.loser, t.default_weight, t.module, t.flag) for t in METHOD_TERMS}
 MODULES = {
     "single": ("Single module", "one factor lost: a cube edge", "-"),
     "pairwise": ("Pairwise module", "two factors lost: a face diagonal", (0, (6, 3))),
     "multi": ("Multi module", "all three lost: the space diagonal", (0, (2, 2))),
 }
-WINNER = "cw_mw_yw"
+WINNER = CHOSEN
+RESPONSE = next(t.name for t in METHOD_TERMS if t.loser == REJECTED)  # plain DPO's term
 WIN_COLOR = "#1a7f37"
 
 
@@ -68,7 +63,8 @@ def _save(fig: Figure, path: Path) -> Path:
 
 def _condition(x: int, y: int, z: int) -> str:
     """Cube corner -> condition name: x = response lost, y = image lost, z = context lost."""
-    return f"c{'l' if z else 'w'}_m{'l' if y else 'w'}_y{'l' if x else 'w'}"
+    lost = lambda flag: "l" if flag else "w"  # noqa: E731
+    return Condition(context=lost(z), image=lost(y), response=lost(x)).name
 
 
 def _node_label(ax, xy, name, term_text, color, align, offset, winner=False):
@@ -110,13 +106,13 @@ def draw_mcm_conditions(path: Path) -> Path:
     origin = corners[(0, 0, 0)]
     # label of each corner: box alignment (fraction of the box at the offset point) and offset in points
     place = {
-        (1, 0, 0): ((0.0, 0.5), (10, 0)),       # cw_mw_yl, right
-        (0, 1, 0): ((0.5, 0.0), (0, 9)),        # cw_ml_yw, above
-        (0, 0, 1): ((0.5, 1.0), (0, -9)),       # cl_mw_yw, below
-        (1, 0, 1): ((0.5, 1.0), (0, -9)),       # cl_mw_yl, below
-        (1, 1, 0): ((0.5, 0.0), (0, 9)),        # cw_ml_yl, above
-        (0, 1, 1): ((0.5, 0.0), (0, 9)),        # cl_ml_yw, above
-        (1, 1, 1): ((0.5, 0.0), (-2, 9)),      # cl_ml_yl, above (on the top face)
+        (1, 0, 0): ((0.0, 0.5), (10, 0)),       # response lost: right
+        (0, 1, 0): ((0.5, 0.0), (0, 9)),        # image lost: above
+        (0, 0, 1): ((0.5, 1.0), (0, -9)),       # context lost: below
+        (1, 0, 1): ((0.5, 1.0), (0, -9)),       # context and response lost: below
+        (1, 1, 0): ((0.5, 0.0), (0, 9)),        # image and response lost: above
+        (0, 1, 1): ((0.5, 0.0), (0, 9)),        # context and image lost: above
+        (1, 1, 1): ((0.5, 0.0), (-2, 9)),      # all lost: above (on the top face)
     }
     for (x, y, z), p in corners.items():
         name = _condition(x, y, z)
@@ -159,7 +155,7 @@ def draw_mcm_conditions(path: Path) -> Path:
     y = 0.985
     tx.text(0.0, y, "term", fontsize=11, color="#666666", va="top")
     tx.text(0.50, y, "weight", fontsize=11, color="#666666", va="top", ha="center")
-    tx.text(0.63, y, "loser (vs cw_mw_yw)", fontsize=11, color="#666666", va="top")
+    tx.text(0.63, y, f"loser (vs {WINNER})", fontsize=11, color="#666666", va="top")
     y -= 0.07
     for module, (title, sub, style) in MODULES.items():
         tx.add_patch(FancyBboxPatch((0.0, y - 0.048), 1.0, 0.05, boxstyle="round,pad=0.004",
@@ -299,7 +295,7 @@ def _state(entries: list[dict], total: int, epochs: int, logging_steps: int) -> 
 def synthetic_logs(seed: int = 0) -> dict[str, dict]:
     """Realistic-looking trainer states for SFT, DPO and MCM-DPO (an illustration, not a run).
 
-    Shapes follow METHOD.md's settings: SFT lr 2e-5 (cosine, 3% warmup) with a decaying token loss;
+    Shapes follow the released settings (docs/method.md): SFT lr 2e-5 (cosine, 3% warmup) with a decaying token loss;
     DPO (1 epoch) and MCM-DPO (2 epochs) at lr 5e-7 on 8k records, 64 per optimizer step, logging
     means over the step's examples of per-example rewards drawn around slowly growing margins.
     """
@@ -319,8 +315,7 @@ def synthetic_logs(seed: int = 0) -> dict[str, dict]:
     # preference runs: 8000 records / 64 = 125 steps per epoch
     per_step = 64
     # asymptotic mean beta-margins of each term and how fast they grow (corrupted image: easiest)
-    final = {"response": 0.42, "image": 0.95, "context": 0.55, "context_response": 0.9, "image_response": 1.3,
-             "context_image": 1.2, "all": 1.6}
+    final = dict(zip(TERMS, (0.42, 0.95, 0.55, 0.9, 1.3, 1.2, 1.6)))  # in the order of the terms
     for name, epochs, mcm in (("DPO", 1, False), ("MCM-DPO", 2, True)):
         total, entries = 125 * epochs, []
         for step in range(1, total + 1):
@@ -333,13 +328,13 @@ def synthetic_logs(seed: int = 0) -> dict[str, dict]:
             if mcm:  # one Bradley-Terry sigmoid over the weighted margins
                 z = sum(beta_norm[t] * margins[t] for t in TERMS)
             else:
-                z = margins["response"]
+                z = margins[RESPONSE]
             losses = np.logaddexp(0.0, -z)  # -log sigmoid(z), the margins being beta-scaled already
-            rejected = chosen - margins["response"]
+            rejected = chosen - margins[RESPONSE]
             e = {"epoch": round(step / 125, 4), "grad_norm": float(abs(rng.normal(9.0, 3.0))),
                  "learning_rate": _cosine_lr(step, total, 5e-7), "loss": round(float(losses.mean()), 4),
-                 "rewards/accuracies": float((margins["response"] > 0).mean()),
-                 "rewards/chosen": float(chosen.mean()), "rewards/margins": float(margins["response"].mean()),
+                 "rewards/accuracies": float((margins[RESPONSE] > 0).mean()),
+                 "rewards/chosen": float(chosen.mean()), "rewards/margins": float(margins[RESPONSE].mean()),
                  "rewards/rejected": float(rejected.mean()), "step": step}
             if mcm:
                 for t in TERMS:

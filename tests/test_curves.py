@@ -171,14 +171,12 @@ def test_run_specs_and_smoothing():
     assert C.smooth_values([3.0], 5) == [3.0]
 
 
-def test_terms_match_the_losses():
-    # read llava/train/losses.py's TERM_LOSERS without importing torch
-    import ast
+def test_terms_come_from_the_method_table():
+    from llava import method
 
-    tree = ast.parse((REPO / "llava" / "train" / "losses.py").read_text())
-    node = next(n for n in tree.body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "TERM_LOSERS")
-    losers = ast.literal_eval(node.value)
-    assert C.TERM_LOSERS == losers and C.TERMS == tuple(losers)
+    assert C.TERMS == tuple(t.name for t in method.TERMS)
+    assert C.TERM_LOSERS == {t.name: t.loser for t in method.TERMS}
+    assert set(C.TERM_COLORS) == set(C.TERM_LABELS) == set(C.TERMS) and len(set(C.TERM_COLORS.values())) == 7
 
 
 def _draw_figures_module():

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from llava.constants import CONDITIONS, DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+from llava.method import CONDITION_NAMES as CONDITIONS
 from llava.conversation import encode_conversation, get_template, image_question
 from llava.data import negatives
 from llava.data.datasets import PreferenceDataset, SFTDataset

@@ -9,7 +9,8 @@ import torch
 from llava.constants import IGNORE_INDEX
 from llava.data.collate import PreferenceCollator
 from llava.model.forward import response_logps_naive
-from llava.train.losses import TERMS, mcm_dpo_loss
+from llava.method import TERM_NAMES as TERMS
+from llava.train.losses import mcm_dpo_loss
 from llava.train.train import main, prepare, train
 from tests.conftest import write_preference_set
 from tests.test_train import argv, log_history, run_main

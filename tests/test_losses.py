@@ -6,11 +6,13 @@ import random
 import pytest
 import torch
 
-from llava.constants import CONDITIONS
-from llava.train.losses import TERMS, dpo_loss, mcm_dpo_loss, needed_conditions, term_weights
+from llava.method import CONDITION_NAMES as CONDITIONS
+from llava.method import TERM_NAMES as TERMS
+from llava.method import needed_conditions, term_weights
+from llava.train.losses import dpo_loss, mcm_dpo_loss
 
 PARA = {"para_r1": 0.5, "para_r2": 0.5, "para_r3": 1.0, "para_r4": 0.2, "para_r5": 0.2, "para_r6": 0.2, "para_r7": 0.2}
-# (term, loser, published weight flag), written out from METHOD.md's table
+# (term, loser, published weight flag), written out from the paper's table (docs/method.md#terms)
 TABLE = [
     ("response", "cw_mw_yl", "para_r3"),
     ("image", "cw_ml_yw", "para_r2"),
@@ -139,8 +141,22 @@ def test_use_cl_reward_num_outside_1_to_7_is_an_error(n):
         term_weights(n, PARA)
 
 
-def test_default_weights_sum_to_para_norm():
-    assert sum(term_weights(7, PARA).values()) == pytest.approx(2.8)
+def test_the_method_table_is_the_papers():
+    """llava.method's terms (losers, flags, defaults, thresholds) against the table written out here."""
+    from llava.method import CONDITIONS as FACTORS
+    from llava.method import DEFAULT_NORM, TERMS as METHOD_TERMS
+    from llava.train.arguments import TrainingArguments
+
+    assert [(t.name, t.loser, t.flag) for t in METHOD_TERMS] == TABLE
+    assert {t.flag: t.default_weight for t in METHOD_TERMS} == PARA
+    assert [t.threshold for t in METHOD_TERMS] == [0, 0, 2, 3, 4, 5, 6]
+    assert DEFAULT_NORM == pytest.approx(2.8) and sum(PARA.values()) == pytest.approx(2.8)
+    # the eight conditions: every (context, image, response) choice once, context outermost
+    assert CONDITIONS == ("cw_mw_yw", "cw_mw_yl", "cw_ml_yw", "cw_ml_yl", "cl_mw_yw", "cl_mw_yl", "cl_ml_yw", "cl_ml_yl")
+    assert [(k.context, k.image, k.response) for k in FACTORS] == [(c, m, y) for c in "wl" for m in "wl" for y in "wl"]
+    # the trainer's flags default to the paper's weights and norm
+    args = TrainingArguments(output_dir="/tmp/unused", use_cpu=True)
+    assert {flag: getattr(args, flag) for flag in PARA} == PARA and args.para_norm == pytest.approx(2.8)
 
 
 def test_unknown_aggregate_and_all_off_are_errors():

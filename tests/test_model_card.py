@@ -15,7 +15,7 @@ from llava.conversation import (ALIASES, TEMPLATES, encode_conversation, encode_
 from llava.model.chat_template import set_chat_template
 from llava.train.arguments import parse_args
 from llava.train.model_card import CardFacts, final_metrics, public_flags, render_card
-from llava.train.losses import TERM_LOSERS
+from llava.method import TERMS
 from llava.train.train import prepare, train
 from tests.conftest import write_preference_set
 from tests.test_train import argv, log_history
@@ -136,7 +136,7 @@ def test_the_card_states_data_flags_method_and_final_metrics(run):
         assert f"    {flag} \\\n" in card, flag
     # the terms --use_cl_reward_num 5 leaves on, with their weights, and those it leaves off
     weights = run.trainer.args.weights()
-    for term, loser in TERM_LOSERS.items():
+    for term, loser in ((t.name, t.loser) for t in TERMS):
         row = f"| {term} | `{loser}` | {weights[term]:g}{'' if weights[term] else ' (off)'} |"
         assert row in card, row
     assert "| all | `cl_ml_yl` | 0 (off) |" in card and "| response | `cw_mw_yl` | 1 |" in card

@@ -8,7 +8,9 @@ images encoded once, the head run on scored positions only.
 import pytest
 import torch
 
-from llava.constants import CONDITIONS, DEFAULT_IMAGE_TOKEN, DPO_CONDITIONS
+from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.method import CONDITION_NAMES as CONDITIONS
+from llava.method import DPO_CONDITIONS, TERM_NAMES as TERMS
 from llava.conversation import get_template
 from llava.data.collate import PreferenceCollator
 from llava.data.datasets import PreferenceDataset
@@ -16,7 +18,7 @@ from llava.data.images import ImageProcessor
 from llava.data.records import read_records
 from llava.model.forward import LOGP_CHUNK, response_logps, response_logps_naive
 from llava.model.load import load_model
-from llava.train.losses import TERMS, mcm_dpo_loss
+from llava.train.losses import mcm_dpo_loss
 from llava.train.params import Trainable, apply_lora
 
 CASES = [("llava", "pad"), ("llava_next", "pad"), ("llava_next", "anyres")]

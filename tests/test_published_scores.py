@@ -1,7 +1,7 @@
 """The published metric set of get_score.py (llava.eval.published_metrics) against nltk's and
 rouge's functions called directly here, pycocoevalcap's CIDEr scorer, and a CIDEr by hand.
 
-The direct computation follows the released scorer's steps (METHOD.md, last section):
+The direct computation follows the released scorer's steps (docs/method.md#scores):
 nltk ``word_tokenize``, ``sentence_bleu`` with one-hot weights, ``meteor_score``, the
 ``rouge`` package's ROUGE-L F, CIDEr-D on whitespace tokens, the token edit distance;
 per-sample values summed, averaged, then ``round(mean, 5) * 100`` (edit distance:

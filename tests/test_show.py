@@ -4,7 +4,7 @@ import io
 import json
 from contextlib import redirect_stderr, redirect_stdout
 
-from llava.constants import CONDITIONS
+from llava.method import CONDITION_NAMES as CONDITIONS
 from llava.data import show
 from llava.data.records import read_records
 

@@ -35,7 +35,7 @@ PARADIGMS = {  # stage flags -> which parts train
     "freeze_backbone": (["--freeze_backbone", "True"], {"projector", "vision"}),
     "frozen_projector": (["--freeze_mm_mlp_adapter", "True"], {"language", "vision"}),
 }
-# METHOD.md's paradigms: whether the ViT trains in (SFT, alignment)
+# the paradigms (docs/method.md#paradigms): whether the ViT trains in (SFT, alignment)
 METHOD_PARADIGMS = {"a": (False, False), "b": (False, True), "c": (True, False), "d": (True, True)}
 
 

@@ -13,6 +13,7 @@ scored tokens per condition, ``N`` images)::
     logp_target    [B, C, T]     long   ... this token
     logp_mask      [B, C, T]     bool   which of the T slots are real
     index          [B]           long   dataset index of each record (reference-cache key)
+    conditions     C names       tuple  the condition of each of the C columns (``llava.method``)
 
 ``logp_index`` points at the position *before* each scored token: a response's first token is
 predicted at the last position of its parent segment, wherever packing placed that segment.
@@ -38,8 +39,9 @@ from typing import Sequence
 import torch
 
 from llava.constants import IGNORE_INDEX
-from llava.data.datasets import PreferenceExample, SFTExample, condition_factors
+from llava.data.datasets import PreferenceExample, SFTExample
 from llava.data.images import ProcessedImage
+from llava.method import SFT_CONDITION, Condition, condition
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ class PreferenceCollator:
         # scored positions are row-local: make them flat indices into the [R * L] hidden states
         batch.update(_gather_plan([[[(row * width + p, t) for p, t in pairs] for row, pairs in per] for per in scored]))
         batch["index"] = torch.tensor([e.index for e in examples], dtype=torch.long)
+        batch["conditions"] = self.conditions
         return batch
 
     def _packed_rows(self, examples: list[PreferenceExample]):
@@ -149,7 +152,7 @@ class PreferenceCollator:
         for e in examples:
             pairs = {}
             # Depth first over image, context, response (winners first): parents precede children.
-            keys = sorted({(m, c, y) for c, m, y in map(condition_factors, self.conditions)},
+            keys = sorted({(k.image, k.context, k.response) for k in map(condition, self.conditions)},
                           key=lambda k: [_WINNER_FIRST[x] for x in k])
             for image, under_this_image in itertools.groupby(keys, key=lambda k: k[0]):  # one row per image
                 row = _Row()
@@ -159,7 +162,7 @@ class PreferenceCollator:
                     if c not in questions:
                         questions[c] = row.add(e.question(c), under_image)
                     response = row.add(e.response(y), questions[c])
-                    pairs[f"c{c}_m{m}_y{y}"] = (len(rows), _response_pairs(questions[c], response, e.response(y)))
+                    pairs[Condition(c, m, y).name] = (len(rows), _response_pairs(questions[c], response, e.response(y)))
                 rows.append(row)
             scored.append([pairs[name] for name in self.conditions])
         return rows, scored
@@ -169,14 +172,13 @@ class PreferenceCollator:
         rows, scored = [], []
         for e in examples:
             per = []
-            for name in self.conditions:
-                c, m, y = condition_factors(name)
+            for k in map(condition, self.conditions):
                 row = _Row()
                 # Plain sequences: every segment is the child of the one before it.
-                image = row.add_image(e.image(m), self.image_token_id, row.add(e.prefix, None))
-                question = row.add(e.question(c), image)
-                response = row.add(e.response(y), question)
-                per.append((len(rows), _response_pairs(question, response, e.response(y))))
+                image = row.add_image(e.image(k.image), self.image_token_id, row.add(e.prefix, None))
+                question = row.add(e.question(k.context), image)
+                response = row.add(e.response(k.response), question)
+                per.append((len(rows), _response_pairs(question, response, e.response(k.response))))
                 rows.append(row)
             scored.append(per)
         return rows, scored
@@ -229,4 +231,5 @@ class SFTCollator:
                   for b, lab in enumerate(labels)]
         batch.update(_gather_plan(scored))
         batch["index"] = torch.tensor([e.index for e in examples], dtype=torch.long)
+        batch["conditions"] = (SFT_CONDITION,)
         return batch

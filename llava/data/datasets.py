@@ -1,7 +1,7 @@
 """Datasets: a record becomes token ids and processed images, ready for a collator.
 
 ``SFTDataset`` yields one conversation (labels on the answers only). ``PreferenceDataset`` yields,
-per record, what the conditions of METHOD.md need: the prompt prefix before the image, the images
+per record, what the conditions (docs/method.md, "Conditions") need: the prompt prefix before the image, the images
 ``m_w`` (true) and ``m_l`` (corrupted), the question token ids of ``c_w`` (this record's) and
 ``c_l`` (another record's), and the responses ``y_w`` (chosen) and ``y_l`` (rejected).
 
@@ -22,6 +22,7 @@ from llava.conversation import Template, encode_conversation, image_question
 from llava.data import negatives
 from llava.data.images import ImageProcessor, ProcessedImage, open_image
 from llava.data.records import DataError, DataProblem, Record
+from llava.method import condition
 
 
 def split_condition(ids: list[int], labels: list[int], image_token_id: int, record: Record) -> tuple[list[int], list[int], list[int]]:
@@ -138,12 +139,6 @@ class PreferenceExample:
         return self.response_w if which == "w" else self.response_l
 
 
-def condition_factors(name: str) -> tuple[str, str, str]:
-    """``"cw_ml_yl"`` -> ``("w", "l", "l")``: which context, image and response the condition uses."""
-    c, m, y = name.split("_")
-    return c[1], m[1], y[1]
-
-
 class PreferenceDataset(torch.utils.data.Dataset):
     def __init__(self, records: Sequence[Record], tokenizer, template: Template, images: ImageProcessor,
                  image_folder: str | None, max_length: int, conditions: Sequence[str], *,
@@ -152,9 +147,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.image_folder, self.max_length, self.conditions = image_folder, max_length, tuple(conditions)
         self.image_type, self.diffusion_step, self.seed = image_type, diffusion_step, seed
         self.image_token_id = tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
-        factors = [condition_factors(c) for c in self.conditions]
-        self.needs_context_l = any(c == "l" for c, _, _ in factors)
-        self.needs_image_l = any(m == "l" for _, m, _ in factors)
+        factors = [condition(name) for name in self.conditions]
+        self.needs_context_l = any(f.context == "l" for f in factors)
+        self.needs_image_l = any(f.image == "l" for f in factors)
         if image_type not in negatives.IMAGE_TYPES:
             raise ValueError(f"--use_image_type must be one of {negatives.IMAGE_TYPES}, got {image_type!r}")
         negatives.alpha_bar(diffusion_step)  # validates the step

@@ -1,4 +1,4 @@
-"""The losing image ``m_l`` and the losing context ``c_l`` of a preference record (METHOD.md).
+"""The losing image ``m_l`` and the losing context ``c_l`` of a preference record (docs/method.md#corrupted-images).
 
 Every draw is a deterministic function of ``(global seed, record index, purpose)``: the released code
 drew them afresh at each visit; seeding makes a run repeatable and lets the reference model's

@@ -6,7 +6,7 @@
 The ids come from the same datasets training and inference use, so what this prints is what a run
 sees. Text form: each condition's prompt and answer decoded, the trained part between ``[[`` and
 ``]]``. ``--json``: ``{"<condition>": {"input_ids": [...], "labels": [...]}}`` with conditions ``sft``,
-the eight ``cw_mw_yw`` ... ``cl_ml_yl`` of a preference record, or ``prompt`` for a test record; the
+the eight conditions of a preference record (``llava.method``), or ``prompt`` for a test record; the
 image is the single id -200 where LLaVA places it (``IMAGE_TOKEN_INDEX``) and masked labels are -100.
 ``--all`` prints one such object per line for every record.
 """
@@ -18,11 +18,12 @@ import json
 import sys
 from typing import Sequence
 
-from llava.constants import CONDITIONS, DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import TEMPLATE_NAMES, get_template
-from llava.data.datasets import PreferenceDataset, SFTDataset, condition_factors
+from llava.data.datasets import PreferenceDataset, SFTDataset
 from llava.data.images import ImageProcessor
 from llava.data.records import DataError, DataProblem, read_records
+from llava.method import CONDITION_NAMES, SFT_CONDITION, condition
 
 Sequences = dict[str, dict[str, list[int]]]
 
@@ -33,7 +34,7 @@ def _llava_ids(ids: list[int], image_token_id: int) -> list[int]:
 
 def sft_sequences(dataset: SFTDataset, index: int) -> Sequences:
     example = dataset[index]
-    return {"sft": {"input_ids": _llava_ids(example.input_ids, dataset.image_token_id), "labels": list(example.labels)}}
+    return {SFT_CONDITION: {"input_ids": _llava_ids(example.input_ids, dataset.image_token_id), "labels": list(example.labels)}}
 
 
 def preference_sequences(dataset: PreferenceDataset, index: int) -> Sequences:
@@ -41,9 +42,9 @@ def preference_sequences(dataset: PreferenceDataset, index: int) -> Sequences:
     e = dataset[index]
     out = {}
     for name in dataset.conditions:
-        context, _, response = condition_factors(name)
-        answer = e.response(response)
-        ids = e.prefix + [IMAGE_TOKEN_INDEX] + e.question(context) + answer
+        k = condition(name)
+        answer = e.response(k.response)
+        ids = e.prefix + [IMAGE_TOKEN_INDEX] + e.question(k.context) + answer
         out[name] = {"input_ids": ids, "labels": [IGNORE_INDEX] * (len(ids) - len(answer)) + answer}
     return out
 
@@ -138,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dataset = SFTDataset(records, tok, template, images, args.image_folder, args.model_max_length)
             else:
                 dataset = PreferenceDataset(records, tok, template, images, args.image_folder, args.model_max_length,
-                                            CONDITIONS, image_type=args.use_image_type,
+                                            CONDITION_NAMES, image_type=args.use_image_type,
                                             diffusion_step=args.diffusion_step, seed=args.seed)
             build = lambda i: sequences_of(dataset, i)  # noqa: E731
         for i in indices:

@@ -28,25 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from llava.method import CHOSEN, TERM_NAMES
+from llava.method import TERMS as METHOD_TERMS
+
 STATE_FILE = "trainer_state.json"
-# The seven MCM-DPO terms, in the order of METHOD.md's table (as in llava.train.losses.TERMS).
-TERMS = ("response", "image", "context", "context_response", "image_response", "context_image", "all")
-TERM_LABELS = {
-    "response": "response", "image": "image", "context": "context",
-    "context_response": "context+response", "image_response": "image+response",
-    "context_image": "context+image", "all": "all three",
-}
-# The condition each term prefers cw_mw_yw to (METHOD.md).
-TERM_LOSERS = {
-    "response": "cw_mw_yl", "image": "cw_ml_yw", "context": "cl_mw_yw", "context_response": "cl_mw_yl",
-    "image_response": "cw_ml_yl", "context_image": "cl_ml_yw", "all": "cl_ml_yl",
-}
-# Single-factor terms in strong colours, pairwise in lighter ones, the all-three term in black.
-TERM_COLORS = {
-    "response": "#1f77b4", "image": "#d62728", "context": "#2ca02c",
-    "context_response": "#17becf", "image_response": "#ff7f0e", "context_image": "#9467bd",
-    "all": "#222222",
-}
+# The seven MCM-DPO terms, their labels and losers (llava.method, docs/method.md "Terms").
+TERMS = TERM_NAMES
+TERM_LABELS = {t.name: t.label for t in METHOD_TERMS}
+TERM_LOSERS = {t.name: t.loser for t in METHOD_TERMS}
+# In the order of the terms: single-factor terms in strong colours, pairwise in lighter ones, all three in black.
+TERM_COLORS = dict(zip(TERM_NAMES, ("#1f77b4", "#d62728", "#2ca02c", "#17becf", "#ff7f0e", "#9467bd", "#222222")))
 RUN_COLORS = ("#7f7f7f", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
               "#17becf", "#bcbd22")
 RUN_STYLES = ("-", "--", ":", "-.")
@@ -210,7 +201,7 @@ def _panels(runs: list[Run]) -> list[Panel]:
                             [Line(r, "rewards/accuracies", r.color, r.style) for r in acc], hline=0.5,
                             ylim=(-0.03, 1.03)))
     for kind, title, ylabel, hline, ylim in (
-            ("margin", "MCM-DPO term margins", "β·M_k = β·(R(cw_mw_yw) − R(loser_k))", 0.0, None),
+            ("margin", "MCM-DPO term margins", f"β·M_k = β·(R({CHOSEN}) − R(loser_k))", 0.0, None),
             ("accuracy", "MCM-DPO term accuracies", "fraction with M_k > 0", 0.5, (-0.03, 1.03))):
         mcm = [r for r in runs if any(r.has(f"mcm/{t}/{kind}") for t in TERMS)]
         multi = len(mcm) > 1
@@ -332,7 +323,7 @@ def plot_runs(runs: Mapping[str, Path | str], out: Path | str, smooth: int = 1, 
                 h.set_label(f"{TERM_LABELS[t]:<17} {TERM_LOSERS[t]}")
             cell.legend(handles=term_handles, loc="center", frameon=False, handlelength=2.5, labelspacing=0.7,
                         prop={"family": "DejaVu Sans Mono", "size": 11},
-                        title="MCM-DPO terms (colour):\ncw_mw_yw preferred to the loser", title_fontsize=11.5)
+                        title=f"MCM-DPO terms (colour):\n{CHOSEN} preferred to the loser", title_fontsize=11.5)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI, format="png", metadata={"Software": None})

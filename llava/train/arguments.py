@@ -1,7 +1,7 @@
 """Command-line arguments of ``llava.train.train``: the published flags, typed and validated.
 
 Every field of the released argument dataclasses (``LVUGAI/MCM-DPO``'s ``llava/train/train.py``) is
-accepted with its name and meaning (METHOD.md), so an existing command line runs unchanged. Those
+accepted with its name and meaning (docs/method.md, "Released settings"), so an existing command line runs unchanged. Those
 that change nothing here are listed in ``NO_EFFECT`` and named in one warning line when given. Bad
 values and bad combinations are rejected here, before any model or data is loaded.
 
@@ -21,7 +21,8 @@ import transformers
 
 from llava.data.images import ASPECT_RATIOS
 from llava.data.negatives import DIFFUSION_STEPS, IMAGE_TYPES
-from llava.train.losses import AGGREGATES, DEFAULT_WEIGHTS, TERM_FLAGS, term_weights
+from llava.method import CHOSEN, TERM_BY_FLAG, TERMS, term_weights
+from llava.train.losses import AGGREGATES
 
 TASKS = ("LM", "DPO")
 REFERENCE_MODES = ("cached", "live", "adapters_off")
@@ -44,6 +45,13 @@ NO_EFFECT = {
     "tok_beta": "never read by the released code",
     "use_tdpo": "never read by the released code",
 }
+
+
+def _term_weight(flag: str):
+    """A ``--para_rN`` field: the term's default weight and its name in the help (``llava.method.TERMS``)."""
+    term = TERM_BY_FLAG[flag]
+    return field(default=term.default_weight, metadata={"help": f"weight of the {term.label} term "
+                                                                f"(prefers {CHOSEN} to {term.loser})"})
 
 
 @dataclass
@@ -103,13 +111,13 @@ class TrainingArguments(transformers.TrainingArguments):
     use_cl_reward_num: int = field(default=7, metadata={"help": "MCM-DPO terms on: response and image always; >2 context, "
                                                         ">3 context+response, >4 image+response, >5 context+image, >6 all three"})
     para_norm: float = field(default=2.8, metadata={"help": "divisor of the term weights (not re-derived when terms are off)"})
-    para_r1: float = field(default=DEFAULT_WEIGHTS["context"], metadata={"help": "weight of the context term"})
-    para_r2: float = field(default=DEFAULT_WEIGHTS["image"], metadata={"help": "weight of the image term"})
-    para_r3: float = field(default=DEFAULT_WEIGHTS["response"], metadata={"help": "weight of the response term"})
-    para_r4: float = field(default=DEFAULT_WEIGHTS["context_response"], metadata={"help": "weight of the context+response term"})
-    para_r5: float = field(default=DEFAULT_WEIGHTS["image_response"], metadata={"help": "weight of the image+response term"})
-    para_r6: float = field(default=DEFAULT_WEIGHTS["context_image"], metadata={"help": "weight of the context+image term"})
-    para_r7: float = field(default=DEFAULT_WEIGHTS["all"], metadata={"help": "weight of the all-three term"})
+    para_r1: float = _term_weight("para_r1")
+    para_r2: float = _term_weight("para_r2")
+    para_r3: float = _term_weight("para_r3")
+    para_r4: float = _term_weight("para_r4")
+    para_r5: float = _term_weight("para_r5")
+    para_r6: float = _term_weight("para_r6")
+    para_r7: float = _term_weight("para_r7")
     beta: float = field(default=0.1, metadata={"help": "DPO temperature beta"})
     mcm_aggregate: str = field(default="margin", metadata={"help": "margin: one sigmoid over the weighted margins (released code); "
                                                            "loss: weighted sum of seven DPO losses (the paper's second reading)"})
@@ -204,8 +212,8 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"--bits {self.bits} trains LoRA adapters on a quantized model: add --lora_enable True")
 
     def weights(self) -> dict[str, float]:
-        """Weights of the seven MCM-DPO terms (``llava.train.losses.term_weights``)."""
-        return term_weights(self.use_cl_reward_num, {flag: getattr(self, flag) for flag in TERM_FLAGS.values()})
+        """Weights of the seven MCM-DPO terms (``llava.method.term_weights``)."""
+        return term_weights(self.use_cl_reward_num, {t.flag: getattr(self, t.flag) for t in TERMS})
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:

@@ -1,60 +1,28 @@
-"""Preference losses as pure functions of summed response log-probabilities (METHOD.md).
+"""Losses as pure functions of summed response log-probabilities, and the objectives built on them.
 
 The implicit reward of a condition is ``R(cond) = log pi(cond) - log pi_ref(cond)``. Each MCM-DPO
-term prefers the all-winning condition ``cw_mw_yw`` to one loser; its margin is
-``M_k = R(cw_mw_yw) - R(loser_k)``. Metrics are per-example tensors, detached, in reward units
-(multiplied by ``beta``), under the names the trainer logs.
+term prefers the all-winning condition to one loser (``llava.method.TERMS``); its margin is
+``M_k = R(chosen) - R(loser_k)`` (docs/method.md, "Terms"). Metrics are per-example tensors,
+detached, in reward units (multiplied by ``beta``), under the names the trainer logs.
+
+The objectives (``SFTObjective``, ``DPOObjective``, ``MCMObjective``) say which conditions a run
+scores and whether it needs a reference, and turn labelled log-probabilities into a loss.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 
-CHOSEN = "cw_mw_yw"
-REJECTED = "cw_mw_yl"
-# term -> the condition it prefers cw_mw_yw to, in the order of METHOD.md's table
-TERM_LOSERS: dict[str, str] = {
-    "response": "cw_mw_yl",
-    "image": "cw_ml_yw",
-    "context": "cl_mw_yw",
-    "context_response": "cl_mw_yl",
-    "image_response": "cw_ml_yl",
-    "context_image": "cl_ml_yw",
-    "all": "cl_ml_yl",
-}
-TERMS = tuple(TERM_LOSERS)
-# published flag of each term's weight, and its default
-TERM_FLAGS = {"context": "para_r1", "image": "para_r2", "response": "para_r3", "context_response": "para_r4",
-              "image_response": "para_r5", "context_image": "para_r6", "all": "para_r7"}
-DEFAULT_WEIGHTS = {"response": 1.0, "image": 0.5, "context": 0.5, "context_response": 0.2,
-                   "image_response": 0.2, "context_image": 0.2, "all": 0.2}
-# `--use_cl_reward_num N` switches a term on when N exceeds its threshold (response and image: always)
-TERM_THRESHOLDS = {"response": 0, "image": 0, "context": 2, "context_response": 3, "image_response": 4,
-                   "context_image": 5, "all": 6}
+from llava.method import (CHOSEN, DPO_CONDITIONS, REJECTED, SFT_CONDITION, TERM_BY_NAME, ConditionLogps,
+                          needed_conditions)
+
 AGGREGATES = ("margin", "loss")
 
 Metrics = dict[str, torch.Tensor]
-
-
-def term_weights(use_cl_reward_num: int, para_r: Mapping[str, float]) -> dict[str, float]:
-    """Weights of the seven terms from ``--use_cl_reward_num`` and ``--para_r1..7`` (``para_r`` by flag name).
-
-    A term that ``use_cl_reward_num`` leaves off has weight 0.
-    """
-    if not 1 <= use_cl_reward_num <= 7:
-        raise ValueError(f"--use_cl_reward_num must be in 1..7, got {use_cl_reward_num}")
-    return {t: float(para_r[TERM_FLAGS[t]]) if use_cl_reward_num > TERM_THRESHOLDS[t] else 0.0 for t in TERMS}
-
-
-def needed_conditions(weights: Mapping[str, float]) -> tuple[str, ...]:
-    """The conditions a loss with these weights reads: the chosen one and each active term's loser."""
-    from llava.constants import CONDITIONS
-
-    used = {CHOSEN, REJECTED} | {TERM_LOSERS[t] for t, w in weights.items() if w != 0}
-    return tuple(c for c in CONDITIONS if c in used)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
@@ -87,7 +55,7 @@ def mcm_dpo_loss(policy_logps: Mapping[str, torch.Tensor], reference_logps: Mapp
     if not active:
         raise ValueError("every MCM-DPO term has weight 0")
     reward = {c: policy_logps[c] - reference_logps[c] for c in needed_conditions(active)}
-    margins = {t: reward[CHOSEN] - reward[TERM_LOSERS[t]] for t in active}
+    margins = {t: reward[CHOSEN] - reward[TERM_BY_NAME[t].loser] for t in active}
     if aggregate == "margin":
         losses = -F.logsigmoid(beta * sum(w / norm * margins[t] for t, w in active.items()))
     else:
@@ -101,3 +69,47 @@ def mcm_dpo_loss(policy_logps: Mapping[str, torch.Tensor], reference_logps: Mapp
     for c, r in reward.items():
         metrics[f"mcm/reward/{c}"] = (beta * r).detach()
     return losses, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Objectives: what a step computes from the policy's (and the reference's) labelled log-probs
+
+
+@dataclass(frozen=True)
+class SFTObjective:
+    """Mean negative log-likelihood of the answer tokens of the micro-batch."""
+
+    conditions = (SFT_CONDITION,)
+    needs_reference = False
+
+    def __call__(self, policy: ConditionLogps, reference: ConditionLogps | None, batch: dict) -> tuple[torch.Tensor, Metrics]:
+        return -policy[SFT_CONDITION].sum() / batch["logp_mask"].sum().clamp(min=1), {}
+
+
+@dataclass(frozen=True)
+class DPOObjective:
+    beta: float = 0.1
+    conditions = DPO_CONDITIONS
+    needs_reference = True
+
+    def __call__(self, policy: ConditionLogps, reference: ConditionLogps, batch: dict) -> tuple[torch.Tensor, Metrics]:
+        losses, metrics = dpo_loss(policy[CHOSEN], policy[REJECTED], reference[CHOSEN], reference[REJECTED], self.beta)
+        return losses.mean(), metrics
+
+
+@dataclass(frozen=True)
+class MCMObjective:
+    weights: Mapping[str, float]
+    norm: float = 2.8
+    beta: float = 0.1
+    aggregate: str = "margin"
+    needs_reference = True
+
+    @property
+    def conditions(self) -> tuple[str, ...]:
+        return needed_conditions(self.weights)
+
+    def __call__(self, policy: ConditionLogps, reference: ConditionLogps, batch: dict) -> tuple[torch.Tensor, Metrics]:
+        losses, metrics = mcm_dpo_loss(policy.as_dict(), reference.as_dict(), weights=self.weights, norm=self.norm,
+                                       beta=self.beta, aggregate=self.aggregate)
+        return losses.mean(), metrics

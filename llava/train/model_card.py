@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from llava.train.losses import TERM_LOSERS
+from llava.method import CHOSEN, TERMS
 
 CARD_NAME = "README.md"
 TRAINING_METRICS = ("loss", "rewards/", "mcm/", "grad_norm", "learning_rate", "epoch")
@@ -53,10 +53,9 @@ def method_lines(args) -> list[str]:
                  + (f" (diffusion step {args.diffusion_step})" if args.use_image_type == "diffusion" else "")
                  + f", negatives seed {args.negatives_seed}.")
     lines.append("")
-    lines.append("| term | prefers `cw_mw_yw` to | weight |")
+    lines.append(f"| term | prefers `{CHOSEN}` to | weight |")
     lines.append("|---|---|---|")
-    lines += [f"| {term} | `{loser}` | {weights[term]:g}{'' if weights[term] else ' (off)'} |"
-              for term, loser in TERM_LOSERS.items()]
+    lines += [f"| {t.name} | `{t.loser}` | {weights[t.name]:g}{'' if weights[t.name] else ' (off)'} |" for t in TERMS]
     return lines
 
 

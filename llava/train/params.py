@@ -6,7 +6,7 @@ The three parts of a LLaVA model, by parameter name:
 * ``projector``: the multimodal projector (and LLaVA-NeXT's ``image_newline``);
 * ``language``: the language model, its embeddings and its head.
 
-Rules (the paradigms of METHOD.md choose ``unfreeze_mm_vision_tower`` per stage): all three parts
+Rules (the paradigms of docs/method.md#paradigms choose ``unfreeze_mm_vision_tower`` per stage): all three parts
 train by default, the vision tower included, as in the released code (whose tower trains whatever
 its flags say); ``unfreeze_mm_vision_tower False`` freezes the tower; ``tune_mm_mlp_adapter``
 trains the projector alone (and the tower only if ``unfreeze_mm_vision_tower`` is True);

@@ -3,13 +3,15 @@
 ``ResponseLogps`` wraps the LLaVA model (plain or peft) so that one call, through the DeepSpeed
 engine's own forward (which ZeRO's backward bookkeeping hooks into), runs the whole step's
 forward: images, language model, head on the scored positions. It returns the summed response
-log-probabilities ``[B, C]`` of each record and condition (``C = 1`` for SFT).
+log-probabilities of each record and condition as ``ConditionLogps`` (``[B, C]`` labelled by the
+batch's ``conditions``; ``C = 1``, ``sft``, for SFT).
 """
 
 from __future__ import annotations
 
 import torch
 
+from llava.method import ConditionLogps
 from llava.model.forward import response_logps, response_logps_naive
 
 
@@ -23,8 +25,9 @@ class ResponseLogps(torch.nn.Module):
     def config(self):
         return self.llava.config
 
-    def forward(self, **batch) -> torch.Tensor:
-        return response_logps_naive(self.llava, batch) if self.naive else response_logps(self.llava, batch)
+    def forward(self, conditions: tuple[str, ...], **batch) -> ConditionLogps:
+        values = response_logps_naive(self.llava, batch) if self.naive else response_logps(self.llava, batch)
+        return ConditionLogps(values, tuple(conditions))
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
                                         every_n_layers: int = 1, offload: bool = False) -> None:

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from llava.method import ConditionLogps
+
 
 def file_fingerprint(path: str | Path) -> str:
     """Content hash of a data file, or of a directory's files (names, sizes and contents)."""
@@ -104,7 +106,10 @@ def reference_pass(trainer, dataset=None) -> torch.Tensor:
     from tqdm.auto import tqdm
 
     for batch in tqdm(loader, desc="reference log-probs", disable=not acc.is_local_main_process):
-        rows.append(model(**trainer._prepare_inputs(batch)).float())
+        logps = model(**trainer._prepare_inputs(batch))
+        if logps.names != tuple(trainer.objective.conditions):
+            raise ValueError(f"the reference pass scored {logps.names}, the objective reads {trainer.objective.conditions}")
+        rows.append(logps.values.float())
     model.train(was_training)
     local = torch.cat(rows)
     table = acc.gather(local).cpu()
@@ -148,8 +153,9 @@ class CachedReference:
             os.replace(tmp, self.path)  # atomic: a killed run never leaves a half-written cache
         trainer.accelerator.wait_for_everyone()
 
-    def logps(self, trainer, model, batch: dict) -> torch.Tensor:
-        return self.table[batch["index"].cpu()].to(batch["input_ids"].device)
+    def logps(self, trainer, model, batch: dict) -> ConditionLogps:
+        values = self.table[batch["index"].cpu()].to(batch["input_ids"].device)
+        return ConditionLogps(values, tuple(self.key["conditions"]))
 
 
 class LiveReference:
@@ -172,7 +178,7 @@ class LiveReference:
         self.model.eval()
 
     @torch.no_grad()
-    def logps(self, trainer, model, batch: dict) -> torch.Tensor:
+    def logps(self, trainer, model, batch: dict) -> ConditionLogps:
         return self.model(**batch)
 
 
@@ -181,7 +187,7 @@ class AdaptersOffReference:
         pass
 
     @torch.no_grad()
-    def logps(self, trainer, model, batch: dict) -> torch.Tensor:
+    def logps(self, trainer, model, batch: dict) -> ConditionLogps:
         peft_model = trainer.accelerator.unwrap_model(model).llava
         with peft_model.disable_adapter():
             return model(**batch)

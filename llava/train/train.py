@@ -42,8 +42,9 @@ from llava.train.params import Trainable, apply_lora, quantization, set_trainabl
 from llava.train.policy import ResponseLogps
 from llava.train.reference import (AdaptersOffReference, CachedReference, LiveReference, file_fingerprint, images_fingerprint,
                                    model_fingerprint, processor_fingerprint)
+from llava.train.losses import DPOObjective, MCMObjective, SFTObjective
 from llava.train.reporting import prepare_wandb
-from llava.train.trainer import DPOObjective, LlavaTrainer, MCMObjective, SFTObjective
+from llava.train.trainer import LlavaTrainer
 
 logger = logging.getLogger("llava.train")
 

@@ -19,62 +19,18 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import GENERATION_CONFIG_NAME
 
-from llava.constants import DPO_CONDITIONS
 from llava.data.sampler import ModalityLengthGroupedSampler
-from llava.train.losses import dpo_loss, mcm_dpo_loss, needed_conditions
+from llava.method import ConditionLogps
 from llava.train.model_card import CardFacts, write_model_card
 from llava.train.params import parameter_groups
 
 Metrics = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class SFTObjective:
-    """Mean negative log-likelihood of the answer tokens of the micro-batch."""
-
-    conditions = ("sft",)
-    needs_reference = False
-
-    def __call__(self, policy: torch.Tensor, reference: torch.Tensor | None, batch: dict) -> tuple[torch.Tensor, Metrics]:
-        return -policy.sum() / batch["logp_mask"].sum().clamp(min=1), {}
-
-
-@dataclass(frozen=True)
-class DPOObjective:
-    beta: float = 0.1
-    conditions = DPO_CONDITIONS
-    needs_reference = True
-
-    def __call__(self, policy: torch.Tensor, reference: torch.Tensor, batch: dict) -> tuple[torch.Tensor, Metrics]:
-        losses, metrics = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], self.beta)
-        return losses.mean(), metrics
-
-
-@dataclass(frozen=True)
-class MCMObjective:
-    weights: Mapping[str, float]
-    norm: float = 2.8
-    beta: float = 0.1
-    aggregate: str = "margin"
-    needs_reference = True
-
-    @property
-    def conditions(self) -> tuple[str, ...]:
-        return needed_conditions(self.weights)
-
-    def __call__(self, policy: torch.Tensor, reference: torch.Tensor, batch: dict) -> tuple[torch.Tensor, Metrics]:
-        by_name = lambda t: {c: t[:, j] for j, c in enumerate(self.conditions)}  # noqa: E731
-        losses, metrics = mcm_dpo_loss(by_name(policy), by_name(reference), weights=self.weights, norm=self.norm,
-                                       beta=self.beta, aggregate=self.aggregate)
-        return losses.mean(), metrics
 
 
 class _PrepareReference(TrainerCallback):
@@ -120,7 +76,7 @@ class LlavaTrainer(Trainer):
 
     # -- the step ---------------------------------------------------------------------------
 
-    def _objective(self, model, inputs, reference) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
+    def _objective(self, model, inputs, reference) -> tuple[torch.Tensor, ConditionLogps, Metrics]:
         policy = model(**inputs)
         ref = reference.logps(self, model, inputs) if self.objective.needs_reference else None
         loss, metrics = self.objective(policy, ref, inputs)
