@@ -12,7 +12,7 @@
 #   MASTER_PORT   rendezvous port (default 29500)
 #   ZERO          zero2 | zero3 | zero3_offload, or a DeepSpeed config file (default zero3, as released)
 #   PRECISION     bf16 | fp16 | fp32 (default: bf16 with CUDA, fp32 without)
-#   PARADIGM      a | b | c | d: when the vision tower trains (METHOD.md); default d (both stages)
+#   PARADIGM      a | b | c | d: when the vision tower trains (docs/method.md#paradigms); default d (both stages)
 #   SAVE_STEPS    save a checkpoint every SAVE_STEPS optimizer steps, and at each epoch end (default 500)
 #   SAVE_TOTAL_LIMIT  checkpoints kept in OUTPUT_DIR (default 2)
 #   RESUME        auto: continue from the newest complete checkpoint in OUTPUT_DIR, if any (default);
