@@ -12,7 +12,7 @@ scores and whether it needs a reference, and turn labelled log-probabilities int
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Literal, Mapping, get_args
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from llava.method import (CHOSEN, DPO_CONDITIONS, REJECTED, SFT_CONDITION, TERM_BY_NAME, ConditionLogps,
                           needed_conditions)
 
-AGGREGATES = ("margin", "loss")
+Aggregate = Literal["margin", "loss"]  # one sigmoid over the weighted margins, or a weighted sum of DPO losses
+AGGREGATES: tuple[str, ...] = get_args(Aggregate)
 
 Metrics = dict[str, torch.Tensor]
 
