@@ -5,8 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
+
+# The authors' published samples live in the repository's sibling shared/ (MCMDPO_SHARED_DIR points
+# elsewhere, e.g. from a git worktree); tests that read them skip, saying so, where they are absent.
+SHARED = Path(os.environ.get("MCMDPO_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared")
+SEED_DATA = SHARED / "seed-data"
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from llava.data.check import check_file, guess_task, main
+from tests.conftest import SEED_DATA
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 IMAGES = FIXTURES / "images"
-SEED = Path("/work/shared/seed-data")
+SEED = SEED_DATA
 
 
 def run(capsys, *argv) -> tuple[int, str]:
@@ -251,7 +252,7 @@ def test_module_entry_point_exit_status(tmp_path):
 # The published samples pass cleanly
 
 
-@pytest.mark.skipif(not SEED.is_dir(), reason="/work/shared/seed-data is absent")
+@pytest.mark.skipif(not SEED.is_dir(), reason=f"the published samples are not at {SEED}")
 @pytest.mark.parametrize("name, task", [("twitter/twitter_train.json", "preference"), ("twitter/twitter_test.json", "test"),
                                         ("pinterest/pinterest_train.json", "preference"),
                                         ("pinterest/pinterest_test.json", "test")])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -29,9 +28,9 @@ from sentencepiece import sentencepiece_model_pb2
 from llava.conversation import is_legacy, keep_legacy_on_save
 from llava.data import negatives, show
 from llava.model.tiny import tokenizer_corpus
+from tests.conftest import SEED_DATA
 
-SHARED = Path(os.environ.get("MCMDPO_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared")
-SEED = SHARED / "seed-data"
+SEED = SEED_DATA
 SPIECE = "\u2581"
 SPECIAL = ("<unk>", "<s>", "</s>")
 IMAGE = -200

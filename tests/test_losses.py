@@ -165,3 +165,15 @@ def test_unknown_aggregate_and_all_off_are_errors():
         mcm_dpo_loss(policy, reference, weights=term_weights(7, PARA), aggregate="mean")
     with pytest.raises(ValueError, match="weight 0"):
         mcm_dpo_loss(policy, reference, weights={t: 0.0 for t in TERMS})
+
+
+@pytest.mark.parametrize("n", [2, 5, 7])
+def test_objectives_log_the_names_the_method_table_announces(n):
+    from llava.method import ConditionLogps
+    from llava.train.losses import DPOObjective, MCMObjective
+
+    for objective in (MCMObjective(term_weights(n, PARA)), DPOObjective()):
+        policy, reference = random_logps(3, n)
+        as_logps = lambda d: ConditionLogps(torch.stack([d[c] for c in objective.conditions], 1), objective.conditions)  # noqa: E731
+        _, metrics = objective(as_logps(policy), as_logps(reference), {})
+        assert sorted(metrics) == sorted(objective.metric_names)

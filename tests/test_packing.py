@@ -121,13 +121,14 @@ def test_two_images_per_record_and_no_full_vocabulary_logits(arch, aspect, tiny_
     assert all(len(i) == 2 and i[0] <= LOGP_CHUNK for i, _ in head_inputs)
     assert sum(i[0] for i, _ in head_inputs) == scored
     assert scored < packed["input_ids"].numel() / 4
-    # the naive path, for contrast, encodes eight images per record
-    vision_rows.clear()
+    # the naive path, for contrast, encodes eight images per record: four times the packed path's vision rows
+    packed_rows, vision_rows[:] = sum(vision_rows), []
     h1 = tower.register_forward_pre_hook(lambda m, args: vision_rows.append(args[0].shape[0]))
     with torch.no_grad():
         response_logps_naive(model, naive)
     h1.remove()
     assert naive["pixel_values"].shape[0] == 8 * 3
+    assert sum(vision_rows) == 4 * packed_rows
 
 
 def test_tree_positions_and_mask(tiny_llava_dir, preference_file):

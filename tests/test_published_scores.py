@@ -25,10 +25,9 @@ from llava.eval import metrics as M
 from llava.eval import nltk_data as D
 from llava.eval import published_metrics as P
 from llava.eval import score as S
+from tests.conftest import SHARED
 
 REPO = Path(__file__).resolve().parents[1]
-# the repository's sibling shared/ (MCMDPO_SHARED_DIR points elsewhere, e.g. from a git worktree)
-SHARED = Path(os.environ.get("MCMDPO_SHARED_DIR") or REPO.parent / "shared")
 SEED_TRAIN = sorted(SHARED.glob("seed-data/*/*_train.json"))
 
 

@@ -17,10 +17,11 @@ from PIL import Image
 
 from llava.data.images import check_image_readable, missing_images, open_image
 from llava.data.records import DataError, DataProblem, iter_rows, parse_row, read_records
+from tests.conftest import SEED_DATA
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 IMAGES = FIXTURES / "images"
-SEED = Path("/work/shared/seed-data")
+SEED = SEED_DATA
 Q = "Given an image and context, generate alt-text for the image.Context:\n"
 
 
@@ -314,7 +315,7 @@ def test_decompression_bomb_is_reported_not_raised(monkeypatch, tmp_path):
 # The published samples, read as they are
 
 
-@pytest.mark.skipif(not SEED.is_dir(), reason="/work/shared/seed-data is absent")
+@pytest.mark.skipif(not SEED.is_dir(), reason=f"the published samples are not at {SEED}")
 @pytest.mark.parametrize("name, task", [("twitter/twitter_train.json", "preference"), ("twitter/twitter_test.json", "test"),
                                         ("pinterest/pinterest_train.json", "preference"),
                                         ("pinterest/pinterest_test.json", "test")])

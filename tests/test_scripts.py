@@ -88,7 +88,7 @@ def test_scripts_refuse_an_abandoned_build_lock(tmp_path):
     lock.touch()
     old = lock.stat().st_mtime - 3600
     os.utime(lock, (old, old))
-    result = subprocess.run(["bash", "scripts/sft.sh"], cwd=REPO, capture_output=True, text=True, timeout=120,
+    result = subprocess.run(["bash", "scripts/sft.sh"], cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHON": sys.executable,
                                  "MODEL_PATH": str(tmp_path)})  # the trainer stops on the lock before it reads the model
     assert result.returncode == 2, result.stderr[-2000:]

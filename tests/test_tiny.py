@@ -46,8 +46,8 @@ def test_vicuna_prompt_of_the_chat_template(tiny_llava_dir):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "A."}]}]
     text = processor.apply_chat_template(messages)
-    assert text == ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-                    "detailed, and polite answers to the human's questions. USER: <image>\nQ? ASSISTANT: A.</s>")
+    assert text == ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+                    "detailed, and polite answers to the user's questions. USER: <image>\nQ? ASSISTANT: A.</s>")
 
 
 def test_tokenizer_has_the_vicuna_special_tokens():

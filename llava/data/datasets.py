@@ -150,8 +150,6 @@ class PreferenceDataset(torch.utils.data.Dataset):
         factors = [condition(name) for name in self.conditions]
         self.needs_context_l = any(f.context == "l" for f in factors)
         self.needs_image_l = any(f.image == "l" for f in factors)
-        if image_type not in negatives.IMAGE_TYPES:
-            raise ValueError(f"--use_image_type must be one of {negatives.IMAGE_TYPES}, got {image_type!r}")
         negatives.alpha_bar(diffusion_step)  # validates the step
         needs_other = self.needs_context_l or (self.needs_image_l and image_type == "random")
         if needs_other and len(records) < 2:

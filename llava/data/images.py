@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,9 @@ from PIL import Image, UnidentifiedImageError
 
 from llava.data.records import DataError, DataProblem, ImageRef, Record
 
-ASPECT_RATIOS = ("pad", "square", "anyres")
+# pad: a square in the mean colour, one view; square: resize and centre crop; anyres: LLaVA-NeXT tiles
+AspectRatio = Literal["pad", "square", "anyres"]
+ASPECT_RATIOS: tuple[str, ...] = get_args(AspectRatio)
 
 
 def image_path(ref: ImageRef, image_folder: str | Path | None) -> Path | None:

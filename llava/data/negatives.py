@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import torch
 from PIL import Image
 
 from llava.data.images import ImageProcessor, ProcessedImage
 
-IMAGE_TYPES = ("diffusion", "black", "crop", "rotate", "random")
+ImageType = Literal["diffusion", "black", "crop", "rotate", "random"]
+IMAGE_TYPES: tuple[str, ...] = get_args(ImageType)
 DIFFUSION_STEPS = 1000
 CROP_MAX_WIDTH, CROP_MAX_HEIGHT = 240, 320
 ROTATE_DEGREES = (10.0, 80.0)

@@ -15,18 +15,29 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
 from dataclasses import dataclass, field
+from typing import Literal
 
 import transformers
 
-from llava.data.images import ASPECT_RATIOS
-from llava.data.negatives import DIFFUSION_STEPS, IMAGE_TYPES
+from llava.conversation import TEMPLATE_NAMES
+from llava.data.images import AspectRatio
+from llava.data.negatives import DIFFUSION_STEPS, ImageType
 from llava.method import CHOSEN, TERM_BY_FLAG, TERMS, term_weights
-from llava.train.losses import AGGREGATES
+from llava.train.losses import Aggregate
 
-TASKS = ("LM", "DPO")
-REFERENCE_MODES = ("cached", "live", "adapters_off")
-QUANT_TYPES = ("nf4", "fp4")
+# Each choice is typed once, here or in the module it belongs to; the parser shows and checks the
+# choices (--help lists them; a bad value stops with one line), and the rest of the package reads them.
+Task = Literal["LM", "DPO"]
+ReferenceMode = Literal["cached", "live", "adapters_off"]
+PreferenceForward = Literal["packed", "naive"]
+AttnImplementation = Literal["sdpa", "eager"]  # tree-packed rows need a kernel that takes a 4-D mask
+QuantType = Literal["nf4", "fp4"]
+LoraBias = Literal["none", "all", "lora_only"]
+ProjectorType = Literal["mlp2x_gelu", "linear"]
+SelectFeature = Literal["patch", "cls_patch"]
+Version = Literal[TEMPLATE_NAMES]
 
 logger = logging.getLogger("llava.train")
 
@@ -59,12 +70,13 @@ class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "HF-format LLaVA / LLaVA-NeXT directory, an original-format "
                                               "LLaVA directory (converted on load), or a causal LM to compose with --vision_tower"})
     model_revision: str | None = field(default=None, metadata={"help": "branch, tag or commit of a hub --model_name_or_path"})
-    version: str = field(default="v1", metadata={"help": "conversation template: v1 (Vicuna v1), plain, llava_llama_2, mistral_instruct"})
+    version: Version = field(default="v1", metadata={"help": "conversation template (v1 = vicuna_v1, the training template; "
+                                                     "docs/method.md#tokens)"})
     vision_tower: str | None = field(default=None, metadata={"help": "local CLIP directory: composes a new LLaVA with a causal LM, "
                                                              "or supplies the tower of an original-format checkpoint"})
-    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "projector of a composed model: mlp2x_gelu or linear"})
+    mm_projector_type: ProjectorType = field(default="mlp2x_gelu", metadata={"help": "projector of a composed model: mlp2x_gelu or linear"})
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "vision layer whose features feed the projector (composed models)"})
-    mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLS) or cls_patch (composed models)"})
+    mm_vision_select_feature: SelectFeature = field(default="patch", metadata={"help": "patch (drop CLS) or cls_patch (composed models)"})
     mm_use_im_start_end: bool = field(default=False, metadata={"help": "LLaVA's image start/end tokens (only False is supported)"})
     mm_use_im_patch_token: bool = field(default=False, metadata={"help": "LLaVA's image patch token: True (the released default) "
                                                                 "only adds a token no prompt uses; accepted, not added"})
@@ -75,22 +87,20 @@ class ModelArguments:
     unfreeze_mm_vision_tower: bool | None = field(default=None, metadata={
         "help": "train the vision tower: unset, it trains (as in the released code, whatever its flags) except with "
                 "--tune_mm_mlp_adapter; False freezes it (paradigms a, b, c in the stages they freeze it)"})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or eager (tree-packed batches need a mask-aware kernel)"})
+    attn_implementation: AttnImplementation = field(default="sdpa", metadata={"help": "sdpa or eager (tree-packed batches need a mask-aware kernel)"})
 
     def __post_init__(self):
         if self.mm_use_im_start_end:
             # It wraps the image in two new tokens whose embeddings must be learnt: other prompts, other
             # ids. No LLaVA-1.5 or later checkpoint (nor the released scripts) uses it.
             raise ValueError("--mm_use_im_start_end True is not supported (LLaVA-1.5 and later, and the released scripts, use False)")
-        if self.attn_implementation not in ("sdpa", "eager"):
-            raise ValueError("--attn_implementation must be sdpa or eager (flash attention takes no tree mask)")
 
 
 @dataclass
 class DataArguments:
     data_path: str = field(default=None, metadata={"help": "training data: JSON array, JSON Lines, Parquet or a datasets directory"})
     image_folder: str | None = field(default=None, metadata={"help": "folder that image paths in the data are relative to"})
-    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (square in the mean colour), square (resize and centre crop) "
+    image_aspect_ratio: AspectRatio = field(default="pad", metadata={"help": "pad (square in the mean colour), square (resize and centre crop) "
                                                              "or anyres (LLaVA-NeXT multi-crop)"})
     lazy_preprocess: bool = field(default=True, metadata={"help": "accepted, no effect: " + NO_EFFECT["lazy_preprocess"]})
     is_multimodal: bool = field(default=False, metadata={"help": "accepted, no effect: " + NO_EFFECT["is_multimodal"]})
@@ -100,13 +110,11 @@ class DataArguments:
     def __post_init__(self):
         if not self.data_path:
             raise ValueError("--data_path is required")
-        if self.image_aspect_ratio not in ASPECT_RATIOS:
-            raise ValueError(f"--image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
 
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
-    task: str = field(default="LM", metadata={"help": "LM = SFT; DPO = preference optimisation (DPO or MCM-DPO)"})
+    task: Task = field(default="LM", metadata={"help": "LM = SFT; DPO = preference optimisation (DPO or MCM-DPO)"})
     use_cross_modal_loss: bool = field(default=False, metadata={"help": "with --task DPO: True = MCM-DPO, False = plain DPO"})
     use_cl_reward_num: int = field(default=7, metadata={"help": "MCM-DPO terms on: response and image always; >2 context, "
                                                         ">3 context+response, >4 image+response, >5 context+image, >6 all three"})
@@ -119,17 +127,17 @@ class TrainingArguments(transformers.TrainingArguments):
     para_r6: float = _term_weight("para_r6")
     para_r7: float = _term_weight("para_r7")
     beta: float = field(default=0.1, metadata={"help": "DPO temperature beta"})
-    mcm_aggregate: str = field(default="margin", metadata={"help": "margin: one sigmoid over the weighted margins (released code); "
+    mcm_aggregate: Aggregate = field(default="margin", metadata={"help": "margin: one sigmoid over the weighted margins (released code); "
                                                            "loss: weighted sum of seven DPO losses (the paper's second reading)"})
-    use_image_type: str = field(default="diffusion", metadata={"help": "corrupted image m_l: diffusion, black, crop, rotate or random"})
+    use_image_type: ImageType = field(default="diffusion", metadata={"help": "corrupted image m_l (docs/method.md#corrupted-images)"})
     diffusion_step: int = field(default=700, metadata={"help": "forward-diffusion step of the diffusion corruption (0..999)"})
     negatives_seed: int | None = field(default=None, metadata={"help": "seed of corrupted images and swapped contexts (default: --seed)"})
-    reference_mode: str = field(default="cached", metadata={"help": "cached: reference log-probs computed once before training and "
+    reference_mode: ReferenceMode = field(default="cached", metadata={"help": "cached: reference log-probs computed once before training and "
                                                             "cached on disk; live: a frozen copy of the starting model; "
                                                             "adapters_off: the LoRA policy with adapters disabled"})
     offline_ref_logits: str | None = field(default=None, metadata={"help": "directory of the reference log-prob cache "
                                                                    "(default: <output_dir>/ref_logps)"})
-    preference_forward: str = field(default="packed", metadata={"help": "packed: each record's conditions as one tree-packed "
+    preference_forward: PreferenceForward = field(default="packed", metadata={"help": "packed: each record's conditions as one tree-packed "
                                                                 "sequence (fast); naive: one full sequence per condition (published)"})
     model_max_length: int = field(default=2048, metadata={"help": "longest sequence of one condition; the context is shortened to fit"})
     mm_projector_lr: float | None = field(default=None, metadata={"help": "learning rate of the projector (default: --learning_rate)"})
@@ -139,7 +147,7 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_bias: str = field(default="none", metadata={"help": "LoRA bias: none, all or lora_only"})
+    lora_bias: LoraBias = field(default="none", metadata={"help": "LoRA bias"})
     merge_lora: bool = field(default=False, metadata={"help": "with LoRA: also save a merged full model to <output_dir>/merged"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: batches carry their own keys"})
     optim: str = field(default="adamw_torch", metadata={"help": "optimizer (the released default, adamw_torch: not the fused one)"})
@@ -147,7 +155,7 @@ class TrainingArguments(transformers.TrainingArguments):
     bits: int = field(default=16, metadata={"help": "4 or 8: QLoRA (with --lora_enable), the language model quantized by "
                                             "bitsandbytes on a CUDA GPU; 16 (or 32): no quantization"})
     double_quant: bool = field(default=True, metadata={"help": "with --bits 4: quantize the quantization constants too"})
-    quant_type: str = field(default="nf4", metadata={"help": "with --bits 4: nf4 or fp4"})
+    quant_type: QuantType = field(default="nf4", metadata={"help": "with --bits 4: the 4-bit data type"})
     cache_dir: str | None = field(default=None, metadata={"help": "accepted, no effect: " + NO_EFFECT["cache_dir"]})
     mpt_attn_impl: str | None = field(default="triton", metadata={"help": "accepted, no effect: " + NO_EFFECT["mpt_attn_impl"]})
     lora_weight_path: str = field(default="", metadata={"help": "accepted, no effect: " + NO_EFFECT["lora_weight_path"]})
@@ -176,20 +184,10 @@ class TrainingArguments(transformers.TrainingArguments):
             self.tf32 = None
         self._check_quantization()
         super().__post_init__()
-        if self.task not in TASKS:
-            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
-        if self.use_image_type not in IMAGE_TYPES:
-            raise ValueError(f"--use_image_type must be one of {IMAGE_TYPES}, got {self.use_image_type!r}")
         if not 0 <= self.diffusion_step < DIFFUSION_STEPS:
             raise ValueError(f"--diffusion_step must be in 0..{DIFFUSION_STEPS - 1}, got {self.diffusion_step}")
-        if self.mcm_aggregate not in AGGREGATES:
-            raise ValueError(f"--mcm_aggregate must be one of {AGGREGATES}, got {self.mcm_aggregate!r}")
-        if self.reference_mode not in REFERENCE_MODES:
-            raise ValueError(f"--reference_mode must be one of {REFERENCE_MODES}, got {self.reference_mode!r}")
         if self.reference_mode == "adapters_off" and not self.lora_enable:
             raise ValueError("--reference_mode adapters_off needs --lora_enable True")
-        if self.preference_forward not in ("packed", "naive"):
-            raise ValueError(f"--preference_forward must be packed or naive, got {self.preference_forward!r}")
         if self.task == "DPO":
             self.weights()  # validates --use_cl_reward_num
         if self.negatives_seed is None:
@@ -198,8 +196,6 @@ class TrainingArguments(transformers.TrainingArguments):
     def _check_quantization(self) -> None:
         if self.bits not in (4, 8, 16, 32):
             raise ValueError(f"--bits must be 4 or 8 (QLoRA) or 16 (no quantization), got {self.bits}")
-        if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"--quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
         if self.bits not in (4, 8):
             return
         import torch
@@ -216,9 +212,15 @@ class TrainingArguments(transformers.TrainingArguments):
         return term_weights(self.use_cl_reward_num, {t.flag: getattr(self, t.flag) for t in TERMS})
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    import sys
+class _OneLineErrors(transformers.HfArgumentParser):
+    """A bad flag or value (an unknown choice, a missing value) stops with one line, not the usage of ~200 flags."""
 
+    def error(self, message: str):
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     import torch
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -226,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         # A host without CUDA trains on the CPU; said up front, the launchers' processes agree on
         # the world size (gloo), which DeepSpeed on the CPU needs.
         argv += ["--use_cpu", "True"]
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = _OneLineErrors((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if model_args.tune_mm_mlp_adapter and training_args.lora_enable:
         raise ValueError("--tune_mm_mlp_adapter trains only the projector: it cannot be combined with --lora_enable")

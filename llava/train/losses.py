@@ -12,15 +12,17 @@ scores and whether it needs a reference, and turn labelled log-probabilities int
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Literal, Mapping, get_args
 
 import torch
 import torch.nn.functional as F
 
 from llava.method import (CHOSEN, DPO_CONDITIONS, REJECTED, SFT_CONDITION, TERM_BY_NAME, ConditionLogps,
                           needed_conditions)
+from llava.method import metric_names as logged_metrics
 
-AGGREGATES = ("margin", "loss")
+Aggregate = Literal["margin", "loss"]  # one sigmoid over the weighted margins, or a weighted sum of DPO losses
+AGGREGATES: tuple[str, ...] = get_args(Aggregate)
 
 Metrics = dict[str, torch.Tensor]
 
@@ -81,6 +83,7 @@ class SFTObjective:
 
     conditions = (SFT_CONDITION,)
     needs_reference = False
+    metric_names = logged_metrics("sft")
 
     def __call__(self, policy: ConditionLogps, reference: ConditionLogps | None, batch: dict) -> tuple[torch.Tensor, Metrics]:
         return -policy[SFT_CONDITION].sum() / batch["logp_mask"].sum().clamp(min=1), {}
@@ -91,6 +94,7 @@ class DPOObjective:
     beta: float = 0.1
     conditions = DPO_CONDITIONS
     needs_reference = True
+    metric_names = logged_metrics("dpo")
 
     def __call__(self, policy: ConditionLogps, reference: ConditionLogps, batch: dict) -> tuple[torch.Tensor, Metrics]:
         losses, metrics = dpo_loss(policy[CHOSEN], policy[REJECTED], reference[CHOSEN], reference[REJECTED], self.beta)
@@ -108,6 +112,10 @@ class MCMObjective:
     @property
     def conditions(self) -> tuple[str, ...]:
         return needed_conditions(self.weights)
+
+    @property
+    def metric_names(self) -> list[str]:
+        return logged_metrics("mcm", self.conditions, self.weights)
 
     def __call__(self, policy: ConditionLogps, reference: ConditionLogps, batch: dict) -> tuple[torch.Tensor, Metrics]:
         losses, metrics = mcm_dpo_loss(policy.as_dict(), reference.as_dict(), weights=self.weights, norm=self.norm,
