@@ -3,43 +3,9 @@
     python -m llava.data.check FILE [FILE ...] [--image_folder DIR] [--task sft|preference|test]
     llava-check ...                                  (the same, as a console script)
 
-FILE is anything ``llava.data.records`` reads: a JSON array, JSON Lines (under any name), Parquet
-(image bytes inside) or a ``datasets`` directory (``save_to_disk``), in preference format A (``text``
-as a JSON string, or flat question/chosen/rejected), test format T or LLaVA's conversation format.
-
-Output (stdout), per file::
-
-    == FILE: task preference (guessed from record 0: it has 'rejected'; pass --task to choose)
-    error: FILE, record 3, line 4, field 'chosen': empty text
-    warning: FILE, record 7, field 'idx': duplicate idx 30 (first at record 2)
-    FILE: 10 records read: 8 ok, 1 with errors, 1 with warnings only (1 error, 1 warning)
-
-then, for several files, one total line per task, and a last line ``result: ...``. Record numbers
-are 0-based positions in the file (``data[3]`` of a JSON array, row 3 of a Parquet file); JSON Lines
-problems also give the 1-based line number. A problem about the whole file has no record.
-
-Exit status: 0 when no file has an error (warnings allowed), 1 when any has, 2 for a usage error
-(unknown option or task, ``--image_folder`` that is not a directory).
-
-Errors (training or inference would refuse the record or read it wrongly):
-  the file is missing, is not JSON / JSON Lines / Parquet / a ``datasets`` directory, or has no
-  records; an unparseable line; a record that is not an object; ``text`` that is not a JSON object;
-  a missing or non-string field the task needs; empty text in a field the task trains or prompts
-  with; a missing, unreadable or absent image; chosen equal to rejected (preference); a conversation
-  turn without 'from'/'value', an empty answer, ``<image>`` outside the first turn; a duplicate
-  ``idx`` in a test file (outputs are keyed by ``idx``: inference then resumes by position only, and
-  the HTML report, which matches systems by idx, keeps only the first record of a repeated idx).
-Warnings (the record is used as read, but look at it):
-  a duplicate ``idx`` in a training file (training keys its reference cache on positions, not idx);
-  an empty reference ``chosen`` in a test record (generation runs, the record cannot be scored);
-  a test record without ``idx``, or a test file without any (one warning; outputs then match by
-  position); a top-level question/chosen/rejected that differs from the copy inside ``text``
-  (``text`` is used); ``image_path`` that differs from ``image.path`` (``image.path`` is used); an
-  unknown conversation speaker; a trailing human turn with no answer.
-
-Images are opened with PIL (``check_image_readable``), four at a time; ``--no_image_open`` only
-checks that image files exist. Without ``--image_folder`` image paths are looked up from the
-current directory, as training does.
+One line per problem (``error: FILE, record 3, line 4, field 'chosen': empty text``), a summary per
+file, exit status 0 (no errors), 1 (errors) or 2 (usage). Which problems are errors and which are
+warnings, and why: docs/data-check.md.
 """
 
 from __future__ import annotations

