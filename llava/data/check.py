@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     args.files += args.data_path
     if not args.files:
+        parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: no data file: give FILE ... or --data_path FILE ...", file=sys.stderr)
         return 2
     if args.image_folder is not None and not Path(args.image_folder).is_dir():
