@@ -15,3 +15,7 @@ PAD_TOKEN = "<pad>"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+
+# --dtype of the commands that load a model (infer, alt_text, convert, merge). auto is each one's
+# default: float16 on a GPU and float32 on the CPU for inference (as released); as stored for convert and merge.
+DTYPES = ("auto", "float32", "bfloat16", "float16")

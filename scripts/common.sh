@@ -1,23 +1,29 @@
 # Shared by the stage scripts (sft.sh, dpo.sh, mcmdpo.sh): it assembles the launcher and the flags
-# that depend on the host. Every setting is an environment variable with a working default.
+# that depend on the host. The training settings are the stage's YAML file (configs/<stage>.yaml, the
+# released ones); the trainer reads it first, then the flags below, then the script's arguments, and
+# the last value of a flag wins. Every setting here is an environment variable with a working default.
 #
-# Paths you set (MODEL_PATH, DATA_PATH, IMAGE_FOLDER, OUTPUT_DIR, HOSTFILE, VISION_TOWER, PYTHON, and
-# paths in extra arguments) are taken relative to the directory you run the script from; the
-# defaults point into the repository.
+# Paths you set (CONFIG, MODEL_PATH, DATA_PATH, IMAGE_FOLDER, OUTPUT_DIR, HOSTFILE, VISION_TOWER,
+# PYTHON, and paths in extra arguments) are taken relative to the directory you run the script from;
+# the defaults point into the repository.
 #
+#   CONFIG        the settings file (default configs/<stage>.yaml)
+#   EPOCHS LR BATCH_SIZE GRAD_ACCUM  when set: --num_train_epochs, --learning_rate,
+#                 --per_device_train_batch_size, --gradient_accumulation_steps (default: the YAML's)
 #   NUM_GPUS      processes on this node (default: the GPUs torch sees; on a host without CUDA: 1 CPU process)
 #   CUDA_VISIBLE_DEVICES  when set, the GPUs to run on (the first NUM_GPUS of them); NUM_GPUS may not exceed them
 #   HOSTFILE      DeepSpeed hostfile for multi-node runs (default: none, one node); with NODE_RANK and
 #                 MASTER_ADDR each node starts its own launcher (no ssh: SLURM's srun, see README)
 #   MASTER_PORT   rendezvous port (default 29500)
 #   ZERO          zero2 | zero3 | zero3_offload, or a DeepSpeed config file (default zero3, as released)
-#   PRECISION     bf16 | fp16 | fp32 (default: bf16 with CUDA, fp32 without)
-#   PARADIGM      a | b | c | d: when the vision tower trains (docs/method.md#paradigms); default d (both stages)
-#   SAVE_STEPS    save a checkpoint every SAVE_STEPS optimizer steps, and at each epoch end (default 500)
-#   SAVE_TOTAL_LIMIT  checkpoints kept in OUTPUT_DIR (default 2)
-#   RESUME        auto: continue from the newest complete checkpoint in OUTPUT_DIR, if any (default);
+#   PRECISION     bf16 | fp16 | fp32 (default: bf16 with CUDA, fp32 without): --bf16/--fp16, and --tf32 with CUDA
+#   PARADIGM      a | b | c | d: when the vision tower trains (docs/method.md#paradigms); default: the
+#                 YAML's (d, both stages, as released)
+#   SAVE_STEPS    save a checkpoint every SAVE_STEPS optimizer steps, and at each epoch end (default: the YAML's, 500)
+#   SAVE_TOTAL_LIMIT  checkpoints kept in OUTPUT_DIR (default: the YAML's, 2)
+#   RESUME        auto: continue from the newest complete checkpoint in OUTPUT_DIR, if any (the YAML's);
 #                 never: start afresh
-#   REPORT_TO     wandb | tensorboard | none (default wandb, as released; offline when not logged in)
+#   REPORT_TO     wandb | tensorboard | none (default: the YAML's, wandb as released; offline when not logged in)
 #   WANDB_PROJECT wandb project (default llava-mcmdpo, set by the trainer); runs are named after OUTPUT_DIR
 #   NUM_WORKERS   data loader workers (default 4 with CUDA, 0 without)
 #   OMP_NUM_THREADS  threads per process on a host without CUDA (default: cores / NUM_GPUS)
@@ -31,13 +37,13 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # set or tower that does not exist here may be a hub name: it is left as given (the trainer runs in
 # the caller's directory, so a relative path that is not a hub name still means the caller's).
 CALLER_SET=" "
-for _var in MODEL_PATH DATA_PATH IMAGE_FOLDER OUTPUT_DIR HOSTFILE VISION_TOWER; do
+for _var in CONFIG MODEL_PATH DATA_PATH IMAGE_FOLDER OUTPUT_DIR HOSTFILE VISION_TOWER; do
   _val=${!_var:-}
   [ -n "$_val" ] || continue
   CALLER_SET+="$_var "
   case "$_val" in /*) continue ;; esac
   case "$_var" in
-    IMAGE_FOLDER|OUTPUT_DIR|HOSTFILE) printf -v "$_var" '%s' "$CALLER_DIR/$_val" ;;
+    CONFIG|IMAGE_FOLDER|OUTPUT_DIR|HOSTFILE) printf -v "$_var" '%s' "$CALLER_DIR/$_val" ;;
     *) if [ -e "$CALLER_DIR/$_val" ]; then printf -v "$_var" '%s' "$CALLER_DIR/$_val"; fi ;;
   esac
 done
@@ -58,15 +64,8 @@ fi
 case "$NUM_GPUS" in ''|*[!0-9]*|0) echo "NUM_GPUS must be a positive number (got $NUM_GPUS)" >&2; exit 2 ;; esac
 MASTER_PORT=${MASTER_PORT:-29500}
 ZERO=${ZERO:-zero3}
-PARADIGM=${PARADIGM:-d}
-case "$PARADIGM" in a|b|c|d) ;; *) echo "PARADIGM must be a, b, c or d (got $PARADIGM)" >&2; exit 2 ;; esac
-REPORT_TO=${REPORT_TO:-wandb}
-# Released: one save per epoch (--save_strategy epoch). Here also every SAVE_STEPS steps, so that a
-# preempted job loses at most SAVE_STEPS steps; the released runs kept 10 checkpoints.
-SAVE_STEPS=${SAVE_STEPS:-500}
-SAVE_TOTAL_LIMIT=${SAVE_TOTAL_LIMIT:-2}
-RESUME=${RESUME:-auto}
-case "$RESUME" in auto|never) ;; *) echo "RESUME must be auto or never (got $RESUME)" >&2; exit 2 ;; esac
+case "${PARADIGM:-d}" in a|b|c|d) ;; *) echo "PARADIGM must be a, b, c or d (got $PARADIGM)" >&2; exit 2 ;; esac
+case "${RESUME:-auto}" in auto|never) ;; *) echo "RESUME must be auto or never (got $RESUME)" >&2; exit 2 ;; esac
 if [ -z "${PRECISION:-}" ]; then
   if [ "$HAS_CUDA" = 1 ]; then PRECISION=bf16; else PRECISION=fp32; fi
 fi
@@ -88,10 +87,10 @@ esac
 # TF32 matmuls exist on NVIDIA GPUs only.
 if [ "$HAS_CUDA" = 1 ]; then PRECISION_FLAGS+=(--tf32 True); fi
 
-# vit_trains STAGE: does the vision tower train in this stage (sft | align) under $PARADIGM?
+# vit_trains STAGE: does the vision tower train in this stage (sft | align) under $PARADIGM (default d)?
 #   (a) frozen, frozen  (b) frozen, trained  (c) trained, frozen  (d) trained, trained
 vit_trains() {
-  case "$PARADIGM:$1" in
+  case "${PARADIGM:-d}:$1" in
     a:*|b:sft|c:align) echo False ;;
     b:align|c:sft|d:*) echo True ;;
     *) echo "PARADIGM must be a, b, c or d (got $PARADIGM)" >&2; exit 2 ;;
@@ -109,35 +108,36 @@ require_default_model() {
   fi
 }
 
-# stage_flags STAGE: the flags every stage shares, from the stage's variables (MODEL_PATH DATA_PATH
-# IMAGE_FOLDER OUTPUT_DIR EPOCHS LR BATCH_SIZE GRAD_ACCUM). Each fixed value is the released one;
-# the save flags differ on purpose (SAVE_STEPS above).
-stage_flags() {
-  # Defaults are repository paths; the trainer runs in the caller's directory.
-  local var
-  for var in MODEL_PATH DATA_PATH IMAGE_FOLDER OUTPUT_DIR VISION_TOWER; do
-    if ! caller_set "$var" && [ -n "${!var:-}" ] && [[ "${!var}" != /* ]]; then printf -v "$var" '%s' "$REPO_ROOT/${!var}"; fi
+# set_flags VAR=--flag ...: STAGE_FLAGS+=(--flag "$VAR") for each VAR that is set, so that it
+# overrides the YAML's value; unset, the YAML's stands.
+set_flags() {
+  local pair
+  for pair in "$@"; do
+    local var=${pair%%=*}
+    if [ -n "${!var:-}" ]; then STAGE_FLAGS+=("${pair#*=}" "${!var}"); fi
   done
-  STAGE_FLAGS=(
-    --model_name_or_path "$MODEL_PATH" --version v1
-    --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER"
-    --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2
-    --mm_use_im_start_end False --mm_use_im_patch_token False
-    --image_aspect_ratio pad --group_by_modality_length True
-    --unfreeze_mm_vision_tower "$(vit_trains "$1")"
-    --num_train_epochs "$EPOCHS" --per_device_train_batch_size "$BATCH_SIZE"
-    --gradient_accumulation_steps "$GRAD_ACCUM" --learning_rate "$LR" --weight_decay 0.
-    --warmup_ratio 0.03 --lr_scheduler_type cosine --logging_steps 1
-    --max_grad_norm 0  # released: no gradient clipping (the DeepSpeed configs say 0 too)
-    --model_max_length 2048 --gradient_checkpointing True --lazy_preprocess True
-    --save_strategy steps --save_steps "$SAVE_STEPS" --save_at_epoch_end True --save_total_limit "$SAVE_TOTAL_LIMIT"
-    --output_dir "$OUTPUT_DIR"
-  )
-  if [ "$RESUME" = auto ]; then STAGE_FLAGS+=(--resume_from_checkpoint auto); fi
 }
 
-# launch ARGS...: the trainer under DeepSpeed's launcher, one process per GPU (or CPU process), run
-# from the caller's directory.
+# stage_flags STAGE CONFIG: the settings file (CONFIG unless the caller set another), then the paths
+# (MODEL_PATH DATA_PATH IMAGE_FOLDER OUTPUT_DIR VISION_TOWER) and the variables the caller set.
+stage_flags() {
+  # Defaults are repository paths; the trainer runs in the caller's directory.
+  CONFIG=${CONFIG:-$2}
+  local var
+  for var in CONFIG MODEL_PATH DATA_PATH IMAGE_FOLDER OUTPUT_DIR VISION_TOWER; do
+    if ! caller_set "$var" && [ -n "${!var:-}" ] && [[ "${!var}" != /* ]]; then printf -v "$var" '%s' "$REPO_ROOT/${!var}"; fi
+  done
+  [ -f "$CONFIG" ] || { echo "no settings file $CONFIG (CONFIG)" >&2; exit 2; }
+  STAGE_FLAGS=("$CONFIG" --model_name_or_path "$MODEL_PATH" --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER"
+               --output_dir "$OUTPUT_DIR")
+  if [ -n "${PARADIGM:-}" ]; then STAGE_FLAGS+=(--unfreeze_mm_vision_tower "$(vit_trains "$1")"); fi
+  set_flags VISION_TOWER=--vision_tower EPOCHS=--num_train_epochs LR=--learning_rate \
+    BATCH_SIZE=--per_device_train_batch_size GRAD_ACCUM=--gradient_accumulation_steps \
+    SAVE_STEPS=--save_steps SAVE_TOTAL_LIMIT=--save_total_limit RESUME=--resume_from_checkpoint REPORT_TO=--report_to
+}
+
+# launch CONFIG ARGS...: the trainer under DeepSpeed's launcher, one process per GPU (or CPU process),
+# run from the caller's directory.
 launch() {
   local config
   case "$ZERO" in
@@ -167,8 +167,9 @@ launch() {
   else
     launcher+=(--num_gpus "$NUM_GPUS")
   fi
-  local cmd=("${launcher[@]}" --master_port "$MASTER_PORT" "$REPO_ROOT/llava/train/train.py" --deepspeed "$config"
-             "${PRECISION_FLAGS[@]}" --report_to "$REPORT_TO" --dataloader_num_workers "$NUM_WORKERS" "$@")
+  # The settings file must come first (the trainer reads it before the flags): it leads STAGE_FLAGS.
+  local cmd=("${launcher[@]}" --master_port "$MASTER_PORT" "$REPO_ROOT/llava/train/train.py" "$1" --deepspeed "$config"
+             "${PRECISION_FLAGS[@]}" --dataloader_num_workers "$NUM_WORKERS" "${@:2}")
   if [ "${DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "${env[@]}" "${cmd[@]}"; echo
     return 0

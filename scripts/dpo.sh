@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Stage 2, plain DPO (--task DPO --use_cross_modal_loss False) from the SFT checkpoint.
-# Defaults are the released run: lr 5e-7, 1 epoch, per-device batch 1 x accumulation 16, beta 0.1,
-# ZeRO-3 (scripts/common.sh adds the settings every stage shares). Extra arguments go to the trainer:
+# The settings are configs/dpo.yaml (the released run: lr 5e-7, 1 epoch, batch 1 x accumulation 16,
+# beta 0.1); this script adds the paths and the host's launcher, ZeRO-3 config and precision
+# (scripts/common.sh, which lists the variables that override the YAML; BETA here). Extra arguments
+# go to the trainer and win over the YAML:
 #   bash scripts/dpo.sh --max_steps 2
+# The same settings without DeepSpeed: llava-mcmdpo train configs/dpo.yaml --max_steps 2
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
@@ -10,14 +13,9 @@ MODEL_PATH=${MODEL_PATH:-outputs/sft}
 DATA_PATH=${DATA_PATH:-data/sample/preference.json}
 IMAGE_FOLDER=${IMAGE_FOLDER:-data/sample}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/dpo}
-EPOCHS=${EPOCHS:-1}                                     # released
-LR=${LR:-5e-7}                                          # released
-BATCH_SIZE=${BATCH_SIZE:-1}                             # released
-GRAD_ACCUM=${GRAD_ACCUM:-16}                            # released
-BETA=${BETA:-0.1}                                       # released
+# BETA        --beta (default: the YAML's, 0.1)
 
 require_default_model "run scripts/sft.sh first, or set MODEL_PATH to an SFT checkpoint"
-stage_flags align
-launch "${STAGE_FLAGS[@]}" \
-  --task DPO --use_cross_modal_loss False --beta "$BETA" \
-  "$@"
+stage_flags align configs/dpo.yaml
+set_flags BETA=--beta
+launch "${STAGE_FLAGS[@]}" "$@"

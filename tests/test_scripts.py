@@ -183,6 +183,22 @@ def flag(argv, name):
     return argv[argv.index(name) + 1]
 
 
+def trainer_argv(words):
+    """What the launcher passes to the trainer: the words after llava/train/train.py."""
+    return words[words.index(str(REPO / "llava/train/train.py")) + 1:]
+
+
+def parsed(argv):
+    """The trainer's argument dataclasses for ``argv``, without the DeepSpeed config (parsing one
+    registers it process-wide, as if ZeRO-3 ran)."""
+    from llava.train.arguments import parse_args
+
+    if "--deepspeed" in argv:
+        i = argv.index("--deepspeed")
+        argv = argv[:i] + argv[i + 2:]
+    return parse_args(argv)
+
+
 @pytest.fixture
 def caller_dir(tmp_path):
     """A user's directory with a model, data and images, away from the repository."""
@@ -209,15 +225,16 @@ def test_paths_are_the_callers_and_gpus_the_masks(caller_dir):
     assert flag(words, "--data_path") == str(caller_dir / "pref.json")
     assert flag(words, "--image_folder") == str(caller_dir / "images")
     assert flag(words, "--output_dir") == str(caller_dir / "runs/mcmdpo")
-    assert words[words.index("--deepspeed") - 1] == str(REPO / "llava/train/train.py")
+    # the settings file first (the trainer reads it before the flags), the script's arguments last
+    assert trainer_argv(words)[0] == str(REPO / "configs/mcmdpo.yaml")
+    assert words[-2:] == ["--max_steps", "2"]
     # released settings, each said once: no clipping (config and trainer), batch 1 x 16, and saves
     assert json.loads(Path(flag(words, "--deepspeed")).read_text())["gradient_clipping"] == 0
-    assert flag(words, "--max_grad_norm") == "0"
-    assert (flag(words, "--per_device_train_batch_size"), flag(words, "--gradient_accumulation_steps")) == ("1", "16")
-    assert (flag(words, "--save_strategy"), flag(words, "--save_steps"), flag(words, "--save_at_epoch_end"),
-            flag(words, "--save_total_limit")) == ("steps", "500", "True", "2")
-    assert flag(words, "--resume_from_checkpoint") == "auto"
-    assert words[-2:] == ["--max_steps", "2"]
+    _, _, args = parsed(trainer_argv(words))
+    assert args.max_grad_norm == 0
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (1, 16)
+    assert (args.save_strategy, args.save_steps, args.save_at_epoch_end, args.save_total_limit) == ("steps", 500, True, 2)
+    assert args.resume_from_checkpoint == "auto" and args.max_steps == 2
 
     one = shlex.split(dry_run(caller_dir, "mcmdpo.sh", CUDA_VISIBLE_DEVICES="2,3", NUM_GPUS="1", **RELATIVE).stdout)
     assert one[0] == "CUDA_VISIBLE_DEVICES=2"
@@ -237,8 +254,11 @@ def test_launch_without_a_mask_with_a_hostfile_and_afresh(caller_dir):
     words = shlex.split(dry_run(caller_dir, "dpo.sh", HOSTFILE="hosts", NODE_RANK="1", MASTER_ADDR="node-a", **RELATIVE).stdout)
     assert (flag(words, "--node_rank"), flag(words, "--master_addr")) == ("1", "node-a") and "--no_ssh" in words
     words = shlex.split(dry_run(caller_dir, "dpo.sh", RESUME="never", SAVE_STEPS="50", SAVE_TOTAL_LIMIT="3", **RELATIVE).stdout)
-    assert "--resume_from_checkpoint" not in words
-    assert (flag(words, "--save_steps"), flag(words, "--save_total_limit")) == ("50", "3")
+    from llava.train.checkpoints import resolve_resume
+
+    _, _, args = parsed(trainer_argv(words))
+    assert resolve_resume(args.resume_from_checkpoint, args.output_dir) is None
+    assert (args.save_steps, args.save_total_limit) == (50, 3)
     # a host without CUDA: CPU processes, the mask means nothing there
     words = shlex.split(dry_run(caller_dir, "dpo.sh", gpu_host=False, CUDA_VISIBLE_DEVICES="2,3", NUM_GPUS="2", **RELATIVE).stdout)
     assert flag(words, "--num_gpus") == "2" and not words[0].startswith("CUDA_VISIBLE_DEVICES")
@@ -248,8 +268,9 @@ def test_sft_batch_and_the_default_model(caller_dir):
     import shlex
 
     words = shlex.split(dry_run(caller_dir, "sft.sh", **RELATIVE).stdout)
-    assert (flag(words, "--per_device_train_batch_size"), flag(words, "--gradient_accumulation_steps")) == ("1", "32")
-    assert flag(words, "--learning_rate") == "2e-5"
+    _, _, args = parsed(trainer_argv(words))
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (1, 32)
+    assert args.learning_rate == 2e-5
     env = {k: v for k, v in RELATIVE.items() if k != "MODEL_PATH"}
     if (REPO / "outputs/tiny-llava").exists():
         pytest.skip("outputs/tiny-llava exists in this checkout")

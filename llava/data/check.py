@@ -204,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 no errors (warnings allowed), 1 errors found, 2 usage error. "
                "See the module docstring for which problems are errors and which are warnings.",
     )
-    p.add_argument("files", nargs="+", metavar="FILE", help="data file(s) or datasets directories")
+    # The files: as positional words, or after --data_path as training names them (both may be given).
+    p.add_argument("files", nargs="*", metavar="FILE", help="data file(s) or datasets directories")
+    p.add_argument("--data_path", nargs="+", default=[], metavar="FILE", help="the same, named as in training")
     p.add_argument("--image_folder", default=None, help="folder image paths are relative to (as in training)")
     p.add_argument("--task", choices=TASKS, default=None,
                    help="what the file is for; default: guessed per file from its first record "
@@ -220,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2): return the status rather than exit
         return int(e.code or 0)
+    args.files += args.data_path
+    if not args.files:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: no data file: give FILE ... or --data_path FILE ...", file=sys.stderr)
+        return 2
     if args.image_folder is not None and not Path(args.image_folder).is_dir():
         print(f"{parser.prog}: error: --image_folder {args.image_folder}: not a directory", file=sys.stderr)
         return 2

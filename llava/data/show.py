@@ -98,8 +98,11 @@ def render_text(tokenizer, sequences: Sequences) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Print what the model is trained on (or prompted with) for a record.")
-    p.add_argument("file", help="data file (any format llava.data.records reads)")
-    p.add_argument("--model", required=True, help="model directory (its tokenizer and image processor are used)")
+    # Named as in training (--data_path, --model_name_or_path); the positional file and --model still work.
+    p.add_argument("file", nargs="?", help="data file (any format llava.data.records reads)")
+    p.add_argument("--data_path", default=None, help="the data file, named as in training")
+    p.add_argument("--model_name_or_path", "--model", dest="model", required=True,
+                   help="model directory (its tokenizer and image processor are used)")
     p.add_argument("--image_folder", default=None, help="folder image paths are relative to")
     p.add_argument("--task", default="preference", choices=["sft", "preference", "test"])
     which = p.add_mutually_exclusive_group()
@@ -118,7 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.file is None) == (args.data_path is None):
+        parser.error("give the data file once: FILE or --data_path FILE")
+    args.file = args.file or args.data_path
     from transformers import AutoProcessor
 
     try:

@@ -31,7 +31,8 @@ def question_for(context: str, template: str = QUESTION_TEMPLATE) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Print the alt-text a LLaVA model writes for one image and its post.")
-    p.add_argument("--model_name", "--model_path", dest="model_name", required=True, help="model directory")
+    p.add_argument("--model_name_or_path", "--model_name", "--model_path", "--model-path", dest="model_name", required=True, metavar="MODEL",
+                   help="model directory or hub name (a LoRA adapter with --model_base)")
     p.add_argument("--model_base", default=None, help="base model directory of a LoRA adapter")
     p.add_argument("--vision_tower", default=None, help="local CLIP directory for an original-format checkpoint")
     p.add_argument("--image", required=True, help="image file")

@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llava.eval.curves", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", required=True, type=parse_run, metavar="NAME=DIR",
                         help="runs to draw: NAME=run directory (or its trainer_state.json)")
-    parser.add_argument("--out", type=Path, required=True, help="PNG to write")
+    parser.add_argument("--output", "--out", dest="out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--smooth", type=int, default=1, help="moving-average window in logging steps (default 1: raw)")
     parser.add_argument("--title", default=None, help="figure title (default 'Training curves')")
     args = parser.parse_args(argv)

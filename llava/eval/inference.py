@@ -79,11 +79,12 @@ def str_to_bool(text: str) -> bool:
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     """Prompt and decoding flags shared by ``mcmdpo_inference.py`` and ``llava.eval.alt_text``."""
+    from llava.constants import DTYPES
     from llava.conversation import TEMPLATE_NAMES
 
-    p.add_argument("--conv_mode", "--version", dest="conv_mode", default=DEFAULTS["conv_mode"], choices=TEMPLATE_NAMES,
+    p.add_argument("--version", "--conv_mode", dest="conv_mode", default=DEFAULTS["conv_mode"], choices=TEMPLATE_NAMES,
                    help="conversation template of the prompt (default llava_v1, as the released inference; "
-                        "training's --version v1 is vicuna_v1)")
+                        "training's --version v1 is vicuna_v1); --conv_mode is its old name")
     p.add_argument("--prompt_newline", type=str_to_bool, default=DEFAULTS["prompt_newline"], metavar="True|False",
                    help="end the question with a newline, as the released inference does (default True)")
     p.add_argument("--num_beams", type=int, default=DEFAULTS["num_beams"])
@@ -92,8 +93,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_new_tokens", type=int, default=DEFAULTS["max_new_tokens"])
     p.add_argument("--image_aspect_ratio", default=DEFAULTS["image_aspect_ratio"], choices=["pad", "square", "anyres"],
                    help="pad (default, the paper's), square, or anyres (LLaVA-NeXT multi-crop)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: float16 on a GPU (as released), float32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="auto: float16 on a GPU (as released), float32 on CPU (training's --bf16 True is bfloat16, "
+                        "--fp16 True float16)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,15 +104,17 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate alt-text (or yes/no answers) for test records with a LLaVA model.")
-    p.add_argument("--model_name", "--model-path", "--model_path", dest="model_name", required=True,
+    # Each flag is named as in training (llava-mcmdpo's one vocabulary); the released script's names still work.
+    p.add_argument("--model_name_or_path", "--model_name", "--model-path", "--model_path", dest="model_name", required=True, metavar="MODEL",
                    help="HF-format LLaVA, LoRA adapter (with --model_base) or original-format LLaVA: a directory or hub name")
     p.add_argument("--model_base", default=None, help="base model directory of a LoRA adapter")
     p.add_argument("--vision_tower", default=None, help="local CLIP directory for an original-format checkpoint")
-    p.add_argument("--model_revision", default=None, help="branch, tag or commit of a hub --model_name")
-    p.add_argument("--test_datasets", nargs="+", required=True,
+    p.add_argument("--model_revision", default=None, help="branch, tag or commit of a hub --model_name_or_path")
+    p.add_argument("--data_path", "--test_datasets", dest="test_datasets", nargs="+", required=True, metavar="FILE",
                    help="test files: JSON array, JSON Lines, Parquet, a datasets directory, or hub datasets org/name[:split]")
-    p.add_argument("--split", default=None, help="split of the hub datasets in --test_datasets that name none")
-    p.add_argument("--eval_output", required=True, help="output JSON Lines file (resumed when it exists)")
+    p.add_argument("--split", default=None, help="split of the hub datasets in --data_path that name none")
+    p.add_argument("--output", "--eval_output", dest="eval_output", required=True, metavar="JSONL",
+                   help="output JSON Lines file (resumed when it exists)")
     p.add_argument("--image_folder", default=None, help="folder relative image paths are resolved against")
     p.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"], help="prompts per generate call (per process)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (rank K uses seed + K)")

@@ -345,9 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m llava.eval.report",
         description="Write a self-contained HTML page comparing systems' alt-text on the same records.",
     )
-    parser.add_argument("--files", nargs="+", required=True, metavar="JSONL", help="inference outputs, one per system")
+    parser.add_argument("--data_path", "--files", dest="files", nargs="+", required=True, metavar="JSONL",
+                        help="inference outputs, one per system (--files is its old name)")
     parser.add_argument("--image_folder", metavar="DIR", help="folder that image_path is relative to")
-    parser.add_argument("--out", required=True, metavar="HTML", help="where the page goes")
+    parser.add_argument("--output", "--out", dest="out", required=True, metavar="HTML", help="where the page goes")
     parser.add_argument("--names", nargs="+", metavar="NAME", help="column names (default: file names)")
     parser.add_argument("--limit", type=int, metavar="N", help="show only the first N records")
     return parser

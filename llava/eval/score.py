@@ -442,10 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
         "as the COCO pipeline computes them (coco_*) and as the paper's released scorer does (published_*).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--file", nargs="+", metavar="JSONL", help="one or more inference output files")
+    source.add_argument("--data_path", "--file", dest="file", nargs="+", metavar="JSONL",
+                        help="one or more inference output files (--file is its old name)")
     source.add_argument("--dir", metavar="DIR", help="score every *.jsonl in DIR except *_score.jsonl")
     parser.add_argument(
+        "--output_dir",
         "--out_dir",
+        dest="out_dir",
         metavar="DIR",
         help="where scores.json/csv/md and the per-sample *_score.jsonl go "
         "(default: the first file's directory, or DIR; per-sample files then go beside each input)",

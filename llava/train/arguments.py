@@ -223,7 +223,7 @@ class _OneLineErrors(transformers.HfArgumentParser):
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     import torch
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = expand_config(list(sys.argv[1:] if argv is None else argv))
     if not torch.cuda.is_available() and not any(a.startswith("--use_cpu") for a in argv):
         # A host without CUDA trains on the CPU; said up front, the launchers' processes agree on
         # the world size (gloo), which DeepSpeed on the CPU needs.
@@ -253,3 +253,62 @@ def released_flag_notes(argv: list[str], model_args: ModelArguments) -> list[str
         notes.append("--mm_use_im_patch_token True: the released code only adds an <im_patch> token that no prompt "
                      "contains (one more vocabulary row, no other token id changes); it is not added here")
     return notes
+
+
+# -- settings files (configs/*.yaml): parse_args reads one given before the flags ----------------
+
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+def is_config(arg: str) -> bool:
+    """Is this command-line word a settings file (``configs/mcmdpo.yaml``) rather than a flag?"""
+    return not arg.startswith("-") and arg.lower().endswith(CONFIG_SUFFIXES)
+
+
+def config_argv(path: str) -> list[str]:
+    """The flags a YAML settings file says, as ``--key value`` words.
+
+    A mapping of flag names to values: a scalar becomes one value (booleans ``True``/``False``, as the
+    flags are written), a list becomes several (``report_to: [wandb, tensorboard]``).
+    """
+    from dataclasses import fields
+
+    import yaml
+
+    known = {f.name for cls in (ModelArguments, DataArguments, TrainingArguments) for f in fields(cls)}
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: settings file not found") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if settings is None:
+        return []
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected a mapping of flag names to values, got a {type(settings).__name__}")
+    argv = []
+    for key, value in settings.items():
+        if key not in known:
+            raise ValueError(f"{path}: {key!r} is not a training flag (see --help)")
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if v is None or isinstance(v, (dict, list)):
+                raise ValueError(f"{path}: {key}: expected a value or a list of values, got {v!r}")
+        argv += [f"--{key}", *(str(v) for v in values)]
+    return argv
+
+
+def expand_config(argv: list[str]) -> list[str]:
+    """``[FILE.yaml] [--flag value ...]`` as flags only: the file's flags first, so that every flag
+    given on the command line wins (argparse keeps the last value of a repeated flag).
+
+    Words ``--name=value`` may come before the file: DeepSpeed's launcher puts ``--local_rank=N``
+    right after the script's name.
+    """
+    lead = 0
+    while lead < len(argv) and argv[lead].startswith("--") and "=" in argv[lead]:
+        lead += 1
+    if lead < len(argv) and is_config(argv[lead]):
+        return config_argv(argv[lead]) + argv[:lead] + argv[lead + 1:]
+    return argv
