@@ -35,7 +35,7 @@ from llava.model.chat_template import set_chat_template
 from llava.model.hub import dataset_fingerprint
 from llava.model.load import ModelLoadError, checkpoint_kind, compose, load_model, resolve_hub_arguments, save_model
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
-from llava.train.checkpoints import (ReplayEpochOrder, ResumeError, SaveAtEpochEnd, copy_final_model, resolve_resume,
+from llava.train.checkpoints import (AUTO, ReplayEpochOrder, ResumeError, SaveAtEpochEnd, copy_final_model, resolve_resume,
                                      steps_done)
 from llava.train.model_card import CardFacts, release_generation_config, write_model_card
 from llava.train.params import Trainable, apply_lora, quantization, set_trainable
@@ -259,7 +259,7 @@ def train(trainer: LlavaTrainer) -> None:
         if done >= total:
             finish_without_training(trainer, checkpoint, total)
             return
-    elif args.resume_from_checkpoint:
+    elif str(args.resume_from_checkpoint).strip().lower() in AUTO:
         logger.info("no complete checkpoint in %s: starting afresh", args.output_dir)
     if (note := prepare_wandb(args)) and trainer.is_world_process_zero():
         print(note, flush=True)
