@@ -32,6 +32,7 @@ from llava.model.load import ModelLoadError, checkpoint_kind, compose, load_mode
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
 from llava.train.params import Trainable, apply_lora, set_trainable
 from llava.train.policy import ResponseLogps
+from llava.train.projector_file import trains_projector_only, write_projector_file
 from llava.train.reference import AdaptersOffReference, CachedReference, LiveReference, file_fingerprint, model_fingerprint
 from llava.train.trainer import DPOObjective, LlavaTrainer, MCMObjective, SFTObjective
 
@@ -186,6 +187,8 @@ def train(trainer: LlavaTrainer) -> None:
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     trainer.save_state()  # trainer_state.json: the logged history the demo's plots read
+    if trains_projector_only(trainer.model) and trainer.is_world_process_zero():  # stage 1: LLaVA's mm_projector.bin too
+        write_projector_file(args.output_dir)
     if args.lora_enable and args.merge_lora and trainer.is_world_process_zero():
         base = trainer.model.llava.peft_config["default"].base_model_name_or_path
         merged, processor = load_model(args.output_dir, model_base=base, merge_lora=True)
