@@ -40,3 +40,22 @@ def test_missing_run_file_is_named(tmp_path):
     out = subprocess.run([sys.executable, "scripts/summarize_runs.py", str(tmp_path / "seed0")], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "seed0/scores.json: missing" in out.stderr
+
+
+def test_final_margins_average_the_last_three_logged_steps(tmp_path):
+    from summarize_runs import TERMS, final_margins, margins_markdown
+
+    run = tmp_path / "seed0"
+    for method, keys in (("mcmdpo", [f"mcm/{t}/margin" for t in TERMS]), ("dpo", ["rewards/margins"])):
+        (run / method).mkdir(parents=True)
+        history = [{"step": s, "loss": 0.5, **{k: float(s + i) for i, k in enumerate(keys)}} for s in range(1, 6)]
+        history.append({"step": 5, "train_runtime": 1.0})  # the Trainer's closing entry has no margins
+        (run / method / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    m = final_margins(run)
+    assert m["response"] == pytest.approx((3 + 4 + 5) / 3)  # steps 3, 4, 5; term index 0
+    assert m["all"] == pytest.approx((3 + 4 + 5) / 3 + 6)
+    assert m["dpo"] == pytest.approx(4.0)
+    assert margins_markdown([run]).splitlines()[2] == "| seed0 | 4.000 | 5.000 | 6.000 | 7.000 | 8.000 | 9.000 | 10.000 | 4.000 |"
+    (run / "dpo" / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 1, "loss": 0.1}]}))
+    with pytest.raises(ValueError, match="dpo/trainer_state.json: no logged 'rewards/margins'"):
+        final_margins(run)
