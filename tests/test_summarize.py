@@ -59,3 +59,23 @@ def test_final_margins_average_the_last_three_logged_steps(tmp_path):
     (run / "dpo" / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 1, "loss": 0.1}]}))
     with pytest.raises(ValueError, match="dpo/trainer_state.json: no logged 'rewards/margins'"):
         final_margins(run)
+
+
+def test_ablation_table_rows_seeds_and_best(tmp_path):
+    from summarize_ablation import best_row, collect, markdown
+
+    def ablation_run(row, seed, key_fact, cider):
+        d = tmp_path / row / f"seed{seed}"
+        d.mkdir(parents=True)
+        f = f"{d}/eval/mcmdpo.jsonl"
+        (d / "scores.json").write_text(json.dumps([{"file": f, "Bleu_4": 1.0, "METEOR": 1.0, "ROUGE_L": 1.0, "CIDEr": cider}]))
+        (d / "grounding.json").write_text(json.dumps([{"file": f, "key_fact": key_fact, "context": 50.0, "n": 3}]))
+
+    ablation_run("terms2", 0, 40.0, 100.0)
+    ablation_run("terms7", 0, 60.0, 120.0)
+    ablation_run("terms7", 1, 50.0, 110.0)
+    rows = collect(tmp_path)
+    assert best_row(rows) == "terms7"
+    assert markdown(rows).splitlines()[2:] == ["| terms2 | 1 | 40.00 | 100.00 |", "| terms7 | 2 | 55.00 ± 7.07 | 115.00 ± 7.07 |"]
+    with pytest.raises(ValueError, match="no finished run"):
+        collect(tmp_path / "terms2" / "seed0")
