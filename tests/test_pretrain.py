@@ -36,7 +36,7 @@ def language_model(tmp_path_factory):
 
 def test_plain_template_trains_the_caption_and_its_newline_only(language_model):
     """LLaVA's preprocess_plain: the image alone, then the caption and "\\n"; the image part is not learned."""
-    model, processor = compose(language_model, TOWER)
+    _, processor = compose(language_model, TOWER)
     records = read_records(SAMPLE / "pretrain.json", "sft")
     ds = SFTDataset(records, processor.tokenizer, get_template("plain"), ImageProcessor(processor, "square"), SAMPLE, 2048)
     tok = processor.tokenizer
