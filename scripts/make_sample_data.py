@@ -2,12 +2,13 @@
 
     python scripts/make_sample_data.py --out data/sample --seed 0 [--figure images/sample_records.png]
 
-Writes, under ``--out`` (which is also the image folder of all three files)::
+Writes, under ``--out`` (which is also the image folder of all four files)::
 
+    pretrain.json     caption records for stage 1 (projector alignment), LLaVA's pre-training format
     sft.json          LLaVA conversation records (noisy, user-written-style targets)
     preference.json   preference records, format A (``text`` is a JSON string), + ``rejected_kind``
     test.jsonl        test records, format T, + ``key_facts`` and ``context_terms``
-    sft/ pref/ test/  the images, square RGB PNGs drawn here with PIL
+    pretrain/ sft/ pref/ test/  the images, square RGB PNGs drawn here with PIL
 
 Every image holds two salient things, drawn at random: two groups of shapes (left and right),
 a bar chart and a sign (side by side), or a sign above a row of shapes. The post decides which
@@ -16,7 +17,9 @@ count, shape, which bar is tallest). So neither a context-only nor an image-only
 get the alt-text right. The visual facts are coarse on purpose: a tiny randomly initialised
 LLaVA (patch 14 on 112 px) can learn them on a CPU in minutes.
 
-SFT targets are noisy the way user-written alt-text is; preference pairs pair a correct,
+Captions state every visual fact of both things, with no regard to any post (stage 1 teaches
+the model to read the image, as LLaVA's caption pre-training does). SFT targets are noisy the way
+user-written alt-text is; preference pairs pair a correct,
 focused, concise alt-text with a realistic bad one (generic, wrong in one visual detail,
 about the other thing, or a long caption). The same seed gives byte-identical files.
 """
@@ -327,6 +330,15 @@ def describe(scene: Scene, name: str, template: int, obj=None) -> str:
     return _cap(t.format(c=obj.colour, s=obj.shape, w=obj.word))
 
 
+def caption(scene: Scene, rng: random.Random) -> str:
+    """Both things of the scene, each in one of the alt-text templates (key-fact phrases verbatim)."""
+    return " ".join(describe(scene, name, rng.randrange(3)) for name in FOCI[scene.kind])
+
+
+# Instructions of the caption records; the `plain` template of stage 1 drops them, as in LLaVA.
+CAPTION_PROMPTS = ("Describe the image briefly.", "What is in this picture?", "Write a short caption for the image.")
+
+
 def key_facts(scene: Scene, name: str) -> list[str]:
     obj = scene.objects[name]
     if isinstance(obj, Group):
@@ -493,6 +505,8 @@ def build_split(split: str, n: int, seed: int, image_size: int = 112) -> tuple[l
         kinds = allocate(n, SFT_MIX, rng)
     elif split == "pref":
         kinds = allocate(n, [(k, 1 / len(REJECTED_KINDS)) for k in REJECTED_KINDS], rng)
+    elif split == "pretrain":
+        kinds = ["caption"] * n
     else:
         kinds = ["correct"] * n
     return examples, kinds
@@ -505,6 +519,18 @@ def sft_record(i: int, ex: Example, kind: str) -> dict:
         "conversations": [
             {"from": "human", "value": "<image>\n" + ex.question},
             {"from": "gpt", "value": ex.texts[kind]},
+        ],
+    }
+
+
+def pretrain_record(i: int, ex: Example) -> dict:
+    rng = random.Random(f"caption:{ex.seed}")
+    return {
+        "id": f"pretrain_{i:05d}",
+        "image": f"pretrain/pretrain_{i:05d}.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\n" + rng.choice(CAPTION_PROMPTS)},
+            {"from": "gpt", "value": caption(ex.scene, rng)},
         ],
     }
 
@@ -530,11 +556,12 @@ def _dump_array(records: list[dict]) -> str:
 
 
 def generate(out: str | Path, seed: int = 0, n_sft: int = 1500, n_pref: int = 500, n_test: int = 200,
-             image_size: int = 112) -> dict:
+             image_size: int = 112, n_pretrain: int = 2000) -> dict:
     """Write the corpus to ``out``; return a summary (counts per kind)."""
     out = Path(out)
     summary: dict = {"seed": seed, "image_size": image_size, "files": {}}
-    for split, n, prefix in (("sft", n_sft, "sft"), ("pref", n_pref, "pref"), ("test", n_test, "test")):
+    splits = (("pretrain", n_pretrain, "pretrain"), ("sft", n_sft, "sft"), ("pref", n_pref, "pref"), ("test", n_test, "test"))
+    for split, n, prefix in splits:
         folder = out / split
         folder.mkdir(parents=True, exist_ok=True)
         for stale in sorted(folder.glob(f"{prefix}_*.png")):  # left over from a larger run
@@ -542,7 +569,10 @@ def generate(out: str | Path, seed: int = 0, n_sft: int = 1500, n_pref: int = 50
         examples, kinds = build_split(split, n, seed, image_size)
         for i, ex in enumerate(examples):
             (folder / f"{prefix}_{i:05d}.png").write_bytes(png_bytes(ex.image()))
-        if split == "sft":
+        if split == "pretrain":
+            (out / "pretrain.json").write_text(_dump_array([pretrain_record(i, e) for i, e in enumerate(examples)]), encoding="utf-8")
+            summary["files"]["pretrain.json"] = n
+        elif split == "sft":
             (out / "sft.json").write_text(_dump_array([sft_record(i, e, k) for i, (e, k) in enumerate(zip(examples, kinds))]), encoding="utf-8")
             summary["files"]["sft.json"] = n
         elif split == "pref":
@@ -553,7 +583,7 @@ def generate(out: str | Path, seed: int = 0, n_sft: int = 1500, n_pref: int = 50
             (out / "test.jsonl").write_text(lines, encoding="utf-8")
             summary["files"]["test.jsonl"] = n
         summary[split] = {
-            "kinds": {k: kinds.count(k) for k in TARGET_KINDS if kinds.count(k)},
+            "kinds": {k: kinds.count(k) for k in (*TARGET_KINDS, "caption") if kinds.count(k)},
             "scenes": {s: sum(e.scene.kind == s for e in examples) for s in SCENE_KINDS},
         }
     return summary
@@ -612,21 +642,22 @@ def _size(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (also the image folder of all three files)")
+    p.add_argument("--out", required=True, help="output folder (also the image folder of all four files)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n_pretrain", type=int, default=2000, help="caption records (stage 1)")
     p.add_argument("--n_sft", type=int, default=1500, help="SFT records (noisy targets)")
     p.add_argument("--n_pref", type=int, default=500, help="preference records (format A)")
     p.add_argument("--n_test", type=int, default=200, help="test records (format T)")
     p.add_argument("--image_size", type=int, default=112, help="side of the square RGB images, in pixels")
     p.add_argument("--figure", default=None, help="also draw a figure of four preference records to this PNG")
     a = p.parse_args(argv)
-    s = generate(a.out, a.seed, a.n_sft, a.n_pref, a.n_test, a.image_size)
+    s = generate(a.out, a.seed, a.n_sft, a.n_pref, a.n_test, a.image_size, a.n_pretrain)
     out = Path(a.out)
     print(f"wrote sample alt-text corpus to {out} (seed {a.seed}, {a.image_size}px images, {_size(out) / 1e6:.2f} MB)")
-    for split, name in (("sft", "sft.json"), ("pref", "preference.json"), ("test", "test.jsonl")):
+    for split, name in (("pretrain", "pretrain.json"), ("sft", "sft.json"), ("pref", "preference.json"), ("test", "test.jsonl")):
         kinds = ", ".join(f"{k} {v}" for k, v in s[split]["kinds"].items())
         scenes = ", ".join(f"{k} {v}" for k, v in s[split]["scenes"].items())
-        label = {"sft": "targets", "pref": "rejected", "test": "references"}[split]
+        label = {"pretrain": "targets", "sft": "targets", "pref": "rejected", "test": "references"}[split]
         print(f"  {name:16s} {s['files'][name]:5d} records, images in {split}/; {label}: {kinds}; scenes: {scenes}")
     if a.figure:
         print(f"  figure: {draw_figure(out, a.figure, a.seed, a.n_pref)}")

@@ -19,6 +19,6 @@ for seed in $SEEDS; do
   SEED=$seed OUT="$OUT/seed$seed" DEMO_SIZE=full PYTHON="$PYTHON" bash scripts/demo.sh
   runs+=("$OUT/seed$seed")
 done
-"$PYTHON" scripts/summarize_runs.py "${runs[@]}" --md "$OUT/table.md" --png "$PNG"
+"$PYTHON" scripts/summarize_runs.py "${runs[@]}" --md "$OUT/table.md" --png "$PNG" --margins_md "$OUT/margins.md"
 echo "wall time: $(( $(date +%s) - start )) s for seeds: $SEEDS"
 echo "table: $OUT/table.md   chart: $PNG"

@@ -5,7 +5,8 @@
 
 Each run directory is one `scripts/demo.sh` output: `scores.json` (get_score.py) and
 `grounding.json` (llava.eval.grounding), with rows for eval/sft.jsonl, eval/dpo.jsonl and
-eval/mcmdpo.jsonl.
+eval/mcmdpo.jsonl. With ``--margins_md``, also the per-term margins at the end of MCM-DPO (mean of
+the last three logged steps of ``mcmdpo/trainer_state.json``) and DPO's, one row per run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,37 @@ from pathlib import Path
 METHODS = {"sft": "SFT", "dpo": "DPO", "mcmdpo": "MCM-DPO"}
 METRICS = {"coco_Bleu_4": "BLEU-4", "coco_METEOR": "METEOR", "coco_ROUGE_L": "ROUGE-L", "coco_CIDEr": "CIDEr",
            "key_fact": "key fact stated (%)", "context": "context reflected (%)"}
+
+
+TERMS = {"response": "response", "image": "image", "context": "context", "context_response": "context+response",
+         "image_response": "image+response", "context_image": "context+image", "all": "all three"}
+LAST_STEPS = 3
+
+
+def final_margins(run: Path) -> dict[str, float]:
+    """Each MCM-DPO term's margin, and DPO's margin, averaged over the last ``LAST_STEPS`` logged steps."""
+    def last(history: list[dict], key: str, path: Path) -> float:
+        values = [h[key] for h in history if key in h]
+        if not values:
+            raise ValueError(f"{path}: no logged {key!r}")
+        return statistics.fmean(values[-LAST_STEPS:])
+
+    out = {}
+    for method, keys in (("mcmdpo", {t: f"mcm/{t}/margin" for t in TERMS}), ("dpo", {"dpo": "rewards/margins"})):
+        path = run / method / "trainer_state.json"
+        if not path.is_file():
+            raise ValueError(f"{path}: missing (run scripts/demo.sh with OUT={run} first)")
+        history = json.loads(path.read_text())["log_history"]
+        out.update({name: last(history, key, path) for name, key in keys.items()})
+    return out
+
+
+def margins_markdown(runs: list[Path]) -> str:
+    lines = [f"| run | {' | '.join(TERMS.values())} | DPO's margin |", "|---" + "|---:" * (len(TERMS) + 1) + "|"]
+    for run in runs:
+        m = final_margins(run)
+        lines.append(f"| {run.name} | " + " | ".join(f"{m[t]:.3f}" for t in (*TERMS, "dpo")) + " |")
+    return "\n".join(lines)
 
 
 def method_of(file: str) -> str:
@@ -91,9 +123,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--md", type=Path, help="write the Markdown table here")
     p.add_argument("--png", type=Path, help="write the bar chart here")
+    p.add_argument("--margins_md", type=Path, help="write the per-term margins at the end of MCM-DPO here")
     a = p.parse_args(argv)
     try:
         table = summarize(a.runs)
+        margins = margins_markdown(a.runs) if a.margins_md else None
     except ValueError as e:
         sys.exit(f"error: {e}")
     text = markdown(table, len(a.runs))
@@ -103,6 +137,10 @@ def main(argv: list[str] | None = None) -> None:
         a.md.write_text(text + "\n")
     if a.png:
         bar_chart(table, a.png, len(a.runs))
+    if margins is not None:
+        print("\n" + margins)
+        a.margins_md.parent.mkdir(parents=True, exist_ok=True)
+        a.margins_md.write_text(margins + "\n")
 
 
 if __name__ == "__main__":

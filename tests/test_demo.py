@@ -1,4 +1,4 @@
-"""`make demo` at smoke size: the whole main job runs end to end (CI keeps it from rotting)."""
+"""`make demo` at smoke size: the whole main job runs end to end, stage 1 included (CI keeps it from rotting)."""
 
 import os
 import subprocess
@@ -19,7 +19,8 @@ def test_smoke_demo(tmp_path):
     table = result.stdout[result.stdout.index("| file |"):]
     for name in ("| sft |", "| dpo |", "| mcmdpo |"):
         assert name in table
-    for path in ("report.html", "curves.png", "scores.json", "eval/mcmdpo.jsonl", "sft/config.json",
-                 "mcmdpo/trainer_state.json"):
+    assert "stage 1: captions" in result.stdout
+    for path in ("report.html", "curves.png", "scores.json", "eval/mcmdpo.jsonl", "pretrain/config.json",
+                 "pretrain/trainer_state.json", "sft/config.json", "mcmdpo/trainer_state.json"):
         assert (out / path).is_file(), path
     assert f"report: {out}/report.html" in result.stdout

@@ -14,7 +14,7 @@ from PIL import Image
 from llava.eval.grounding import reflects_context, states_key_facts
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--n_sft", "40", "--n_pref", "20", "--n_test", "10"]
+SMALL = ["--n_pretrain", "8", "--n_sft", "40", "--n_pref", "20", "--n_test", "10"]
 
 
 def _load():
@@ -36,7 +36,7 @@ def _files(d: Path) -> dict[str, bytes]:
 def corpus(tmp_path_factory):
     """A mid-sized corpus (enough records for the statistical claims)."""
     out = tmp_path_factory.mktemp("sample")
-    assert msd.main(["--out", str(out), "--seed", "0", "--n_sft", "400", "--n_pref", "200", "--n_test", "120"]) == 0
+    assert msd.main(["--out", str(out), "--seed", "0", "--n_pretrain", "40", "--n_sft", "400", "--n_pref", "200", "--n_test", "120"]) == 0
     sft = json.loads((out / "sft.json").read_text())
     pref = json.loads((out / "preference.json").read_text())
     test = [json.loads(line) for line in (out / "test.jsonl").read_text().splitlines()]
@@ -49,20 +49,21 @@ def test_same_seed_same_bytes_other_seed_other_files(tmp_path):
     msd.main(["--out", str(b), "--seed", "0", *SMALL])
     msd.main(["--out", str(c), "--seed", "1", *SMALL])
     fa, fb, fc = _files(a), _files(b), _files(c)
-    assert len(fa) == 3 + 40 + 20 + 10
+    assert len(fa) == 4 + 8 + 40 + 20 + 10
     assert set(fa) == set(fb)
     for name in fa:
         assert fa[name] == fb[name], name
     assert set(fc) == set(fa)
-    for name in ("sft.json", "preference.json", "test.jsonl", "sft/sft_00000.png"):
+    for name in ("pretrain.json", "sft.json", "preference.json", "test.jsonl", "sft/sft_00000.png"):
         assert fc[name] != fa[name], name
     # a rerun with fewer records leaves no stale images behind
-    msd.main(["--out", str(a), "--seed", "0", "--n_sft", "5", "--n_pref", "3", "--n_test", "2"])
-    assert len(_files(a)) == 3 + 5 + 3 + 2
+    msd.main(["--out", str(a), "--seed", "0", "--n_pretrain", "2", "--n_sft", "5", "--n_pref", "3", "--n_test", "2"])
+    assert len(_files(a)) == 4 + 2 + 5 + 3 + 2
 
 
 def test_splits_are_disjoint_draws():
-    seeds = {split: [ex.seed for ex in msd.build_split(split, 50, 0)[0]] for split in ("sft", "pref", "test")}
+    seeds = {split: [ex.seed for ex in msd.build_split(split, 50, 0)[0]] for split in ("pretrain", "sft", "pref", "test")}
+    assert not set(seeds["pretrain"]) & (set(seeds["sft"]) | set(seeds["pref"]) | set(seeds["test"]))
     assert not set(seeds["sft"]) & set(seeds["pref"])
     assert not set(seeds["sft"]) & set(seeds["test"])
     assert not set(seeds["pref"]) & set(seeds["test"])
@@ -99,7 +100,7 @@ def test_formats(corpus):
 
 
 def test_image_size_flag(tmp_path):
-    msd.main(["--out", str(tmp_path), "--image_size", "56", "--n_sft", "3", "--n_pref", "3", "--n_test", "3"])
+    msd.main(["--out", str(tmp_path), "--image_size", "56", "--n_pretrain", "3", "--n_sft", "3", "--n_pref", "3", "--n_test", "3"])
     for p in sorted(tmp_path.rglob("*.png")):
         with Image.open(p) as im:
             assert im.size == (56, 56) and im.mode == "RGB"
@@ -207,3 +208,17 @@ def test_committed_sample_is_the_generators_output(tmp_path):
     """data/sample is exactly what `make_sample_data.py --out data/sample --seed 0` writes."""
     assert msd.main(["--out", str(tmp_path / "s"), "--seed", "0"]) == 0
     assert _files(tmp_path / "s") == _files(ROOT / "data" / "sample")
+
+
+def test_captions_state_every_fact_of_both_things(corpus):
+    """Stage 1's captions: LLaVA's pre-training format, and each states the key facts of both things."""
+    out = corpus[0]
+    records = json.loads((out / "pretrain.json").read_text())
+    examples, _ = msd.build_split("pretrain", len(records), 0)
+    assert len(records) == 40
+    for rec, ex in zip(records, examples):
+        human, gpt = rec["conversations"]
+        assert human["from"] == "human" and human["value"].startswith("<image>\n")
+        assert (out / rec["image"]).is_file()
+        for name in msd.FOCI[ex.scene.kind]:
+            assert states_key_facts(gpt["value"], msd.key_facts(ex.scene, name)), (gpt["value"], name)

@@ -40,3 +40,42 @@ def test_missing_run_file_is_named(tmp_path):
     out = subprocess.run([sys.executable, "scripts/summarize_runs.py", str(tmp_path / "seed0")], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "seed0/scores.json: missing" in out.stderr
+
+
+def test_final_margins_average_the_last_three_logged_steps(tmp_path):
+    from summarize_runs import TERMS, final_margins, margins_markdown
+
+    run = tmp_path / "seed0"
+    for method, keys in (("mcmdpo", [f"mcm/{t}/margin" for t in TERMS]), ("dpo", ["rewards/margins"])):
+        (run / method).mkdir(parents=True)
+        history = [{"step": s, "loss": 0.5, **{k: float(s + i) for i, k in enumerate(keys)}} for s in range(1, 6)]
+        history.append({"step": 5, "train_runtime": 1.0})  # the Trainer's closing entry has no margins
+        (run / method / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    m = final_margins(run)
+    assert m["response"] == pytest.approx((3 + 4 + 5) / 3)  # steps 3, 4, 5; term index 0
+    assert m["all"] == pytest.approx((3 + 4 + 5) / 3 + 6)
+    assert m["dpo"] == pytest.approx(4.0)
+    assert margins_markdown([run]).splitlines()[2] == "| seed0 | 4.000 | 5.000 | 6.000 | 7.000 | 8.000 | 9.000 | 10.000 | 4.000 |"
+    (run / "dpo" / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 1, "loss": 0.1}]}))
+    with pytest.raises(ValueError, match="dpo/trainer_state.json: no logged 'rewards/margins'"):
+        final_margins(run)
+
+
+def test_ablation_table_rows_seeds_and_best(tmp_path):
+    from summarize_ablation import best_row, collect, markdown
+
+    def ablation_run(row, seed, key_fact, cider):
+        d = tmp_path / row / f"seed{seed}"
+        d.mkdir(parents=True)
+        f = f"{d}/eval/mcmdpo.jsonl"
+        (d / "scores.json").write_text(json.dumps([{"file": f, "Bleu_4": 1.0, "METEOR": 1.0, "ROUGE_L": 1.0, "CIDEr": cider}]))
+        (d / "grounding.json").write_text(json.dumps([{"file": f, "key_fact": key_fact, "context": 50.0, "n": 3}]))
+
+    ablation_run("terms2", 0, 40.0, 100.0)
+    ablation_run("terms7", 0, 60.0, 120.0)
+    ablation_run("terms7", 1, 50.0, 110.0)
+    rows = collect(tmp_path)
+    assert best_row(rows) == "terms7"
+    assert markdown(rows).splitlines()[2:] == ["| terms2 | 1 | 40.00 | 100.00 |", "| terms7 | 2 | 55.00 ± 7.07 | 115.00 ± 7.07 |"]
+    with pytest.raises(ValueError, match="no finished run"):
+        collect(tmp_path / "terms2" / "seed0")

@@ -1,6 +1,6 @@
 """Tiny LLaVA checkpoints built locally: random weights, a locally trained tokenizer.
 
-    python -m llava.model.tiny --out DIR --arch {llava,llava_next} [--seed N] [--size tiny|small]
+    python -m llava.model.tiny --out DIR --arch {llava,llava_next,llama} [--seed N] [--size tiny|small]
 
 The directory is a complete HF-format checkpoint (config, safetensors, CLIP image processor,
 Llama-style BPE tokenizer with the Vicuna v1 special tokens and chat template) that plain
@@ -83,6 +83,37 @@ def build_tokenizer(vocab_size: int = 2000):
     return tok
 
 
+def text_config(s: TinySize, tok):
+    """The Llama configuration of a tiny language model of size ``s`` for tokenizer ``tok``."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        # a tokenizer trained on the small shipped corpus may learn fewer tokens than asked for:
+        # the embedding is then padded with unused rows up to the size asked
+        vocab_size=max(len(tok), s.vocab_size), hidden_size=s.text_hidden, intermediate_size=s.text_intermediate,
+        num_hidden_layers=s.text_layers, num_attention_heads=s.text_heads, num_key_value_heads=s.text_heads,
+        max_position_embeddings=4096, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )
+
+
+def build_language_model(seed: int = 0, size: str | TinySize = "tiny"):
+    """Return ``(model, tokenizer)``: a plain tiny ``LlamaForCausalLM`` with seeded random weights.
+
+    It stands where Vicuna stands in LLaVA: ``llava.model.load.compose`` joins it with a CLIP
+    vision tower directory into a new LLaVA.
+    """
+    from transformers import LlamaForCausalLM
+
+    s = SIZES[size] if isinstance(size, str) else size
+    tok = build_tokenizer(s.vocab_size)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(text_config(s, tok))
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(tok, key))
+    return model.eval(), tok
+
+
 def build(arch: str = "llava", seed: int = 0, size: str | TinySize = "tiny", device: str | torch.device | None = None):
     """Return ``(model, processor)`` of a tiny LLaVA-1.5 or LLaVA-NeXT with seeded random weights.
 
@@ -92,7 +123,6 @@ def build(arch: str = "llava", seed: int = 0, size: str | TinySize = "tiny", dev
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaNextConfig,
@@ -110,14 +140,7 @@ def build(arch: str = "llava", seed: int = 0, size: str | TinySize = "tiny", dev
         hidden_size=s.vision_hidden, intermediate_size=4 * s.vision_hidden, num_hidden_layers=s.vision_layers,
         num_attention_heads=s.vision_heads, image_size=s.image_size, patch_size=s.patch_size, projection_dim=s.vision_hidden,
     )
-    text = LlamaConfig(
-        # a tokenizer trained on the small shipped corpus may learn fewer tokens than asked for:
-        # the embedding is then padded with unused rows up to the size asked
-        vocab_size=max(len(tok), s.vocab_size), hidden_size=s.text_hidden, intermediate_size=s.text_intermediate,
-        num_hidden_layers=s.text_layers, num_attention_heads=s.text_heads, num_key_value_heads=s.text_heads,
-        max_position_embeddings=4096, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-    )
+    text = text_config(s, tok)
     common = dict(
         vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN),
         projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2,
@@ -149,8 +172,8 @@ def build(arch: str = "llava", seed: int = 0, size: str | TinySize = "tiny", dev
 
 
 def write(out: str | Path, arch: str = "llava", seed: int = 0, size: str = "tiny") -> Path:
-    """Build a tiny checkpoint and save it to ``out`` in HF format."""
-    model, processor = build(arch, seed, size)
+    """Build a tiny checkpoint (``arch`` llama: a plain language model) and save it to ``out`` in HF format."""
+    model, processor = build_language_model(seed, size) if arch == "llama" else build(arch, seed, size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -161,7 +184,8 @@ def write(out: str | Path, arch: str = "llava", seed: int = 0, size: str = "tiny
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="directory to write the checkpoint to")
-    p.add_argument("--arch", choices=["llava", "llava_next"], default="llava")
+    p.add_argument("--arch", choices=["llava", "llava_next", "llama"], default="llava",
+                   help="llama: a plain language model, to compose with a vision tower (llava.model.load.compose)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
     a = p.parse_args(argv)

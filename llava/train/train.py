@@ -40,9 +40,10 @@ from llava.train.checkpoints import (AUTO, ReplayEpochOrder, ResumeError, SaveAt
 from llava.train.model_card import CardFacts, release_generation_config, write_model_card
 from llava.train.params import Trainable, apply_lora, quantization, set_trainable
 from llava.train.policy import ResponseLogps
+from llava.train.losses import DPOObjective, MCMObjective, SFTObjective
+from llava.train.projector_file import trains_projector_only, write_projector_file
 from llava.train.reference import (AdaptersOffReference, CachedReference, LiveReference, file_fingerprint, images_fingerprint,
                                    model_fingerprint, processor_fingerprint)
-from llava.train.losses import DPOObjective, MCMObjective, SFTObjective
 from llava.train.reporting import prepare_wandb
 from llava.train.trainer import LlavaTrainer
 
@@ -268,6 +269,8 @@ def train(trainer: LlavaTrainer) -> None:
         trainer.add_callback(SaveAtEpochEnd())
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     trainer.save_model(args.output_dir)
+    if trains_projector_only(trainer.model) and trainer.is_world_process_zero():  # stage 1: LLaVA's mm_projector.bin too
+        write_projector_file(args.output_dir)
     if args.lora_enable and args.merge_lora and trainer.is_world_process_zero():
         base = trainer.model.llava.peft_config["default"].base_model_name_or_path
         merged, processor = load_model(args.output_dir, model_base=base, merge_lora=True)
