@@ -36,8 +36,8 @@ from llava.model.chat_template import set_chat_template
 from llava.model.hub import dataset_fingerprint
 from llava.model.load import ModelLoadError, checkpoint_kind, compose, load_model, resolve_hub_arguments, save_model
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
-from llava.train.checkpoints import (ReplayEpochOrder, ResumeError, SaveAtEpochEnd, copy_final_model, resolve_resume,
-                                     steps_done)
+from llava.train.checkpoints import (ReplayEpochOrder, ResumeError, SaveAtEpochEnd, check_output_dir_shared, copy_final_model,
+                                     resolve_resume, steps_done)
 from llava.train.model_card import CardFacts, release_generation_config, write_model_card
 from llava.train.params import Trainable, apply_lora, quantization, set_trainable
 from llava.train.policy import ResponseLogps
@@ -221,6 +221,7 @@ def prepare(argv: list[str] | None = None) -> LlavaTrainer:
         import deepspeed
 
         deepspeed.init_distributed()  # joins the process group the Trainer's arguments created
+    check_output_dir_shared(args.output_dir)  # multi-node: before any model loads, every node must see OUTPUT_DIR
     objective = make_objective(args)
     conditions = objective.conditions
     trainable = Trainable.from_flags(tune_mm_mlp_adapter=model_args.tune_mm_mlp_adapter,
