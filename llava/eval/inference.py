@@ -232,15 +232,22 @@ def check_model_path(model_name: str, model_base: str | None) -> None:
 
 
 def load_for_inference(model_name: str, model_base: str | None, dtype_name: str, *, vision_tower: str | None = None,
-                       local_rank: int = 0):
-    """``(model, processor, device)``: the model in eval mode on this process's device."""
+                       local_rank: int = 0, attn_implementation: str = "auto"):
+    """``(model, processor, device)``: the model in eval mode on this process's device.
+
+    Generation's masks are ordinary (padding only), so ``auto`` attention is flash-attention 2 on a
+    CUDA device in bf16/fp16 with flash_attn installed, sdpa otherwise (``llava.model.attention``).
+    """
+    from llava.model.attention import AttentionError, attention_here, use_attention
     from llava.model.load import ModelLoadError, load_model
 
     device = pick_device(local_rank)
     dtype = resolve_dtype(dtype_name, device)
     try:
-        model, processor = load_model(model_name, model_base, dtype=dtype, vision_tower=vision_tower)
-    except ModelLoadError as e:
+        attn = attention_here(attn_implementation, ordinary_masks=True, dtype=dtype, cuda=device.type == "cuda")
+        model, processor = load_model(model_name, model_base, dtype=dtype, vision_tower=vision_tower, attn_implementation=attn)
+        use_attention(model, attn)
+    except (ModelLoadError, AttentionError) as e:
         raise InferenceError(str(e), local=True)
     model.to(device)
     model.eval()

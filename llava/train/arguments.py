@@ -25,6 +25,7 @@ from llava.conversation import TEMPLATE_NAMES
 from llava.data.images import AspectRatio
 from llava.data.negatives import DIFFUSION_STEPS, ImageType
 from llava.method import CHOSEN, TERM_BY_FLAG, TERMS, term_weights
+from llava.model.attention import AttnImplementation  # auto | sdpa | eager | flash_attention_2
 from llava.train.losses import Aggregate
 
 # Each choice is typed once, here or in the module it belongs to; the parser shows and checks the
@@ -32,7 +33,6 @@ from llava.train.losses import Aggregate
 Task = Literal["LM", "DPO"]
 ReferenceMode = Literal["cached", "live", "adapters_off"]
 PreferenceForward = Literal["packed", "naive"]
-AttnImplementation = Literal["sdpa", "eager"]  # tree-packed rows need a kernel that takes a 4-D mask
 QuantType = Literal["nf4", "fp4"]
 LoraBias = Literal["none", "all", "lora_only"]
 ProjectorType = Literal["mlp2x_gelu", "linear"]
@@ -87,7 +87,9 @@ class ModelArguments:
     unfreeze_mm_vision_tower: bool | None = field(default=None, metadata={
         "help": "train the vision tower: unset, it trains (as in the released code, whatever its flags) except with "
                 "--tune_mm_mlp_adapter; False freezes it (paradigms a, b, c in the stages they freeze it)"})
-    attn_implementation: AttnImplementation = field(default="sdpa", metadata={"help": "sdpa or eager (tree-packed batches need a mask-aware kernel)"})
+    attn_implementation: AttnImplementation = field(default="auto", metadata={
+        "help": "auto: flash_attention_2 when flash_attn is installed, CUDA is present, the run is bf16/fp16 and its masks are "
+                "ordinary (SFT, --preference_forward naive), else sdpa; tree-packed preference rows need sdpa or eager"})
 
     def __post_init__(self):
         if self.mm_use_im_start_end:

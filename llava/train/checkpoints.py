@@ -12,9 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import secrets
 import shutil
+import socket
+import time
 from pathlib import Path
 
+import torch.distributed as dist
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -135,3 +140,57 @@ def epoch_sampler(loader):
         inner = getattr(node, "batch_sampler", None)
         node = inner if inner is not None else getattr(node, "sampler", None)
     return found
+
+
+# -- multi-node runs: one OUTPUT_DIR every node sees ------------------------------------------------
+
+SHARED_CHECK_SECONDS = 5.0  # how long a rank looks for rank 0's marker (a network file system may lag)
+
+
+def spans_nodes(env: dict) -> bool:
+    """Whether the launcher's world spans several nodes: more ranks in all than on this node.
+
+    torchrun says how many run here in ``LOCAL_WORLD_SIZE``; DeepSpeed's launcher (also with
+    ``--no_ssh --node_rank``) in ``LOCAL_SIZE``. With neither, the world may span nodes.
+    """
+    world = int(env.get("WORLD_SIZE") or 1)
+    local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE")
+    return world > 1 and (local is None or world > int(local))
+
+
+def check_output_dir_shared(output_dir: str | Path) -> None:
+    """Stop every rank, with one line, when the nodes do not share ``output_dir``.
+
+    The reference cache, the checkpoints and the final model are written once, by rank 0, and read
+    by every rank: a separate local directory per node cannot work. Rank 0 writes a marker named by
+    a random token, all ranks wait for it, each looks for it, and all learn whether any failed.
+    Call it once the process group is up; a single-node world returns at once.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or not spans_nodes(os.environ):
+        return
+    directory = Path(output_dir).resolve()
+    token = [None]
+    if dist.get_rank() == 0:
+        token[0] = secrets.token_hex(16)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f".shared-check-{token[0]}").write_text(token[0])
+    dist.broadcast_object_list(token, src=0)  # after rank 0's write: the marker exists once the token arrives
+    marker = directory / f".shared-check-{token[0]}"
+    deadline = time.monotonic() + SHARED_CHECK_SECONDS
+    while not (seen := _reads(marker, token[0])) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (seen, socket.gethostname()))
+    if dist.get_rank() == 0:
+        marker.unlink(missing_ok=True)
+    blind = [f"rank {rank} on {host}" for rank, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise FileNotFoundError(f"OUTPUT_DIR {directory} is not shared between the nodes ({', '.join(blind)} cannot see "
+                                "the file rank 0 wrote there): multi-node runs need a shared file system (docs/README)")
+
+
+def _reads(marker: Path, token: str) -> bool:
+    try:
+        return marker.read_text() == token
+    except OSError:
+        return False

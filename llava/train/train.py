@@ -31,12 +31,13 @@ from llava.data.datasets import PreferenceDataset, SFTDataset
 from llava.data.images import ImageProcessor, image_path, missing_images
 from llava.data.records import DataError, read_records
 from llava.data.show import render_text, sequences_of
+from llava.model.attention import attention_here, use_attention
 from llava.model.chat_template import set_chat_template
 from llava.model.hub import dataset_fingerprint
 from llava.model.load import ModelLoadError, checkpoint_kind, compose, load_model, resolve_hub_arguments, save_model
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
-from llava.train.checkpoints import (AUTO, ReplayEpochOrder, ResumeError, SaveAtEpochEnd, copy_final_model, resolve_resume,
-                                     steps_done)
+from llava.train.checkpoints import (AUTO, ReplayEpochOrder, ResumeError, SaveAtEpochEnd, check_output_dir_shared,
+                                     copy_final_model, resolve_resume, steps_done)
 from llava.train.model_card import CardFacts, release_generation_config, write_model_card
 from llava.train.params import Trainable, apply_lora, quantization, set_trainable
 from llava.train.policy import ResponseLogps
@@ -54,9 +55,17 @@ def model_dtype(args: TrainingArguments) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
+def attention_for(model_args: ModelArguments, args: TrainingArguments) -> str:
+    """The attention kernel of this run's models: flash-attention 2 only where the masks are ordinary
+    (SFT, the naive preference forward), never for tree-packed preference rows (a 4-D mask)."""
+    ordinary = args.task == "LM" or args.preference_forward == "naive"
+    return attention_here(model_args.attn_implementation, ordinary_masks=ordinary, dtype=model_dtype(args))
+
+
 def build_model(model_args: ModelArguments, args: TrainingArguments):
     """``(llava, processor)`` from ``--model_name_or_path`` (and ``--vision_tower`` to compose)."""
     path = model_args.model_name_or_path
+    attn = attention_for(model_args, args)
     kind = checkpoint_kind(path)
     quantized = quantization(args.bits, quant_type=args.quant_type, double_quant=args.double_quant, compute_dtype=model_dtype(args),
                              device=args.device) if args.bits in (4, 8) else None
@@ -71,8 +80,9 @@ def build_model(model_args: ModelArguments, args: TrainingArguments):
     else:
         if model_args.vision_tower and kind == "hf":
             logger.info("%s has its own vision tower; --vision_tower %s is not used", path, model_args.vision_tower)
-        model, processor = load_model(path, dtype=model_dtype(args), attn_implementation=model_args.attn_implementation,
+        model, processor = load_model(path, dtype=model_dtype(args), attn_implementation=attn,
                                       vision_tower=model_args.vision_tower if kind == "original" else None, quantization=quantized)
+    use_attention(model, attn)  # composed and converted models are built with the default kernel
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
     return model, processor
@@ -197,6 +207,8 @@ def prepare(argv: list[str] | None = None) -> LlavaTrainer:
     argv = sys.argv[1:] if argv is None else list(argv)  # the model card records the command as given
     model_args, data_args, args = parse_args(argv)
     check_eval_flags(data_args, args)
+    # "auto" becomes the kernel that runs, so the model card and the reference cache's key name it
+    model_args.attn_implementation = attention_for(model_args, args)
     resolve_hub_arguments(model_args)
     if args.deepspeed:
         minutes = float(os.environ.get("STALE_LOCK_MINUTES", 10))
@@ -210,6 +222,7 @@ def prepare(argv: list[str] | None = None) -> LlavaTrainer:
         import deepspeed
 
         deepspeed.init_distributed()  # joins the process group the Trainer's arguments created
+    check_output_dir_shared(args.output_dir)  # multi-node: before any model loads, every node must see OUTPUT_DIR
     objective = make_objective(args)
     conditions = objective.conditions
     trainable = Trainable.from_flags(tune_mm_mlp_adapter=model_args.tune_mm_mlp_adapter,

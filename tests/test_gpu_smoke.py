@@ -1,0 +1,86 @@
+"""scripts/gpu_smoke.sh without a GPU: its dry run (GPU_SMOKE_DRY=1) prints each stage's command, runs none."""
+
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_scripts import REPO
+
+STAGES = ["build", "sft", "mcmdpo_zero2", "mcmdpo_zero3", "inference", "scores"]
+
+
+@pytest.fixture(scope="module")
+def dry(tmp_path_factory):
+    caller = tmp_path_factory.mktemp("caller")
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NUM_GPUS", "HOSTFILE", "ZERO")}
+    result = subprocess.run(["bash", str(REPO / "scripts/gpu_smoke.sh")], cwd=caller, capture_output=True, text=True,
+                            timeout=300, env={**env, "GPU_SMOKE_DRY": "1", "PYTHON": sys.executable, "SMOKE_DIR": "smoke",
+                                              "STEPS": "3"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    commands = {}
+    for line in result.stdout.splitlines():
+        stage, _, command = line.partition(": ")
+        commands[stage.removeprefix("DRY ")] = shlex.split(command)
+    return caller, list(commands), commands
+
+
+def flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+def test_stages_in_order_and_nothing_built(dry):
+    caller, order, _ = dry
+    assert order == STAGES
+    assert not (caller / "smoke").exists()  # the work directory (relative to the caller) is not even created
+
+
+def test_the_model_is_the_benchmarks_1b_built_on_the_gpu(dry):
+    caller, _, commands = dry
+    code, out = commands["build"][2], commands["build"][3]
+    assert "from bench_step import PRESETS, write_checkpoint" in code and "PRESETS['gpu1b']" in code
+    assert "'cuda', torch.bfloat16" in code
+    assert out == str(caller / "smoke" / "base")
+
+
+def test_the_gpu1b_preset_is_about_a_billion_parameters():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from bench_step import PRESETS, param_counts
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from llava.model.tiny import build
+
+    model, _ = build("llava", 0, PRESETS["gpu1b"], device="meta")
+    assert 0.9e9 < param_counts(model)["total"] < 1.3e9
+    assert PRESETS["gpu1b"].image_tokens == 576
+
+
+@pytest.mark.parametrize("stage, zero, task, model", [
+    ("sft", "zero2", "LM", "base"), ("mcmdpo_zero2", "zero2", "DPO", "sft"), ("mcmdpo_zero3", "zero3", "DPO", "sft"),
+])
+def test_training_stages(dry, stage, zero, task, model):
+    caller, _, commands = dry
+    argv = commands[stage]
+    assert os.path.basename(argv[0]) == "deepspeed" and flag(argv, "--num_gpus") == "1"
+    assert flag(argv, "--deepspeed") == str(REPO / "scripts" / f"{zero}.json")
+    assert flag(argv, "--bf16") == "True" and flag(argv, "--task") == task
+    assert flag(argv, "--model_name_or_path") == str(caller / "smoke" / model)
+    assert flag(argv, "--output_dir") == str(caller / "smoke" / stage)
+    assert flag(argv, "--image_folder") == str(REPO / "data" / "sample")
+    assert argv[argv.index("--max_steps") + 1] == "3"
+    assert argv[len(argv) - 1 - argv[::-1].index("--save_strategy") + 1] == "no"  # the last one wins
+    assert "--resume_from_checkpoint" not in argv  # a rerun starts afresh
+    if task == "DPO":
+        assert flag(argv, "--use_cross_modal_loss") == "True"
+        assert "--reference_mode" not in argv and "--offline_ref_logits" not in argv  # the cached reference, in output_dir
+
+
+def test_inference_reads_the_zero3_model_and_scores_its_output(dry):
+    caller, _, commands = dry
+    infer, score = commands["inference"], commands["scores"]
+    assert infer[1] == str(REPO / "mcmdpo_inference.py") and score[1] == str(REPO / "get_score.py")
+    assert flag(infer, "--model_name") == str(caller / "smoke" / "mcmdpo_zero3")
+    assert flag(score, "--file") == flag(infer, "--eval_output")
