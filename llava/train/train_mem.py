@@ -1,7 +1,7 @@
 """The released scripts' entry point, ``deepspeed llava/train/train_mem.py ...``: the same trainer as ``train.py``.
 
 LLaVA's ``train_mem.py`` is ``train.py`` with FlashAttention-2. Here the attention kernel is
-``--attn_implementation`` (sdpa by default: tree-packed batches need a kernel that takes a mask),
+``--attn_implementation`` (auto by default (llava.model.attention): tree-packed batches need a kernel that takes a mask),
 so both names run the same code and a released command line runs unchanged.
 """
 
