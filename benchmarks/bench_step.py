@@ -192,7 +192,7 @@ def mcm_objective():
     from llava.method import TERMS, term_weights
     from llava.train.losses import MCMObjective
 
-    weights = term_weights(7, {TERM_FLAGS[t]: w for t, w in DEFAULT_WEIGHTS.items()})
+    weights = term_weights(7, {t.flag: t.default_weight for t in TERMS})
     return MCMObjective(weights, norm=2.8, beta=BETA)
 
 

@@ -254,7 +254,8 @@ def resolve_hub_arguments(model_args) -> None:
 
     model_args.model_name_or_path = str(resolve(model_args.model_name_or_path, getattr(model_args, "model_revision", None),
                                                 what="--model_name_or_path"))
-    if model_args.vision_tower:
+    if model_args.vision_tower and checkpoint_kind(model_args.model_name_or_path) != "hf":
+        # an HF-format LLaVA brings its own tower: the released scripts' hub name is then not fetched
         model_args.vision_tower = str(resolve(model_args.vision_tower, what="--vision_tower"))
     if model_args.pretrain_mm_mlp_adapter:
         try:
