@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 from llava.eval import metrics as M
 from llava.eval import score as S
+from llava.fileio import write_atomic
 
 THUMB_PX = 160
 
@@ -376,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        S.atomic_write_text(out, page)
+        write_atomic(out, page)
     except S.InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
