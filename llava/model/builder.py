@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.data.collate import stack_tiles
 from llava.model.forward import image_features, is_llava_next, unwrap
 from llava.model.load import ModelLoadError, checkpoint_kind, load_model, lora_base, resolve
 
@@ -166,11 +167,7 @@ class LlavaCompatModel:
             if all(im.dim() == 3 for im in images):
                 return torch.stack(images), "views"
             if all(im.dim() == 4 for im in images):
-                most = max(im.shape[0] for im in images)
-                out = images[0].new_zeros(len(images), most, *images[0].shape[1:])
-                for i, im in enumerate(images):
-                    out[i, : im.shape[0]] = im
-                return out, "tiles"
+                return stack_tiles(images), "tiles"
             raise ValueError("images: a list of [3, S, S] or of [patches, 3, S, S] tensors")
         if images.dim() == 3:
             return images.unsqueeze(0), "views"
