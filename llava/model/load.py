@@ -148,15 +148,41 @@ def add_llava_tokens(tokenizer) -> None:
         tokenizer.add_special_tokens(extra)
 
 
+def grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """``weight`` with rows appended up to ``rows``, each the mean of the existing rows (computed in float32):
+    new tokens start where the old ones are on average, so the logits of the old tokens do not change."""
+    extra = rows - weight.shape[0]
+    if extra <= 0:
+        return weight
+    mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)
+    return torch.cat([weight, mean.expand(extra, -1)], dim=0)
+
+
 def _grow_embeddings(model, size: int) -> None:
-    """Resize input/output embeddings to ``size`` rows, new rows = mean of the old (logits of old tokens unchanged)."""
+    """Resize input/output embeddings to ``size`` rows, new rows = mean of the old (``grow_rows``)."""
     old = model.get_input_embeddings().weight.shape[0]
     if size <= old:
         return
     model.resize_token_embeddings(size, mean_resizing=False)
     with torch.no_grad():
         for emb in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
-            emb[old:] = emb[:old].mean(0, keepdim=True)
+            emb.copy_(grow_rows(emb[:old], size))
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    """A torch dtype from a dtype or its name (``float16``, ``torch.bfloat16``, ``bf16``, ``half``...); None
+    for None or ``auto`` (the checkpoint's own)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+    name = aliases.get(name, name)
+    if name == "auto":
+        return None
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return value
 
 
 # Settings of a CLIP preprocessor_config.json that the image processors take.

@@ -80,7 +80,8 @@ import torch
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.model.hub import HubError, is_repo_id, local_dir, snapshot
-from llava.model.load import add_llava_tokens, clip_image_settings, llava_processor, set_generation_tokens
+from llava.model.load import (add_llava_tokens, clip_image_settings, grow_rows, llava_processor, parse_dtype, save_model,
+                              set_generation_tokens)
 
 logger = logging.getLogger(__name__)
 
@@ -363,15 +364,6 @@ def _prepare_tokenizer(path: Path, cfg: dict):
     return tok
 
 
-def _grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """Append rows equal to the mean of the existing rows (computed in float32)."""
-    extra = rows - weight.shape[0]
-    if extra <= 0:
-        return weight
-    mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)
-    return torch.cat([weight, mean.expand(extra, -1)], dim=0)
-
-
 def _text_config(cfg: dict, vocab_size: int, tok):
     from transformers import LlamaConfig
 
@@ -410,20 +402,6 @@ def _check_against(expected: dict[str, torch.Size], sd: dict[str, torch.Tensor],
         raise ValueError(f"{what}: " + "; ".join(parts))
 
 
-def _parse_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).replace("torch.", "")
-    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
-    name = aliases.get(name, name)
-    if name == "auto":
-        return None
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return value
-
-
 def load_original(
     path: str | Path,
     vision_tower: str | Path | None = None,
@@ -459,7 +437,7 @@ def load_original(
     sd = _load_original_weights(path)
     if "model.embed_tokens.weight" not in sd:
         raise ValueError(f"{path} has no model.embed_tokens.weight: not a full LLaVA checkpoint")
-    target_dtype = _parse_dtype(dtype) or sd["model.embed_tokens.weight"].dtype
+    target_dtype = parse_dtype(dtype) or sd["model.embed_tokens.weight"].dtype
 
     # Vision tower: weights inside the checkpoint win; the CLIP directory gives config + image settings.
     inside = any(k.startswith(ORIGINAL_VISION) for k in sd)
@@ -504,7 +482,7 @@ def load_original(
             logger.info("dropping model.image_newline: unused with image_aspect_ratio %r", ratio)
             continue
         name = to_hf_key(key) or key  # a name the map does not know is reported as unexpected below
-        hf[name] = _grow_rows(value, vocab) if name in (embed, "lm_head.weight") else value
+        hf[name] = grow_rows(value, vocab) if name in (embed, "lm_head.weight") else value
     hf.update(projector_to_hf(sd, projector, text_config.hidden_size))
     if "lm_head.weight" not in hf and text_config.tie_word_embeddings:
         hf["lm_head.weight"] = hf[embed]
@@ -561,10 +539,7 @@ def original_to_hf(
 ) -> Path:
     """Convert an original-format checkpoint to an HF directory (``save_pretrained`` of model and processor)."""
     model, processor = load_original(path, vision_tower=vision_tower, dtype=dtype, image_aspect_ratio=image_aspect_ratio)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    out = save_model(model, processor, out_dir)
     copy_sentencepiece(local_dir(path, what="checkpoint"), out)
     return out
 
