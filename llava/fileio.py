@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, BinaryIO
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 
 @dataclass(frozen=True)
