@@ -25,6 +25,7 @@ from transformers import StoppingCriteria
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import tokenize_with_images
+from llava.data.collate import stack_tiles
 from llava.data.images import ImageProcessor, expand_to_square
 
 __all__ = ["tokenizer_image_token", "process_images", "get_model_name_from_path", "expand2square",
@@ -83,12 +84,7 @@ def process_images(images, image_processor, model_cfg):
     if ratio == "anyres":
         if not hasattr(ip, "image_grid_pinpoints"):
             raise ValueError("image_aspect_ratio 'anyres' needs a LLaVA-NeXT image processor (with image_grid_pinpoints)")
-        tiles = [ip(images=[im.convert("RGB")], return_tensors="pt")["pixel_values"][0] for im in images]
-        most = max(t.shape[0] for t in tiles)
-        out = tiles[0].new_zeros(len(tiles), most, *tiles[0].shape[1:])
-        for i, t in enumerate(tiles):
-            out[i, : t.shape[0]] = t
-        return out
+        return stack_tiles([ip(images=[im.convert("RGB")], return_tensors="pt")["pixel_values"][0] for im in images])
     vision = getattr(model_cfg, "vision_config", None)
     patch = getattr(vision, "patch_size", None) or 14
     views = ImageProcessor(SimpleNamespace(image_processor=ip, patch_size=patch), ratio)

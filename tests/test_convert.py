@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 
 from llava.model import convert as C
+from llava.model import original_layout as O
 
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 
@@ -50,7 +51,7 @@ def load_hf(path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     arch = json.loads((Path(path) / "config.json").read_text())["architectures"][0]
-    cls = LlavaNextForConditionalGeneration if arch == C.LLAVA_NEXT else LlavaForConditionalGeneration
+    cls = LlavaNextForConditionalGeneration if arch == O.LLAVA_NEXT else LlavaForConditionalGeneration
     return cls.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
 
 
@@ -76,15 +77,15 @@ def assert_same_outputs(ref, got):
 @pytest.mark.parametrize(
     "cfg, expected",
     [
-        (V15_CONFIG, C.LLAVA),
-        (V16_CONFIG, C.LLAVA_NEXT),
-        ({**V16_CONFIG, "image_aspect_ratio": "pad"}, C.LLAVA),  # v1.6 used with one 336 view (MCM-DPO)
-        ({"image_aspect_ratio": "square", "mm_patch_merge_type": "flat"}, C.LLAVA),
-        ({}, C.LLAVA),  # the original code's defaults: square, flat
+        (V15_CONFIG, O.LLAVA),
+        (V16_CONFIG, O.LLAVA_NEXT),
+        ({**V16_CONFIG, "image_aspect_ratio": "pad"}, O.LLAVA),  # v1.6 used with one 336 view (MCM-DPO)
+        ({"image_aspect_ratio": "square", "mm_patch_merge_type": "flat"}, O.LLAVA),
+        ({}, O.LLAVA),  # the original code's defaults: square, flat
     ],
 )
 def test_target_architecture(cfg, expected):
-    assert C.target_architecture(cfg) == expected
+    assert O.target_architecture(cfg) == expected
 
 
 @pytest.mark.parametrize(
@@ -98,7 +99,7 @@ def test_target_architecture(cfg, expected):
 )
 def test_target_architecture_rejects(cfg, match):
     with pytest.raises(ValueError, match=match):
-        C.target_architecture(cfg)
+        O.target_architecture(cfg)
 
 
 # ------------------------------------------------------------------------------------------------ HF -> original -> HF
@@ -110,7 +111,7 @@ def test_round_trip_is_exact(arch, tiny_llava_dir, tiny_next_dir, tmp_path):
     orig = C.hf_to_original(src, tmp_path / "orig")
 
     # The original layout.
-    assert C.is_original_format(orig) and not C.is_original_format(src)
+    assert O.is_original_format(orig) and not O.is_original_format(src)
     cfg = json.loads((orig / "config.json").read_text())
     assert cfg["architectures"] == ["LlavaLlamaForCausalLM"] and "text_config" not in cfg
     assert cfg["mm_projector_type"] == "mlp2x_gelu" and cfg["mm_vision_select_layer"] == -2
@@ -133,7 +134,7 @@ def test_round_trip_is_exact(arch, tiny_llava_dir, tiny_next_dir, tmp_path):
     assert Path(cfg["mm_vision_tower"]) == (orig / "vision_tower").resolve()
 
     # And back: identical inputs and logits.
-    hf = C.original_to_hf(orig, tmp_path / "hf")
+    hf = O.original_to_hf(orig, tmp_path / "hf")
     assert_same_outputs(logits(*load_hf(src)), logits(*load_hf(hf)))
 
 
@@ -150,10 +151,10 @@ def test_round_trip_with_separate_vision_tower(tiny_next_dir, tmp_path):
     assert json.loads((side / "preprocessor_config.json").read_text())["crop_size"] == {"height": 56, "width": 56}
 
     reference = logits(*load_hf(tiny_next_dir))
-    assert_same_outputs(reference, logits(*C.load_original(orig)))
+    assert_same_outputs(reference, logits(*O.load_original(orig)))
     # Moved elsewhere, the absolute mm_vision_tower breaks: the vision_tower/ folder inside is used.
     moved = shutil.move(str(orig), str(tmp_path / "moved"))
-    assert_same_outputs(reference, logits(*C.load_original(moved)))
+    assert_same_outputs(reference, logits(*O.load_original(moved)))
 
 
 def test_cli_round_trip(tiny_llava_dir, tmp_path, capsys):
@@ -163,7 +164,7 @@ def test_cli_round_trip(tiny_llava_dir, tmp_path, capsys):
     assert run.returncode == 0 and "--vision_tower" in run.stdout, run.stderr[-2000:]
     # ... and the same entry point converts both ways.
     C.main(["to-original", "--src", str(tiny_llava_dir), "--out", str(tmp_path / "orig"), "--separate_vision_tower"])
-    assert C.is_original_format(tmp_path / "orig")
+    assert O.is_original_format(tmp_path / "orig")
     C.main(["to-hf", "--src", str(tmp_path / "orig"), "--out", str(tmp_path / "hf"),
             "--vision_tower", str(tmp_path / "orig" / "vision_tower"), "--dtype", "float32"])
     assert "wrote" in capsys.readouterr().out
@@ -174,7 +175,7 @@ def test_v16_checkpoint_used_with_pad_maps_to_llava(tiny_next_dir, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     orig = C.hf_to_original(tiny_next_dir, tmp_path / "orig")
-    model, processor = C.load_original(orig, image_aspect_ratio="pad")
+    model, processor = O.load_original(orig, image_aspect_ratio="pad")
     assert type(model) is LlavaForConditionalGeneration
     assert type(processor.image_processor).__name__ == "LlavaImageProcessorPil" and processor.image_processor.do_pad
     next_model, _ = load_hf(tiny_next_dir)
@@ -303,8 +304,8 @@ def test_release_like_checkpoint_matches_original_semantics(projector, feature, 
     from transformers import LlavaForConditionalGeneration
 
     ckpt, clip = _release_like(tmp_path, projector, feature)
-    assert C.is_original_format(ckpt)
-    model, processor = C.load_original(ckpt, dtype=torch.float32)
+    assert O.is_original_format(ckpt)
+    model, processor = O.load_original(ckpt, dtype=torch.float32)
     assert type(model) is LlavaForConditionalGeneration
     assert type(processor.image_processor).__name__ == "LlavaImageProcessorPil" and processor.image_processor.do_pad
     tok = processor.tokenizer
@@ -328,7 +329,7 @@ def test_release_like_checkpoint_matches_original_semantics(projector, feature, 
     torch.testing.assert_close(got[..., :400], ref, rtol=0, atol=1e-5)
 
     # Stored dtype by default; exporting again gives back the original projector type and weights.
-    assert C.load_original(ckpt)[0].dtype == torch.float16
+    assert O.load_original(ckpt)[0].dtype == torch.float16
     out = C.hf_to_original((model, processor), tmp_path / "again", include_vision_tower=False)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["mm_projector_type"] == projector and cfg["image_aspect_ratio"] == "pad"
@@ -339,7 +340,7 @@ def test_release_like_checkpoint_matches_original_semantics(projector, feature, 
         assert set(names) <= set(fh.keys())
         for name in names:
             assert torch.equal(fh.get_tensor(name), old[name].float())
-    again, again_processor = C.load_original(out)
+    again, again_processor = O.load_original(out)
     assert_same_outputs((got, inputs), logits(again, again_processor, image))
 
 
@@ -360,32 +361,32 @@ def test_clear_errors(tmp_path, tiny_llava_dir):
     # A hub id with no local copy: never downloaded, the message says what to pass.
     hub = _variant(ckpt, tmp_path / "hub", mm_vision_tower="no-such-org/clip-vit-mini-336")
     with pytest.raises(FileNotFoundError, match="vision_tower="):
-        C.load_original(hub)
-    model, _ = C.load_original(hub, vision_tower=clip)  # ... and the override fixes it
+        O.load_original(hub)
+    model, _ = O.load_original(hub, vision_tower=clip)  # ... and the override fixes it
     assert model.config.vision_config.image_size == 56
     with pytest.raises(FileNotFoundError, match="not a local CLIP directory"):
-        C.load_original(hub, vision_tower=tmp_path / "nowhere")
+        O.load_original(hub, vision_tower=tmp_path / "nowhere")
 
     for projector in ("mlp3x_gelu", "identity"):
         bad = _variant(ckpt, tmp_path / projector, mm_projector_type=projector)
         with pytest.raises(ValueError, match="unsupported mm_projector_type"):
-            C.load_original(bad)
+            O.load_original(bad)
     with pytest.raises(ValueError, match="mm_use_im_start_end"):
-        C.load_original(_variant(ckpt, tmp_path / "startend", mm_use_im_start_end=True))
+        O.load_original(_variant(ckpt, tmp_path / "startend", mm_use_im_start_end=True))
     with pytest.raises(ValueError, match="spatial_unpad"):
-        C.load_original(_variant(ckpt, tmp_path / "anyres", image_aspect_ratio="anyres"))
+        O.load_original(_variant(ckpt, tmp_path / "anyres", image_aspect_ratio="anyres"))
     mistral = _variant(ckpt, tmp_path / "mistral", architectures=["LlavaMistralForCausalLM"])
-    assert C.is_original_format(mistral)
+    assert O.is_original_format(mistral)
     with pytest.raises(ValueError, match="only LlavaLlamaForCausalLM"):
-        C.load_original(mistral)
+        O.load_original(mistral)
 
     # Not original-format: an HF directory, an empty one.
-    assert not C.is_original_format(tiny_llava_dir) and not C.is_original_format(tmp_path / "missing")
+    assert not O.is_original_format(tiny_llava_dir) and not O.is_original_format(tmp_path / "missing")
     with pytest.raises(ValueError, match="not an original-format"):
-        C.load_original(tiny_llava_dir)
+        O.load_original(tiny_llava_dir)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not an original-format"):
-        C.original_to_hf(tmp_path / "empty", tmp_path / "out")
+        O.original_to_hf(tmp_path / "empty", tmp_path / "out")
     with pytest.raises(ValueError, match="already in the original"):
         C.hf_to_original(ckpt, tmp_path / "out2")
 
@@ -394,13 +395,32 @@ def test_standard_openai_tower_is_named_not_copied():
     from transformers import CLIPVisionConfig
 
     name = "openai/clip-vit-large-patch14-336"
-    config = CLIPVisionConfig(**C.KNOWN_CLIP_TOWERS[name])
+    config = CLIPVisionConfig(**O.KNOWN_CLIP_TOWERS[name])
     pre = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}, "resample": 3,
            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
     assert C._standard_tower(config, pre) == name
     assert C._standard_tower(config, {**pre, "size": {"shortest_edge": 224}}) is None
-    assert C._standard_tower(CLIPVisionConfig(**{**C.KNOWN_CLIP_TOWERS[name], "num_hidden_layers": 2}), pre) is None
+    assert C._standard_tower(CLIPVisionConfig(**{**O.KNOWN_CLIP_TOWERS[name], "num_hidden_layers": 2}), pre) is None
     # With the tower weights inside the checkpoint (v1.6), a known hub id needs no download for its config.
-    assert C._vision_config(None, name, has_inside_weights=True).image_size == 336
+    assert O._vision_config(None, name, has_inside_weights=True).image_size == 336
     with pytest.raises(FileNotFoundError, match="vision_tower="):
-        C._vision_config(None, name, has_inside_weights=False)
+        O._vision_config(None, name, has_inside_weights=False)
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_next"])
+def test_one_key_map_serves_both_directions(arch):
+    """Every weight of the native classes has an original name, and the map read backwards gives the name back."""
+    from llava.model.tiny import build
+
+    model, _ = build(arch, size="tiny", device="meta")
+    for key in model.state_dict():
+        original = O.to_original_key(key)
+        assert original is not None, key
+        assert O.to_hf_key(original) == key
+    # The released names, written out by hand (liuhaotian/llava-v1.5-7b, llava-v1.6 with its tower inside).
+    assert O.to_hf_key("model.layers.31.mlp.up_proj.weight") == "model.language_model.layers.31.mlp.up_proj.weight"
+    assert O.to_hf_key("model.mm_projector.2.bias") == "model.multi_modal_projector.linear_2.bias"
+    assert (O.to_original_key("model.vision_tower.encoder.layers.0.mlp.fc1.weight")
+            == "model.vision_tower.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight")
+    # The one-layer `linear` projector has no row: its conversion adds or folds the second layer.
+    assert O.to_hf_key("model.mm_projector.weight") is None

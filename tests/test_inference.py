@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from llava.eval import inference as I
+from llava.eval import output_file as O
 from llava.eval.generate import build_prompt, generate_ids, left_pad, strip_response
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,25 +99,25 @@ def test_prompt_ids_are_training_ids(tiny_llava_dir):
 
 def test_match_lines_identity():
     """idx identity, position identity with duplicate records, error rows superseded, orphans refused."""
-    items = I.load_items([FIX / "noidx.json", FIX / "test.jsonl"])
+    items = O.load_items([FIX / "noidx.json", FIX / "test.jsonl"])
     assert [it.key for it in items[:4]] == [0, 1, 2, 3]  # no idx: positions
     assert [it.key for it in items[4:6]] == [100, 101]  # idx
     dup_a, dup_b = items[0], items[3]
     assert dup_a.signature == dup_b.signature
-    line = lambda it, **r: I.Line(Path("o"), 0, b"", dict(it.record.output_fields(), **r))  # noqa: E731
+    line = lambda it, **r: O.Line(Path("o"), 0, b"", dict(it.record.output_fields(), **r))  # noqa: E731
     lines = [line(items[5], response="b"), line(dup_a, error="gone"), line(dup_a, response="a"),
              line(items[4], response="x"), line(items[4], response="x again")]
-    m = I.match_lines(items, lines)
+    m = O.match_lines(items, lines)
     assert m.best[0].fields["response"] == "a"  # a response wins over an error row
     assert m.best[3].fields["error"] == "gone"  # the twin of record 0 holds the error row ...
     assert m.done() == {0, 4, 5}  # ... which is redone
     assert m.dropped == 1 and not m.clean_in_order
-    ordered = [I.Line(Path("o"), n, b"", dict(it.record.output_fields(), response="r")) for n, it in enumerate(items)]
-    assert I.match_lines(items, ordered).clean_in_order
-    assert not I.match_lines(items, ordered[::-1]).clean_in_order
-    stranger = I.Line(Path("o"), 7, b"", {"idx": 1, "question": "?", "response": "r"})
-    with pytest.raises(I.InferenceError, match="line 7: matches no record"):
-        I.match_lines(items, [stranger])
+    ordered = [O.Line(Path("o"), n, b"", dict(it.record.output_fields(), response="r")) for n, it in enumerate(items)]
+    assert O.match_lines(items, ordered).clean_in_order
+    assert not O.match_lines(items, ordered[::-1]).clean_in_order
+    stranger = O.Line(Path("o"), 7, b"", {"idx": 1, "question": "?", "response": "r"})
+    with pytest.raises(O.InferenceError, match="line 7: matches no record"):
+        O.match_lines(items, [stranger])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +230,7 @@ def test_complete_output_is_left_alone_and_error_rows_retried(tiny_llava_dir, re
 
     lines = reference.read_bytes().splitlines(keepends=True)
     error_row = {k: v for k, v in json.loads(lines[2]).items() if k != "response"} | {"error": "image file not found: x"}
-    lines[2] = I.dumps_line(error_row)
+    lines[2] = O.dumps_line(error_row)
     out.write_bytes(b"".join(lines))
     run_main(tiny_llava_dir, [FIX / "test.jsonl", FIX / "pope.jsonl"], out, *KILL_ARGS)
     assert out.read_bytes() == reference.read_bytes()  # the error row was redone and replaced

@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -139,6 +140,82 @@ def test_names_must_match_files(tmp_path, capsys):
     assert exc.value.code == 2
     assert "--names has 2 names for 1 files" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+
+
+# ----------------------------------------------------------------------------
+# The scores get_score.py wrote are read, not computed again
+
+
+def write_saved_scores(folder: Path, file: Path, recorded: str, cider: float) -> None:
+    """scores.json and <name>_score.jsonl as get_score.py writes them, with a CIDEr no scorer would give."""
+    records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    good = [r for r in records if not r.get("error")]
+    row = {**dict.fromkeys(S.ROW_KEYS), "file": recorded, "kind": "caption", "n": len(good),
+           "errors": len(records) - len(good), "bad_lines": 0, "duplicate_idx": 0, "coco_CIDEr": cider}
+    per_sample = [{**r, **dict.fromkeys(S.SAMPLE_KEYS_CAPTION), "coco_Bleu_4": 12.5} for r in records]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "scores.json").write_text(json.dumps([row]))
+    S.per_sample_path(file, folder).write_text("".join(json.dumps(r) + "\n" for r in per_sample))
+
+
+def refuse_to_score(paths, **kwargs):
+    raise AssertionError(f"scored again: {paths}")
+
+
+def test_report_reads_the_scores_get_score_wrote_beside_the_file(tmp_path, monkeypatch, capsys):
+    file = tmp_path / "sft.jsonl"
+    shutil.copy(FIX / "sft.jsonl", file)
+    write_saved_scores(tmp_path, file, "elsewhere/sft.jsonl", cider=987.65)  # scored from another folder
+    monkeypatch.setattr(S, "score_files", refuse_to_score)
+    out = tmp_path / "r.html"
+    assert R.main(["--files", str(file), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert '<td class="num">987.65</td>' in page
+    assert "COCO BLEU-4 12.50" in page
+    assert f"{file}: using the scores get_score.py wrote ({tmp_path / 'sft_score.jsonl'})" in capsys.readouterr().err
+
+
+def test_saved_scores_in_a_given_folder_and_when_they_are_stale(tmp_path, monkeypatch):
+    files = [tmp_path / name for name in FILES[:2]]
+    for f in files:
+        shutil.copy(FIX / f.name, f)
+    write_saved_scores(tmp_path / "scores", files[0], str(files[0]), cider=1.5)
+    assert R.saved_scores(files[0]) is None  # nothing beside the file
+    row, samples = R.saved_scores(files[0], tmp_path / "scores")
+    assert (row["file"], row["coco_CIDEr"], len(samples)) == (str(files[0]), 1.5, N_RECORDS)
+    assert samples[0]["coco_Bleu_4"] == 12.5 and samples[0]["idx"] == 101
+
+    # dpo.jsonl has no saved scores: it alone is scored, and the rows keep the order of the files
+    calls = []
+
+    def score_files(paths, **kwargs):
+        calls.append(list(paths))
+        return [{"file": paths[0], "kind": "caption"}], [["scored"]], None
+
+    monkeypatch.setattr(S, "score_files", score_files)
+    rows, samples = R.scores_for([str(f) for f in files], tmp_path / "scores", warn=lambda m: None)
+    assert calls == [[str(files[1])]]
+    assert rows[0]["coco_CIDEr"] == 1.5 and rows[1] == {"file": str(files[1]), "kind": "caption"}
+    assert samples[1] == ["scored"]
+
+    # the input rewritten after scoring: its saved scores are stale
+    stamp = (tmp_path / "scores" / "scores.json").stat().st_mtime
+    os.utime(files[0], (stamp + 10, stamp + 10))
+    assert R.saved_scores(files[0], tmp_path / "scores") is None
+    # a per-sample file that does not hold one line per record is not used either
+    os.utime(files[0], (stamp - 10, stamp - 10))
+    per_sample = S.per_sample_path(files[0], tmp_path / "scores")
+    per_sample.write_text("".join(per_sample.read_text().splitlines(keepends=True)[:-1]))
+    assert R.saved_scores(files[0], tmp_path / "scores") is None
+
+
+@needs_java
+def test_saved_scores_equal_scoring_again(built):
+    root, _ = built
+    files = [str(root / name) for name in FILES]
+    rows, samples = R.scores_for(files, root / "scores", warn=lambda m: None)
+    scored_rows, scored_samples, _ = S.score_files(files)
+    assert rows == scored_rows and samples == scored_samples
 
 
 def find_chromium() -> str | None:

@@ -80,16 +80,24 @@ class _Row:
         return self.add([image_token_id] * image.num_tokens, parent)
 
 
+def stack_tiles(tiles: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[N, P, 3, S, S]`` from N anyres images' ``[patches, 3, S, S]``, zero-padded to the most patches
+    (the native LLaVA-NeXT classes read each image's real count from its ``image_sizes``)."""
+    most = max(t.shape[0] for t in tiles)
+    out = tiles[0].new_zeros(len(tiles), most, *tiles[0].shape[1:])
+    for i, t in enumerate(tiles):
+        out[i, : t.shape[0]] = t
+    return out
+
+
 def stack_images(images: Sequence[ProcessedImage]) -> dict[str, torch.Tensor]:
     """``pixel_values`` ``[N, 3, S, S]``, or ``[N, P, 3, S, S]`` with ``image_sizes`` for multi-crop."""
     if not images:
         return {}
     pix = [im.pixel_values for im in images]
-    if pix[0].dim() == 4:  # anyres: [patches, 3, S, S], padded to the most patches in the batch
-        most = max(p.shape[0] for p in pix)
-        pix = [torch.cat([p, p.new_zeros(most - p.shape[0], *p.shape[1:])]) for p in pix]
+    if pix[0].dim() == 4:  # anyres: [patches, 3, S, S]
         sizes = torch.tensor([im.image_size for im in images], dtype=torch.long)
-        return {"pixel_values": torch.stack(pix), "image_sizes": sizes}
+        return {"pixel_values": stack_tiles(pix), "image_sizes": sizes}
     return {"pixel_values": torch.stack(pix)}
 
 

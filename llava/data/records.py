@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.fileio import iter_jsonl
 
 TASKS = ("sft", "preference", "test")
 
@@ -133,8 +134,9 @@ def iter_rows(path: str | Path) -> Iterator[tuple[int, int | None, dict | DataPr
 def _iter_json(path: Path) -> Iterator[tuple[int, int | None, dict | DataProblem]]:
     name = str(path)
     try:
+        data = path.read_bytes()
         # utf-8-sig: a byte-order mark (some editors and Windows tools write one) is not data.
-        text = path.read_text(encoding="utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(DataProblem(name, None, None, f"not UTF-8 text (byte {e.start}): expected JSON, JSON Lines, "
                                                       "Parquet or a `datasets` directory"))
@@ -148,24 +150,16 @@ def _iter_json(path: Path) -> Iterator[tuple[int, int | None, dict | DataProblem
         for i, row in enumerate(rows):
             yield i, None, row if isinstance(row, dict) else DataProblem(name, i, None, "record is not a JSON object")
         return
-    # JSON Lines. Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 and other
-    # separators that json.dumps(ensure_ascii=False) leaves raw inside strings (real post texts have them).
-    lines = text.split("\n")
-    number = 0
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
+    for number, line in enumerate(iter_jsonl(data)):
+        if line.problem is not None:
             if number == 0 and _single_object(text):
                 raise DataError(DataProblem(name, None, None, "one JSON object spread over several lines: expected a "
                                                               "JSON array of records or JSON Lines (one record a line)"))
-            yield number, line_no, DataProblem(name, number, None, f"unparseable line ({e.msg}, column {e.colno})", line_no)
+            yield number, line.number, DataProblem(name, number, None, f"unparseable line: {line.problem}", line.number)
+        elif not line.is_object:
+            yield number, line.number, DataProblem(name, number, None, "line is not a JSON object", line.number)
         else:
-            ok = isinstance(row, dict)
-            yield number, line_no, row if ok else DataProblem(name, number, None, "line is not a JSON object", line_no)
-        number += 1
+            yield number, line.number, line.value
 
 
 def _single_object(text: str) -> bool:

@@ -18,6 +18,8 @@ import re
 import sys
 from pathlib import Path
 
+from llava.fileio import iter_jsonl
+
 
 def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text.lower()).strip()
@@ -36,20 +38,16 @@ def reflects_context(response: str, terms: list[str]) -> bool:
 def grounding(path: str | Path) -> dict[str, float]:
     """``{"key_fact": %, "context": %, "n": count}`` over the records of ``path`` that carry both fields."""
     hits_fact = hits_context = n = 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                print(f"{path}, line {line_no}: skipped unparseable line", file=sys.stderr)
-                continue
-            if "key_facts" not in r or "context_terms" not in r or "response" not in r:
-                continue
-            n += 1
-            hits_fact += states_key_facts(r["response"], r["key_facts"])
-            hits_context += reflects_context(r["response"], r["context_terms"])
+    for line in iter_jsonl(Path(path).read_bytes()):
+        if not line.is_object:
+            print(f"{path}, line {line.number}: skipped unparseable line", file=sys.stderr)
+            continue
+        r = line.value
+        if "key_facts" not in r or "context_terms" not in r or "response" not in r:
+            continue
+        n += 1
+        hits_fact += states_key_facts(r["response"], r["key_facts"])
+        hits_context += reflects_context(r["response"], r["context_terms"])
     if n == 0:
         raise ValueError(f"{path}: no record has response, key_facts and context_terms")
     return {"key_fact": 100 * hits_fact / n, "context": 100 * hits_context / n, "n": n}

@@ -14,7 +14,7 @@ generated for that record). Lines are in input order (files in the order given).
 
 This module holds the command line, the processes, the model and the generation loop. The output file
 (resuming from it, torn lines, part files, merging, the lock) is ``llava.eval.output_file``: its docstring
-says how a rerun continues where a killed run stopped; its public names are re-exported here.
+says how a rerun continues where a killed run stopped.
 
 Several processes
 -----------------
@@ -48,19 +48,6 @@ from llava.eval.output_file import (
     part_path,
     result_line,
     scan_outputs,
-)
-# Re-exported, not used here: the rest of the output-file API stays importable from llava.eval.inference.
-from llava.eval.output_file import (  # noqa: F401
-    PART_SUFFIX,
-    RESULT_FIELDS,
-    Line,
-    Matched,
-    dumps_line,
-    match_lines,
-    read_lines,
-    record_fields,
-    signature_of,
-    write_atomic,
 )
 
 # The released inference script's settings: `llava_v1` (the "human" wording, where training used `v1`),

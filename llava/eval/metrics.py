@@ -228,27 +228,21 @@ def coco_scores(tok_res: Sequence[str], tok_ref: Sequence[str], meteor=None) -> 
     corpus: dict = {}
     per: dict = {}
 
+    def keep(name: str, score, each) -> None:
+        corpus[name] = float(score)
+        per[name] = [float(v) for v in each]
+
     bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
     for k in range(4):
-        corpus[f"Bleu_{k + 1}"] = float(bleu[k])
-        per[f"Bleu_{k + 1}"] = [float(v) for v in bleu_each[k]]
-
+        keep(f"Bleu_{k + 1}", bleu[k], bleu_each[k])
     if meteor is None:
         meteor = get_meteor()
     try:
-        m, m_each = meteor.compute_score(gts, res)
+        keep("METEOR", *meteor.compute_score(gts, res))
     except (ValueError, BrokenPipeError) as exc:  # the jar died: empty reads / closed pipe
         raise MetricError(f"METEOR failed: {exc}") from exc
-    corpus["METEOR"] = float(m)
-    per["METEOR"] = [float(v) for v in m_each]
-
-    r, r_each = Rouge().compute_score(gts, res)
-    corpus["ROUGE_L"] = float(r)
-    per["ROUGE_L"] = [float(v) for v in r_each]
-
-    c, c_each = Cider().compute_score(gts, res)
-    corpus["CIDEr"] = float(c)
-    per["CIDEr"] = [float(v) for v in c_each]
+    for name, scorer in (("ROUGE_L", Rouge()), ("CIDEr", Cider())):
+        keep(name, *scorer.compute_score(gts, res))
 
     corpus = {k: 100.0 * corpus[k] for k in COCO_KEYS}
     per_sample = [{k: 100.0 * per[k][i] for k in COCO_KEYS} for i in range(n)]

@@ -5,7 +5,7 @@ The records to do (``load_items``: one ``Item`` per input record), the output li
 records (``match_lines``), the per-rank part files (``part_path``, ``part_files``), folding everything into
 OUT in input order (``consolidate``, through ``write_atomic``) and the lock that keeps two runs apart
 (``_OutputLock``). ``InferenceError``, the one-message error of the whole run, lives here because these
-checks raise it; ``llava.eval.inference`` re-exports it and every other public name of this module.
+checks raise it.
 
 Resuming
 --------
@@ -37,7 +37,9 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
+
+from llava.fileio import iter_jsonl, write_atomic
 
 PART_SUFFIX = ".part"
 
@@ -163,17 +165,11 @@ def read_lines(path: Path, *, truncate_torn: bool) -> tuple[list[Line], list[str
                 f.flush()
                 os.fsync(f.fileno())
     lines = []
-    for n, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
-        if not raw.strip():
+    for line in iter_jsonl(data[:end]):
+        if not line.is_object or not any(k in line.value for k in RESULT_FIELDS):
+            warnings.append(f"{path}, line {line.number}: not an output line (unparseable or without response/error); dropped")
             continue
-        try:
-            fields = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            fields = None
-        if not isinstance(fields, dict) or not any(k in fields for k in RESULT_FIELDS):
-            warnings.append(f"{path}, line {n}: not an output line (unparseable or without response/error); dropped")
-            continue
-        lines.append(Line(path, n, raw + b"\n", fields))
+        lines.append(Line(path, line.number, line.raw + b"\n", line.value))
     return lines, warnings
 
 
@@ -233,30 +229,12 @@ def part_files(out: Path) -> list[Path]:
 
 
 def merge_tmp(out: Path) -> Path:
+    """The temporary file that earlier versions of this module merged into: removed where a killed run left it."""
     return out.with_name(out.name + ".merge.tmp")
 
 
 def part_path(out: Path, rank: int) -> Path:
     return out.with_name(f"{out.name}.rank{rank}{PART_SUFFIX}")
-
-
-def write_atomic(out: Path, chunks: Iterable[bytes]) -> None:
-    """Write ``out`` through a temporary file in the same folder and an atomic rename."""
-    tmp = merge_tmp(out)
-    with open(tmp, "wb") as f:
-        for c in chunks:
-            f.write(c)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
-    try:
-        fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def scan_outputs(out: Path, items: Sequence[Item], *, include_parts: bool, truncate_torn: bool, log) -> tuple[Matched, list[Path]]:

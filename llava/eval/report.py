@@ -3,10 +3,11 @@
     python -m llava.eval.report --files SFT.jsonl DPO.jsonl MCM.jsonl \\
         --image_folder IMAGES --out report.html [--names SFT DPO MCM-DPO] [--limit N]
 
-The page has the score table at the top (computed by :mod:`llava.eval.score`, so the
-numbers are those of ``get_score.py``), then one row per test record: the image (a
-base64 JPEG thumbnail, at most 160 px; a missing or unreadable image shows a visible
-placeholder), the context (``question``), the reference (``chosen``, or ``label`` for
+The page has the score table at the top: the scores ``get_score.py`` wrote for each file
+(``scores.json`` and ``<name>_score.jsonl``, beside the files: :func:`saved_scores`) or, where
+it wrote none, the same numbers computed now by :mod:`llava.eval.score`; then one row per test
+record: the image (a base64 JPEG thumbnail, at most 160 px; a missing or unreadable image shows a
+visible placeholder), the context (``question``), the reference (``chosen``, or ``label`` for
 yes/no files) and each system's response with its per-sample scores. Responses over
 125 characters, empty responses and error rows are flagged.
 
@@ -31,6 +32,7 @@ from typing import Any, Sequence
 
 from llava.eval import metrics as M
 from llava.eval import score as S
+from llava.fileio import iter_jsonl, write_atomic
 
 THUMB_PX = 160
 
@@ -91,6 +93,70 @@ CHECK_SCRIPT = """
 
 def esc(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
+
+
+# ----------------------------------------------------------------------------
+# Scores: those get_score.py wrote, else scored now
+# ----------------------------------------------------------------------------
+
+def saved_scores(file: str | Path, scores_dir: str | Path | None = None,
+                 first_file: str | Path | None = None) -> tuple[dict, list[dict]] | None:
+    """``(row, per-sample records)`` that ``get_score.py`` wrote for ``file``, or None when there are none
+    to trust.
+
+    They are looked for where ``get_score.py`` puts them: in ``scores_dir`` (its ``--out_dir``) when given,
+    else ``<name>_score.jsonl`` beside ``file`` and ``scores.json`` beside ``file`` or beside
+    ``first_file`` (its default folder). The ``scores.json`` row is the one naming ``file`` (the same
+    file, or the same name where the path it records is not found from here). They are not used when
+    older than ``file`` (it was rewritten since), unreadable, or not one per-sample line per record.
+    """
+    file = Path(file)
+    per_sample = S.per_sample_path(file, scores_dir)
+    folders = [Path(scores_dir)] if scores_dir is not None else [file.parent] + ([Path(first_file).parent] if first_file else [])
+    row = next((r for folder in dict.fromkeys(folders) for r in _scores_rows(folder / "scores.json", file)), None)
+    if row is None or not per_sample.is_file() or per_sample.stat().st_mtime < file.stat().st_mtime:
+        return None
+    lines = list(iter_jsonl(per_sample.read_bytes()))
+    if not all(line.is_object for line in lines) or len(lines) != row["n"] + row["errors"]:
+        return None
+    return {**row, "file": str(file)}, [line.value for line in lines]
+
+
+def _scores_rows(scores_json: Path, file: Path) -> list[dict]:
+    """The rows of ``scores_json`` (when newer than ``file``) that name ``file`` and have every ``ROW_KEYS``."""
+    try:
+        if scores_json.stat().st_mtime < file.stat().st_mtime:
+            return []
+        rows = json.loads(scores_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(rows, list):
+        return []
+    return [r for r in rows if isinstance(r, dict) and set(S.ROW_KEYS) <= set(r) and _names(str(r["file"]), file)]
+
+
+def _names(recorded: str, file: Path) -> bool:
+    """Whether a path ``get_score.py`` recorded (as it was given, maybe from another folder) is ``file``."""
+    path = Path(recorded)
+    return path.samefile(file) if path.exists() else path.name == file.name
+
+
+def scores_for(files: Sequence[str | Path], scores_dir: str | Path | None = None, warn=None
+               ) -> tuple[list[dict], list[list[dict]]]:
+    """``(rows, per-sample records)`` of ``files`` as :func:`llava.eval.score.score_files` gives them: the
+    ones ``get_score.py`` wrote (:func:`saved_scores`) where they exist, the others scored now."""
+    warn = warn or (lambda message: print(message, file=sys.stderr))
+    found = [saved_scores(f, scores_dir, files[0]) for f in files]
+    todo = [str(f) for f, saved in zip(files, found) if saved is None]
+    scored = iter(zip(*S.score_files(todo, warn=warn)[:2])) if todo else iter(())
+    rows, samples = [], []
+    for f, saved in zip(files, found):
+        if saved is not None:
+            warn(f"{f}: using the scores get_score.py wrote ({S.per_sample_path(f, scores_dir)})")
+        row, per_sample = saved if saved is not None else next(scored)
+        rows.append(row)
+        samples.append(per_sample)
+    return rows, samples
 
 
 # ----------------------------------------------------------------------------
@@ -365,19 +431,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         for f in args.files:
             if not Path(f).is_file():
                 raise S.InputError(f"{f}: no such file")
-        rows, samples, loaded = S.score_files(args.files)
+        rows, samples = scores_for(args.files)
         names = args.names or [S.display_name(r["file"]) for r in rows]
         page = render(
             rows,
             samples,
             names,
-            [lf.kind for lf in loaded],
+            [r["kind"] for r in rows],
             Path(args.image_folder) if args.image_folder else None,
             limit=args.limit,
         )
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        S.atomic_write_text(out, page)
+        write_atomic(out, page)
     except S.InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -77,15 +77,14 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from llava.eval import metrics as M
 from llava.eval import published_metrics as P
+from llava.fileio import iter_jsonl, not_an_object, write_atomic
 
 METRIC_SETS = {"coco": ("coco",), "published": ("published",), "all": ("coco", "published")}
 COCO_ROW_KEYS = tuple(f"coco_{k}" for k in M.COCO_KEYS + ("edit_distance",))
@@ -143,26 +142,14 @@ def load_file(path: str | Path, warn=None) -> Loaded:
     path = Path(path)
     loaded = Loaded(path=path)
     try:
-        with open(path, "rb") as fh:
-            raw_lines = fh.read().split(b"\n")
+        data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     seen: dict[str, int] = {}
-    for lineno, raw in enumerate(raw_lines, start=1):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            loaded.bad_lines.append((lineno, f"not UTF-8 ({exc.reason})"))
-            continue
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            loaded.bad_lines.append((lineno, f"not valid JSON ({exc.msg} at column {exc.colno})"))
-            continue
-        if not isinstance(record, dict):
-            loaded.bad_lines.append((lineno, f"not a JSON object (a {type(record).__name__})"))
+    for line in iter_jsonl(data):
+        lineno, record = line.number, line.value
+        if not line.is_object:
+            loaded.bad_lines.append((lineno, line.problem or not_an_object(record)))
             continue
         loaded.records.append((lineno, record))
         if "idx" in record:
@@ -363,32 +350,6 @@ def format_csv(rows: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file 0600; give it the mode a plain open() would have.
-        os.chmod(tmp, _default_mode())
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _default_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def per_sample_path(path: str | Path, folder: str | Path | None = None) -> Path:
     """``<name>_score.jsonl`` in ``folder``, or beside ``path`` when no folder is given."""
     path = Path(path)
@@ -418,11 +379,11 @@ def write_outputs(
     out_dir.mkdir(parents=True, exist_ok=True)
     for row, per_sample in zip(rows, samples):
         text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in per_sample)
-        atomic_write_text(per_sample_path(row["file"], per_sample_dir), text)
-    atomic_write_text(out_dir / "scores.json", json.dumps(list(rows), indent=2, ensure_ascii=False) + "\n")
-    atomic_write_text(out_dir / "scores.csv", format_csv(rows))
+        write_atomic(per_sample_path(row["file"], per_sample_dir), text)
+    write_atomic(out_dir / "scores.json", json.dumps(list(rows), indent=2, ensure_ascii=False) + "\n")
+    write_atomic(out_dir / "scores.csv", format_csv(rows))
     table = format_markdown(rows)
-    atomic_write_text(out_dir / "scores.md", table)
+    write_atomic(out_dir / "scores.md", table)
     return table
 
 

@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.data.collate import stack_tiles
 from llava.model.forward import image_features, is_llava_next, unwrap
-from llava.model.load import ModelLoadError, checkpoint_kind, load_model, lora_base, resolve
+from llava.model.load import ModelLoadError, checkpoint_kind, load_model, lora_base, parse_dtype, resolve
 
 __all__ = ["load_pretrained_model", "LlavaCompatModel"]
 
@@ -41,12 +42,6 @@ def _device(device: str | torch.device) -> torch.device:
         warnings.warn("load_pretrained_model: CUDA is not available; loading the model on the CPU", stacklevel=3)
         return torch.device("cpu")
     return device
-
-
-def _dtype(value) -> torch.dtype | None:
-    if value is None or value == "auto":
-        return None
-    return getattr(torch, value) if isinstance(value, str) else value
 
 
 def _checkpoint_config(path: Path, model_base) -> dict:
@@ -73,7 +68,7 @@ def load_pretrained_model(model_path, model_base, model_name, load_8bit=False, l
     if isinstance(device_map, str) and device_map not in ("auto", "") and device == "cuda":
         device = device_map  # "cpu", "cuda:1"...: LLaVA's one-device map
     dev = _device(device)
-    dtype = _dtype(kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None))
+    dtype = parse_dtype(kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None))
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32  # LLaVA loads in fp16 on GPUs
     attn = kwargs.pop("attn_implementation", None)
@@ -166,11 +161,7 @@ class LlavaCompatModel:
             if all(im.dim() == 3 for im in images):
                 return torch.stack(images), "views"
             if all(im.dim() == 4 for im in images):
-                most = max(im.shape[0] for im in images)
-                out = images[0].new_zeros(len(images), most, *images[0].shape[1:])
-                for i, im in enumerate(images):
-                    out[i, : im.shape[0]] = im
-                return out, "tiles"
+                return stack_tiles(images), "tiles"
             raise ValueError("images: a list of [3, S, S] or of [patches, 3, S, S] tensors")
         if images.dim() == 3:
             return images.unsqueeze(0), "views"

@@ -8,9 +8,8 @@
 
 This module holds the command line and the export direction, ``hf_to_original`` (an HF LLaVA / LLaVA-NeXT
 model -> the original layout). The original layout itself (its key names, ``is_original_format``, the HF class
-a config maps to: ``target_architecture``, what is supported and not) and the import direction
-(``load_original``, ``original_to_hf``) are in ``llava.model.original_layout``; their public names are
-re-exported here (``from llava.model.convert import load_original``).
+a config maps to: ``target_architecture``, what is supported and not, the key map ``KEY_MAP`` both directions
+read) and the import direction (``load_original``, ``original_to_hf``) are in ``llava.model.original_layout``.
 
 Exporting
 ---------
@@ -39,30 +38,20 @@ import torch
 from llava.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from llava.model.hub import local_dir
 from llava.model.original_layout import (
-    _H_NEWLINE,
-    _H_PROJ,
-    _H_TEXT,
-    _H_VISION,
-    _LLAMA_KEYS,
-    _O_NEWLINE,
-    _O_PROJ,
-    _O_VISION,
+    HF_PROJECTOR,
+    HF_VISION,
     KNOWN_CLIP_TOWERS,
+    LLAMA_CONFIG_KEYS,
     LLAVA,
     LLAVA_NEXT,
     ORIGINAL_ARCHITECTURE,
-    _copy_sentencepiece,
-    _read_config,
+    ORIGINAL_PROJECTOR,
+    ORIGINAL_VISION,
+    copy_sentencepiece,
     is_original_format,
     original_to_hf,
-)
-# Re-exported, not used here: the rest of the public API (and the helper the tests call) stays importable from
-# llava.model.convert, the module other code and the docs name.
-from llava.model.original_layout import (  # noqa: F401
-    OTHER_ORIGINAL_ARCHITECTURES,
-    _vision_config,
-    load_original,
-    target_architecture,
+    read_config,
+    to_original_key,
 )
 
 logger = logging.getLogger(__name__)
@@ -80,7 +69,7 @@ def _load_hf(path: Path):
     path = local_dir(path, what="checkpoint")
     if is_original_format(path):
         raise ValueError(f"{path} is already in the original LLaVA format")
-    cfg = _read_config(path)
+    cfg = read_config(path)
     archs = (cfg or {}).get("architectures") or []
     arch = next((a for a in archs if a in (LLAVA, LLAVA_NEXT)), None)
     if arch is None:
@@ -180,16 +169,15 @@ def _projector_to_original(model) -> tuple[str, dict[str, torch.Tensor]]:
     b2 = proj.linear_2.bias.detach() if proj.linear_2.bias is not None else torch.zeros(w2.shape[0], dtype=w2.dtype)
     act = cfg.projector_hidden_act
     if act == "gelu":
-        return "mlp2x_gelu", {
-            f"{_O_PROJ}0.weight": w1, f"{_O_PROJ}0.bias": b1, f"{_O_PROJ}2.weight": w2, f"{_O_PROJ}2.bias": b2,
-        }
+        layers = {"linear_1.weight": w1, "linear_1.bias": b1, "linear_2.weight": w2, "linear_2.bias": b2}
+        return "mlp2x_gelu", {to_original_key(HF_PROJECTOR + k): v for k, v in layers.items()}
     if act == "linear":
         eye = torch.eye(w2.shape[0], dtype=w2.dtype, device=w2.device)
         if not (torch.equal(w2, eye) and not b2.any()):
             logger.warning("folding a trained linear_2 into the linear projector (exact maths, float rounding)")
             w64, b64 = w2.double() @ w1.double(), w2.double() @ b1.double() + b2.double()
             w1, b1 = w64.to(w1.dtype), b64.to(b1.dtype)
-        return "linear", {f"{_O_PROJ}weight": w1, f"{_O_PROJ}bias": b1}
+        return "linear", {f"{ORIGINAL_PROJECTOR}weight": w1, f"{ORIGINAL_PROJECTOR}bias": b1}
     raise ValueError(
         f"projector_hidden_act {act!r} has no original projector (mlp2x_gelu uses exact 'gelu', linear uses 'linear')"
     )
@@ -251,22 +239,17 @@ def hf_to_original(
     original: dict[str, torch.Tensor] = {}
     vision_sd: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
-        if key.startswith(_H_TEXT):
-            original["model." + key[len(_H_TEXT):]] = value
-        elif key == "lm_head.weight":
-            original[key] = value
-        elif key == _H_NEWLINE:
-            original[_O_NEWLINE] = value
-        elif key.startswith(_H_VISION):
-            vision_sd[key[len(_H_VISION):]] = value
-        elif key.startswith(_H_PROJ):
+        if key.startswith(HF_PROJECTOR):
             continue
-        else:
+        name = to_original_key(key)
+        if name is None:
             raise ValueError(f"no original name for weight {key!r}")
+        if name.startswith(ORIGINAL_VISION):
+            vision_sd[key[len(HF_VISION):]] = value
+            if not include_vision_tower:
+                continue
+        original[name] = value
     original.update(proj_sd)
-    if include_vision_tower:
-        for key, value in vision_sd.items():
-            original[_O_VISION + (key if key.startswith("vision_model.") else "vision_model." + key)] = value
     _save_safetensors(original, out, max_shard_size)
 
     # Vision tower name / side directory.
@@ -324,7 +307,7 @@ def hf_to_original(
     _tidy_tokenizer_config(out / "tokenizer_config.json")
     model.generation_config.save_pretrained(out)
     if src_dir is not None:
-        _copy_sentencepiece(src_dir, out)
+        copy_sentencepiece(src_dir, out)
     return out
 
 
@@ -342,7 +325,7 @@ def _tidy_tokenizer_config(path: Path) -> None:
 
 def _original_text_config(text_cfg) -> dict:
     d = text_cfg.to_dict()
-    conf = {k: d[k] for k in _LLAMA_KEYS if k in d}
+    conf = {k: d[k] for k in LLAMA_CONFIG_KEYS if k in d}
     rope = dict(d.get("rope_parameters") or {})
     conf["rope_theta"] = rope.pop("rope_theta", 10000.0)
     rope_type = rope.get("rope_type", "default")

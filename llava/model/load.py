@@ -109,7 +109,7 @@ def load_model(path: str | Path, model_base: str | Path | None = None, *, dtype:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
         return model, _keeping_legacy(AutoProcessor.from_pretrained(path))
     if kind == "original":
-        from llava.model.convert import load_original
+        from llava.model.original_layout import load_original
 
         model, processor = load_original(path, vision_tower=vision_tower, dtype=dtype)
         return model, _keeping_legacy(processor)
@@ -136,7 +136,9 @@ def _keeping_legacy(processor):
     return processor
 
 
-def _add_special_tokens(tokenizer) -> None:
+def add_llava_tokens(tokenizer) -> None:
+    """Add ``<image>`` (a special token) and ``<pad>`` when the tokenizer lacks them, in that order, as every
+    LLaVA this package builds or converts has them; the embeddings grow to match (``grow_embeddings``)."""
     extra = {}
     if DEFAULT_IMAGE_TOKEN not in tokenizer.get_vocab():
         extra["additional_special_tokens"] = [DEFAULT_IMAGE_TOKEN]
@@ -146,28 +148,94 @@ def _add_special_tokens(tokenizer) -> None:
         tokenizer.add_special_tokens(extra)
 
 
+def grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """``weight`` with rows appended up to ``rows``, each the mean of the existing rows (computed in float32):
+    new tokens start where the old ones are on average, so the logits of the old tokens do not change."""
+    extra = rows - weight.shape[0]
+    if extra <= 0:
+        return weight
+    mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)
+    return torch.cat([weight, mean.expand(extra, -1)], dim=0)
+
+
 def _grow_embeddings(model, size: int) -> None:
-    """Resize input/output embeddings to ``size`` rows, new rows = mean of the old (logits of old tokens unchanged)."""
+    """Resize input/output embeddings to ``size`` rows, new rows = mean of the old (``grow_rows``)."""
     old = model.get_input_embeddings().weight.shape[0]
     if size <= old:
         return
     model.resize_token_embeddings(size, mean_resizing=False)
     with torch.no_grad():
         for emb in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
-            emb[old:] = emb[:old].mean(0, keepdim=True)
+            emb.copy_(grow_rows(emb[:old], size))
 
 
-def clip_image_processor(vision_tower: str | Path, image_size: int):
-    """The CLIP image processor saved with the tower, or OpenAI CLIP's defaults at its size."""
-    from transformers import CLIPImageProcessorPil
+def parse_dtype(dtype) -> torch.dtype | None:
+    """A torch dtype from a dtype or its name (``float16``, ``torch.bfloat16``, ``bf16``, ``half``...); None
+    for None or ``auto`` (the checkpoint's own)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+    name = aliases.get(name, name)
+    if name == "auto":
+        return None
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return value
 
-    cfg_path = Path(vision_tower) / "preprocessor_config.json"
-    if cfg_path.is_file():
-        cfg = _read_json(cfg_path)
-        keep = ("size", "crop_size", "image_mean", "image_std", "resample", "do_center_crop")
-        return CLIPImageProcessorPil(**{k: cfg[k] for k in keep if k in cfg})
-    return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                                 image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))
+
+# Settings of a CLIP preprocessor_config.json that the image processors take.
+CLIP_IMAGE_KEYS = (
+    "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor", "do_normalize",
+    "image_mean", "image_std", "do_convert_rgb",
+)
+
+
+def clip_image_settings(clip_dir: str | Path | None, image_size: int) -> dict:
+    """Image processor settings: those saved with the CLIP tower (its preprocessor_config.json), over OpenAI
+    CLIP's defaults at ``image_size`` (mean/std, bicubic, shortest edge = crop = the tower's image size)."""
+    settings: dict = dict(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                          image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), resample=3)
+    saved = Path(clip_dir) / "preprocessor_config.json" if clip_dir is not None else None
+    if saved is not None and saved.is_file():
+        raw = _read_json(saved)
+        settings.update({k: raw[k] for k in CLIP_IMAGE_KEYS if raw.get(k) is not None})
+        if isinstance(settings["size"], int):
+            settings["size"] = {"shortest_edge": settings["size"]}
+        if isinstance(settings["crop_size"], int):
+            settings["crop_size"] = {"height": settings["crop_size"], "width": settings["crop_size"]}
+    return settings
+
+
+def default_pinpoints(side: int) -> list[list[int]]:
+    """LLaVA-NeXT tile grids (height, width) for a new model whose tower sees ``side`` pixels."""
+    return [[side, 2 * side], [2 * side, side], [2 * side, 2 * side], [3 * side, side], [side, 3 * side]]
+
+
+def llava_processor(tokenizer, image_settings: dict, *, patch_size: int, strategy: str = "default",
+                    aspect_ratio: str = "square", pinpoints: list | None = None):
+    """The native processor of a LLaVA: ``LlavaNextProcessor`` with its tiling image processor when
+    ``pinpoints`` are given, else ``LlavaProcessor`` with the image processor ``aspect_ratio`` asks for
+    (``pad``: the mean-colour square first, as LLaVA's ``expand2square``; ``square``: plain CLIP)."""
+    from transformers import (CLIPImageProcessorPil, LlavaImageProcessorPil, LlavaNextImageProcessorPil,
+                              LlavaNextProcessor, LlavaProcessor)
+
+    if pinpoints:
+        image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=[list(p) for p in pinpoints], **image_settings)
+        processor_class = LlavaNextProcessor
+    else:
+        image_processor = (LlavaImageProcessorPil(do_pad=True, **image_settings) if aspect_ratio == "pad"
+                           else CLIPImageProcessorPil(**image_settings))
+        processor_class = LlavaProcessor
+    return processor_class(image_processor, tokenizer, patch_size=patch_size, vision_feature_select_strategy=strategy,
+                           num_additional_image_tokens=1, chat_template=VICUNA_V1_CHAT_TEMPLATE)
+
+
+def set_generation_tokens(model, tokenizer) -> None:
+    """The generation config's pad/eos/bos ids are the tokenizer's (generate pads and stops with them)."""
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
 
 
 def compose(language_model: str | Path, vision_tower: str | Path, *, projector_type: str = "mlp2x_gelu",
@@ -179,8 +247,7 @@ def compose(language_model: str | Path, vision_tower: str | Path, *, projector_t
     ``projector_hidden_act="linear"`` and an identity second layer, which ``llava.train`` keeps frozen.
     """
     from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor)
+                              LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration)
 
     if projector_type not in PROJECTOR_TYPES:
         raise ModelLoadError(f"--mm_projector_type must be one of {PROJECTOR_TYPES}, got {projector_type!r}")
@@ -196,28 +263,24 @@ def compose(language_model: str | Path, vision_tower: str | Path, *, projector_t
     tower = CLIPVisionModel.from_pretrained(vision_tower, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(language_model)
     keep_legacy_on_save(tokenizer)
-    _add_special_tokens(tokenizer)
+    add_llava_tokens(tokenizer)
     common = dict(
         vision_config=tower.config, text_config=lm.config, image_token_id=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN),
         projector_hidden_act="gelu" if projector_type == "mlp2x_gelu" else "linear",
         vision_feature_select_strategy="default" if select_feature == "patch" else "full",
         vision_feature_layer=select_layer, tie_word_embeddings=lm.config.tie_word_embeddings,
     )
-    side = tower.config.image_size
-    image_processor = clip_image_processor(vision_tower, side)
-    proc_kwargs = dict(patch_size=tower.config.patch_size, vision_feature_select_strategy=common["vision_feature_select_strategy"],
-                       num_additional_image_tokens=1, chat_template=VICUNA_V1_CHAT_TEMPLATE)
+    pinpoints = default_pinpoints(tower.config.image_size) if next_arch else None
+    processor = llava_processor(tokenizer, clip_image_settings(vision_tower, tower.config.image_size),
+                                patch_size=tower.config.patch_size, strategy=common["vision_feature_select_strategy"],
+                                pinpoints=pinpoints)
     torch.manual_seed(seed)
     if next_arch:
-        pinpoints = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side], [3 * side, side], [side, 3 * side]]
         config = LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
         model = LlavaNextForConditionalGeneration(config)
-        image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=pinpoints, **image_processor.to_dict())
-        processor = LlavaNextProcessor(image_processor, tokenizer, **proc_kwargs)
     else:
         config = LlavaConfig(**common)
         model = LlavaForConditionalGeneration(config)
-        processor = LlavaProcessor(image_processor, tokenizer, **proc_kwargs)
     config.mm_projector_type = projector_type
     if dtype is not None:
         model.to(dtype)
@@ -231,8 +294,7 @@ def compose(language_model: str | Path, vision_tower: str | Path, *, projector_t
             model.model.multi_modal_projector.linear_2.weight.copy_(torch.eye(lm.config.hidden_size))
             model.model.multi_modal_projector.linear_2.bias.zero_()
     _grow_embeddings(model, len(tokenizer))
-    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        setattr(model.generation_config, key, getattr(tokenizer, key))
+    set_generation_tokens(model, tokenizer)
     return model, processor
 
 

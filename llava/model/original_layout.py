@@ -1,9 +1,9 @@
 """The original LLaVA checkpoint layout: its names, recognising it, and loading it into transformers' classes.
 
-This module holds the layout constants and format detection both directions share, and the import direction:
-``load_original`` (an original checkpoint -> ``(model, processor)``) and ``original_to_hf`` (the same, saved;
-``python -m llava.model.convert to-hf``). The export direction, ``hf_to_original``, and the command line are in
-``llava.model.convert``, which re-exports the public names of this module.
+This module holds what both directions share (the layout constants, ``KEY_MAP`` of weight names, format
+detection) and the import direction: ``load_original`` (an original checkpoint -> ``(model, processor)``) and
+``original_to_hf`` (the same, saved; ``python -m llava.model.convert to-hf``). The export direction,
+``hf_to_original``, and the command line are in ``llava.model.convert``.
 
 The *original* layout is the one of ``liuhaotian/llava-v1.5-7b`` and ``liuhaotian/llava-v1.6-vicuna-7b``:
 a Llama ``config.json`` with ``"architectures": ["LlavaLlamaForCausalLM"]`` (``model_type`` ``"llava"``) plus
@@ -78,8 +78,10 @@ from typing import Any
 
 import torch
 
-from llava.constants import DEFAULT_IMAGE_TOKEN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PAD_TOKEN
+from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.model.hub import HubError, is_repo_id, local_dir, snapshot
+from llava.model.load import (add_llava_tokens, clip_image_settings, grow_rows, llava_processor, parse_dtype, save_model,
+                              set_generation_tokens)
 
 logger = logging.getLogger(__name__)
 
@@ -89,15 +91,45 @@ OTHER_ORIGINAL_ARCHITECTURES = ("LlavaMistralForCausalLM", "LlavaMptForCausalLM"
 LLAVA = "LlavaForConditionalGeneration"
 LLAVA_NEXT = "LlavaNextForConditionalGeneration"
 
-# Original key prefixes.
-_O_VISION = "model.vision_tower.vision_tower."
-_O_PROJ = "model.mm_projector."
-_O_NEWLINE = "model.image_newline"
-# HF in-memory key prefixes (transformers 5).
-_H_TEXT = "model.language_model."
-_H_VISION = "model.vision_tower."
-_H_PROJ = "model.multi_modal_projector."
-_H_NEWLINE = "model.image_newline"
+# The one key map between the two layouts, as transformers' own conversion scripts keep theirs: rows of
+# (original prefix, HF in-memory prefix, transformers 5), read left to right on import (``to_hf_key``) and right
+# to left on export (``to_original_key``); the first row whose prefix matches renames the key. Only the
+# ``linear`` projector (one layer in the original, two in HF) lies outside it: ``projector_to_hf`` here,
+# ``_projector_to_original`` in ``llava.model.convert``.
+KEY_MAP = (
+    ("model.embed_tokens.", "model.language_model.embed_tokens."),
+    ("model.layers.", "model.language_model.layers."),
+    ("model.norm.", "model.language_model.norm."),
+    ("lm_head.", "lm_head."),
+    ("model.image_newline", "model.image_newline"),
+    ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
+    ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
+    ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower."),
+)
+ORIGINAL_VISION = "model.vision_tower.vision_tower."  # tower weights inside an original checkpoint (v1.6)
+ORIGINAL_PROJECTOR = "model.mm_projector."
+HF_VISION = "model.vision_tower."
+HF_PROJECTOR = "model.multi_modal_projector."
+IMAGE_NEWLINE = "model.image_newline"
+
+
+def _rename(key: str, to_hf: bool) -> str | None:
+    for original, hf in KEY_MAP:
+        old, new = (original, hf) if to_hf else (hf, original)
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
+
+
+def to_hf_key(key: str) -> str | None:
+    """The HF in-memory name of an original weight name (``KEY_MAP``); None when it has none."""
+    return _rename(key, to_hf=True)
+
+
+def to_original_key(key: str) -> str | None:
+    """The original name of an HF in-memory weight name (``KEY_MAP`` inverted); None when it has none."""
+    return _rename(key, to_hf=False)
+
 
 # The CLIP towers LLaVA-1.5 / 1.6 name in `mm_vision_tower` (their config.json, vision part).
 KNOWN_CLIP_TOWERS: dict[str, dict[str, Any]] = {
@@ -112,16 +144,11 @@ KNOWN_CLIP_TOWERS: dict[str, dict[str, Any]] = {
 }
 
 # Llama keys of the original config.json that become the HF text config (the rest is multimodal or bookkeeping).
-_LLAMA_KEYS = (
+LLAMA_CONFIG_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
     "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "pretraining_tp", "tie_word_embeddings",
     "attention_bias", "attention_dropout", "mlp_bias",
-)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")
-_HF_IMAGE_KEYS = (
-    "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor", "do_normalize",
-    "image_mean", "image_std", "do_convert_rgb",
 )
 
 
@@ -130,7 +157,7 @@ _HF_IMAGE_KEYS = (
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _read_config(path: str | Path) -> dict | None:
+def read_config(path: str | Path) -> dict | None:
     f = Path(path) / "config.json"
     if not f.is_file():
         return None
@@ -143,7 +170,7 @@ def _read_config(path: str | Path) -> dict | None:
 
 def is_original_format(path: str | Path) -> bool:
     """True when ``path`` is a directory whose config.json is an original LLaVA config (reads nothing else)."""
-    cfg = _read_config(path)
+    cfg = read_config(path)
     if cfg is None:
         return False
     archs = cfg.get("architectures") or []
@@ -292,7 +319,7 @@ def _vision_config(clip_dir: Path | None, name: str | None, has_inside_weights: 
     from transformers import CLIPVisionConfig
 
     if clip_dir is not None:
-        raw = _read_config(clip_dir) or {}
+        raw = read_config(clip_dir) or {}
         if raw.get("model_type") not in ("clip", "clip_vision_model"):
             raise ValueError(
                 f"{clip_dir} is not a CLIP model (model_type {raw.get('model_type')!r}); only CLIP vision towers are supported"
@@ -323,48 +350,13 @@ def _clip_vision_state_dict(clip_dir: Path) -> dict[str, torch.Tensor]:
     return dict(tower.state_dict())
 
 
-def _image_processor_kwargs(clip_dir: Path | None, vision_config) -> dict:
-    n = vision_config.image_size
-    kwargs: dict[str, Any] = dict(
-        size={"shortest_edge": n}, crop_size={"height": n, "width": n}, image_mean=list(OPENAI_CLIP_MEAN),
-        image_std=list(OPENAI_CLIP_STD), resample=3,
-    )
-    pre = clip_dir / "preprocessor_config.json" if clip_dir is not None else None
-    if pre is not None and pre.is_file():
-        raw = json.loads(pre.read_text())
-        for key in _HF_IMAGE_KEYS:
-            if raw.get(key) is not None:
-                kwargs[key] = raw[key]
-        if isinstance(kwargs["size"], int):
-            kwargs["size"] = {"shortest_edge": kwargs["size"]}
-        if isinstance(kwargs["crop_size"], int):
-            kwargs["crop_size"] = {"height": kwargs["crop_size"], "width": kwargs["crop_size"]}
-    return kwargs
-
-
-def _image_processor(arch: str, ratio: str, cfg: dict, kwargs: dict):
-    from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil, LlavaNextImageProcessorPil
-
-    if arch == LLAVA_NEXT:
-        pinpoints = cfg.get("image_grid_pinpoints")
-        if not pinpoints:
-            raise ValueError("an anyres checkpoint needs image_grid_pinpoints in its config.json")
-        return LlavaNextImageProcessorPil(image_grid_pinpoints=[list(p) for p in pinpoints], **kwargs)
-    if ratio == "pad":
-        return LlavaImageProcessorPil(do_pad=True, **kwargs)
-    return CLIPImageProcessorPil(**kwargs)
-
-
 def _prepare_tokenizer(path: Path, cfg: dict):
     """Load the checkpoint's tokenizer; add <image> and a pad token when missing. Returns it."""
-    from transformers import AddedToken, AutoTokenizer, LlamaConfig
+    from transformers import AutoTokenizer, LlamaConfig
 
     # config=: the original config.json says model_type "llava", which AutoConfig would misread as HF's LlavaConfig.
     tok = AutoTokenizer.from_pretrained(str(path), config=LlamaConfig())
-    if DEFAULT_IMAGE_TOKEN not in tok.get_vocab():
-        tok.add_tokens([AddedToken(DEFAULT_IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
-    if tok.pad_token is None:
-        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    add_llava_tokens(tok)
     if cfg.get("tokenizer_padding_side") in ("left", "right"):
         tok.padding_side = cfg["tokenizer_padding_side"]
     if cfg.get("tokenizer_model_max_length"):
@@ -372,19 +364,10 @@ def _prepare_tokenizer(path: Path, cfg: dict):
     return tok
 
 
-def _grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """Append rows equal to the mean of the existing rows (computed in float32)."""
-    extra = rows - weight.shape[0]
-    if extra <= 0:
-        return weight
-    mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)
-    return torch.cat([weight, mean.expand(extra, -1)], dim=0)
-
-
 def _text_config(cfg: dict, vocab_size: int, tok):
     from transformers import LlamaConfig
 
-    kwargs = {k: cfg[k] for k in _LLAMA_KEYS if k in cfg}
+    kwargs = {k: cfg[k] for k in LLAMA_CONFIG_KEYS if k in cfg}
     kwargs["vocab_size"] = vocab_size
     # transformers 5 keeps theta and scaling together in rope_parameters; the original config has them apart.
     rope = {k: v for k, v in (cfg.get("rope_scaling") or {}).items() if k != "type"}
@@ -419,20 +402,6 @@ def _check_against(expected: dict[str, torch.Size], sd: dict[str, torch.Tensor],
         raise ValueError(f"{what}: " + "; ".join(parts))
 
 
-def _parse_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).replace("torch.", "")
-    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
-    name = aliases.get(name, name)
-    if name == "auto":
-        return None
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return value
-
-
 def load_original(
     path: str | Path,
     vision_tower: str | Path | None = None,
@@ -453,10 +422,10 @@ def load_original(
 
     path = local_dir(path, what="checkpoint")  # a directory, or a hub name resolved to its snapshot
     if not is_original_format(path):
-        cfg = _read_config(path)
+        cfg = read_config(path)
         what = "no config.json" if cfg is None else f"architectures {cfg.get('architectures')}"
         raise ValueError(f"{path} is not an original-format LLaVA checkpoint ({what}); expected {ORIGINAL_ARCHITECTURE}")
-    cfg = dict(_read_config(path) or {})
+    cfg = dict(read_config(path) or {})
     if image_aspect_ratio is not None:
         cfg["image_aspect_ratio"] = image_aspect_ratio
     arch = target_architecture(cfg)
@@ -468,14 +437,13 @@ def load_original(
     sd = _load_original_weights(path)
     if "model.embed_tokens.weight" not in sd:
         raise ValueError(f"{path} has no model.embed_tokens.weight: not a full LLaVA checkpoint")
-    target_dtype = _parse_dtype(dtype) or sd["model.embed_tokens.weight"].dtype
+    target_dtype = parse_dtype(dtype) or sd["model.embed_tokens.weight"].dtype
 
     # Vision tower: weights inside the checkpoint win; the CLIP directory gives config + image settings.
-    inside = {k[len(_O_VISION):]: v for k, v in sd.items() if k.startswith(_O_VISION)}
-    sd = {k: v for k, v in sd.items() if not k.startswith(_O_VISION)}
+    inside = any(k.startswith(ORIGINAL_VISION) for k in sd)
     name = cfg.get("mm_vision_tower") or cfg.get("vision_tower")
-    clip_dir, why = _resolve_clip_dir(path, cfg, vision_tower, has_inside_weights=bool(inside))
-    vision_config = _vision_config(clip_dir, name, bool(inside), why)
+    clip_dir, why = _resolve_clip_dir(path, cfg, vision_tower, has_inside_weights=inside)
+    vision_config = _vision_config(clip_dir, name, inside, why)
     if cfg.get("mm_hidden_size") not in (None, vision_config.hidden_size):
         raise ValueError(f"mm_hidden_size {cfg['mm_hidden_size']} != vision tower hidden_size {vision_config.hidden_size}")
 
@@ -504,40 +472,27 @@ def load_original(
     cls = getattr(transformers, arch)
     expected = _expected_state_dict(cls, config)
 
-    # Map the weights to the in-memory names of the HF class.
+    # Map the weights to the in-memory names of the HF class (KEY_MAP); the projector apart.
+    embed = to_hf_key("model.embed_tokens.weight")
     hf: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
-        if key == "lm_head.weight":
-            hf[key] = _grow_rows(value, vocab)
-        elif key == "model.embed_tokens.weight":
-            hf[_H_TEXT + "embed_tokens.weight"] = _grow_rows(value, vocab)
-        elif key.startswith(("model.layers.", "model.norm.")):
-            hf[_H_TEXT + key[len("model."):]] = value
-        elif key == _O_NEWLINE:
-            if arch == LLAVA_NEXT:
-                hf[_H_NEWLINE] = value
-            else:
-                logger.info("dropping model.image_newline: unused with image_aspect_ratio %r", ratio)
-        elif key.startswith(_O_PROJ):
+        if key.startswith(ORIGINAL_PROJECTOR):
             continue
-        else:
-            hf[key] = value  # reported as unexpected below
-    hf.update(_projector_to_hf(sd, projector, text_config.hidden_size))
+        if key == IMAGE_NEWLINE and arch != LLAVA_NEXT:
+            logger.info("dropping model.image_newline: unused with image_aspect_ratio %r", ratio)
+            continue
+        name = to_hf_key(key) or key  # a name the map does not know is reported as unexpected below
+        hf[name] = grow_rows(value, vocab) if name in (embed, "lm_head.weight") else value
+    hf.update(projector_to_hf(sd, projector, text_config.hidden_size))
     if "lm_head.weight" not in hf and text_config.tie_word_embeddings:
-        hf["lm_head.weight"] = hf[_H_TEXT + "embed_tokens.weight"]
-    if arch == LLAVA_NEXT and _H_NEWLINE not in hf:
+        hf["lm_head.weight"] = hf[embed]
+    if arch == LLAVA_NEXT and IMAGE_NEWLINE not in hf:
         raise ValueError("an anyres/spatial_unpad checkpoint needs model.image_newline, which this one lacks")
-
-    vision_keys = {k[len(_H_VISION):] for k in expected if k.startswith(_H_VISION)}
-    if inside:
-        for key, value in inside.items():
-            short = key[len("vision_model."):] if key.startswith("vision_model.") else key
-            hf[_H_VISION + (short if short in vision_keys else key)] = value
-    else:
+    if not inside:
         if clip_dir is None:  # unreachable: _vision_config raised already
             raise FileNotFoundError("no vision tower weights")
         for key, value in _clip_vision_state_dict(clip_dir).items():
-            hf[_H_VISION + key] = value
+            hf[HF_VISION + key] = value
     _check_against(expected, hf, f"converting {path}")
 
     hf = {k: (v.to(target_dtype) if v.is_floating_point() else v) for k, v in hf.items()}
@@ -545,34 +500,32 @@ def load_original(
     if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
         raise RuntimeError(f"transformers did not take the converted weights as they are: {info}")
     model.eval()
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        setattr(model.generation_config, key, getattr(tok, key))
+    set_generation_tokens(model, tok)
 
     tok.chat_template = VICUNA_V1_CHAT_TEMPLATE
-    image_processor = _image_processor(arch, ratio, cfg, _image_processor_kwargs(clip_dir, vision_config))
-    processor_cls = transformers.LlavaNextProcessor if arch == LLAVA_NEXT else transformers.LlavaProcessor
-    processor = processor_cls(
-        image_processor, tok, patch_size=vision_config.patch_size, vision_feature_select_strategy=strategy,
-        num_additional_image_tokens=1, chat_template=VICUNA_V1_CHAT_TEMPLATE,
+    processor = llava_processor(
+        tok, clip_image_settings(clip_dir, vision_config.image_size), patch_size=vision_config.patch_size,
+        strategy=strategy, aspect_ratio=ratio, pinpoints=cfg["image_grid_pinpoints"] if arch == LLAVA_NEXT else None,
     )
     return model, processor
 
 
-def _projector_to_hf(sd: dict[str, torch.Tensor], projector: str, hidden: int) -> dict[str, torch.Tensor]:
+def projector_to_hf(sd: dict[str, torch.Tensor], projector: str, hidden: int) -> dict[str, torch.Tensor]:
+    """The HF projector weights of an original checkpoint's ``mlp2x_gelu`` (``KEY_MAP``) or ``linear`` projector."""
     if projector == "mlp2x_gelu":
-        names = {f"{_O_PROJ}{i}.{p}": f"{_H_PROJ}linear_{j}.{p}" for i, j in ((0, 1), (2, 2)) for p in ("weight", "bias")}
+        names = {old: to_hf_key(old) for old in (f"{ORIGINAL_PROJECTOR}{i}.{p}" for i in (0, 2) for p in ("weight", "bias"))}
     else:
-        names = {f"{_O_PROJ}{p}": f"{_H_PROJ}linear_1.{p}" for p in ("weight", "bias")}
-    found = {k for k in sd if k.startswith(_O_PROJ)}
+        names = {f"{ORIGINAL_PROJECTOR}{p}": f"{HF_PROJECTOR}linear_1.{p}" for p in ("weight", "bias")}
+    found = {k for k in sd if k.startswith(ORIGINAL_PROJECTOR)}
     if found != set(names):
         raise ValueError(
             f"mm_projector_type {projector!r} expects weights {sorted(names)}, the checkpoint has {sorted(found)}"
         )
     out = {new: sd[old] for old, new in names.items()}
     if projector == "linear":
-        w = out[f"{_H_PROJ}linear_1.weight"]
-        out[f"{_H_PROJ}linear_2.weight"] = torch.eye(hidden, dtype=w.dtype)
-        out[f"{_H_PROJ}linear_2.bias"] = torch.zeros(hidden, dtype=w.dtype)
+        w = out[f"{HF_PROJECTOR}linear_1.weight"]
+        out[f"{HF_PROJECTOR}linear_2.weight"] = torch.eye(hidden, dtype=w.dtype)
+        out[f"{HF_PROJECTOR}linear_2.bias"] = torch.zeros(hidden, dtype=w.dtype)
     return out
 
 
@@ -586,15 +539,12 @@ def original_to_hf(
 ) -> Path:
     """Convert an original-format checkpoint to an HF directory (``save_pretrained`` of model and processor)."""
     model, processor = load_original(path, vision_tower=vision_tower, dtype=dtype, image_aspect_ratio=image_aspect_ratio)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    _copy_sentencepiece(local_dir(path, what="checkpoint"), out)
+    out = save_model(model, processor, out_dir)
+    copy_sentencepiece(local_dir(path, what="checkpoint"), out)
     return out
 
 
-def _copy_sentencepiece(src: Path, out: Path) -> None:
+def copy_sentencepiece(src: Path, out: Path) -> None:
     """Carry tokenizer.model along (transformers 5 writes tokenizer.json only; older readers want the .model)."""
     f = src / "tokenizer.model"
     if f.is_file() and not (out / "tokenizer.model").exists():

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from llava.constants import DEFAULT_IMAGE_TOKEN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PAD_TOKEN
+from llava.constants import DEFAULT_IMAGE_TOKEN, PAD_TOKEN
 from llava.conversation import VICUNA_V1_CHAT_TEMPLATE
+from llava.model.load import clip_image_settings, default_pinpoints, llava_processor, set_generation_tokens
 
 
 @dataclass(frozen=True)
@@ -121,15 +122,11 @@ def build(arch: str = "llava", seed: int = 0, size: str | TinySize = "tiny", dev
     models); ``device`` is where the weights are created (``"meta"``: sizes only, nothing allocated).
     """
     from transformers import (
-        CLIPImageProcessorPil,
         CLIPVisionConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-        LlavaProcessor,
     )
 
     if arch not in ("llava", "llava_next"):
@@ -146,28 +143,15 @@ def build(arch: str = "llava", seed: int = 0, size: str | TinySize = "tiny", dev
         projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2,
         tie_word_embeddings=False,
     )
-    image_kwargs = dict(
-        size={"shortest_edge": s.image_size}, crop_size={"height": s.image_size, "width": s.image_size},
-        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
-    )
-    processor_kwargs = dict(
-        patch_size=s.patch_size, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=VICUNA_V1_CHAT_TEMPLATE,
-    )
+    pinpoints = default_pinpoints(s.image_size) if arch == "llava_next" else None
+    processor = llava_processor(tok, clip_image_settings(None, s.image_size), patch_size=s.patch_size, pinpoints=pinpoints)
     torch.manual_seed(seed)
     with torch.device(device) if device else contextlib.nullcontext():  # weights are made where they will live
         if arch == "llava":
             model = LlavaForConditionalGeneration(LlavaConfig(**common))
-            processor = LlavaProcessor(CLIPImageProcessorPil(**image_kwargs), tok, **processor_kwargs)
         else:
-            n = s.image_size
-            pinpoints = [[n, 2 * n], [2 * n, n], [2 * n, 2 * n], [3 * n, n], [n, 3 * n]]
             model = LlavaNextForConditionalGeneration(LlavaNextConfig(image_grid_pinpoints=pinpoints, **common))
-            image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=pinpoints, **image_kwargs)
-            processor = LlavaNextProcessor(image_processor, tok, **processor_kwargs)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.bos_token_id = tok.bos_token_id
+    set_generation_tokens(model, tok)
     return model.eval(), processor
 
 

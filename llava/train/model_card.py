@@ -237,7 +237,7 @@ def _usage(facts: CardFacts, name: str) -> list[str]:
 
 def write_model_card(directory: str | Path, facts: CardFacts, log_history: Sequence[Mapping]) -> Path:
     """Write the card as ``<directory>/README.md`` (atomically) and return its path."""
-    from llava.eval.output_file import write_atomic
+    from llava.fileio import write_atomic
 
     path = Path(directory) / CARD_NAME
     write_atomic(path, [render_card(facts, log_history, directory).encode()])

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from llava.fileio import write_atomic
 from llava.method import ConditionLogps
 
 
@@ -148,9 +149,8 @@ class CachedReference:
         self.table = reference_pass(trainer, dataset)
         if trainer.accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"key": self.key, "logps": self.table}, tmp)
-            os.replace(tmp, self.path)  # atomic: a killed run never leaves a half-written cache
+            saved = {"key": self.key, "logps": self.table}
+            write_atomic(self.path, lambda f: torch.save(saved, f))  # a killed run never leaves a half-written cache
         trainer.accelerator.wait_for_everyone()
 
     def logps(self, trainer, model, batch: dict) -> ConditionLogps:

@@ -1,0 +1,116 @@
+"""Reading JSON Lines and writing files atomically: the one way each is done in this package.
+
+``iter_jsonl`` is the line reader behind every JSON Lines input (training and test records,
+inference outputs, scored files); each caller words its own messages from the ``JsonLine``s it gets,
+naming the file and the 1-based line. ``write_atomic`` is the one writer of files that a reader may
+see while they are written, or that a killed run must never leave half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
+
+
+@dataclass(frozen=True)
+class JsonLine:
+    """One non-blank line of a JSON Lines file.
+
+    ``value`` is the parsed JSON value (any type: callers that need an object check it); ``problem``
+    says why the line could not be parsed (``value`` is then None).
+    """
+
+    number: int  # 1-based line number in the file
+    raw: bytes  # the line as stored, without its newline
+    value: Any = None
+    problem: str | None = None
+
+    @property
+    def is_object(self) -> bool:
+        return self.problem is None and isinstance(self.value, dict)
+
+
+def iter_jsonl(data: bytes) -> Iterator[JsonLine]:
+    """The non-blank lines of JSON Lines ``data``, parsed one by one.
+
+    Lines end at ``\\n`` only: ``str.splitlines()`` would also break at U+2028, U+0085 and other
+    separators that ``json.dumps(ensure_ascii=False)`` leaves raw inside strings. A ``\\r`` before the
+    newline (CRLF files) and a byte-order mark opening a line are not data. A line that is not UTF-8
+    or not JSON comes with its ``problem``; the lines after it are read as usual.
+    """
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            # utf-8-sig: a byte-order mark (some editors and Windows tools write one) is not data.
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            yield JsonLine(number, raw, problem=f"not UTF-8 ({e.reason})")
+            continue
+        if not text.strip():
+            continue
+        try:
+            yield JsonLine(number, raw, json.loads(text))
+        except json.JSONDecodeError as e:
+            yield JsonLine(number, raw, problem=f"not valid JSON ({e.msg} at column {e.colno})")
+
+
+def not_an_object(value: Any) -> str:
+    """The reason a parsed line that is not a JSON object is skipped."""
+    return f"not a JSON object (a {type(value).__name__})"
+
+
+def write_atomic(path: str | Path, content: str | bytes | Iterable[bytes] | Callable[[BinaryIO], Any]) -> None:
+    """Write ``path`` so that readers see the old file or the whole new one, never a part.
+
+    ``content`` is text (written as UTF-8), bytes, an iterable of byte chunks, or a function that
+    writes to the open binary file (``lambda f: torch.save(obj, f)``). It goes to a temporary file in
+    the same folder (a rename across file systems is not atomic), synced to disk, then renamed over
+    ``path``; the folder is synced too so the rename survives a crash. On any failure the temporary
+    file is removed and ``path`` is as it was.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, _default_mode())  # mkstemp makes the file 0600; give it the mode open() would
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(content, str):
+                f.write(content.encode("utf-8"))
+            elif isinstance(content, (bytes, bytearray)):
+                f.write(content)
+            elif callable(content):
+                content(f)
+            else:
+                for chunk in content:
+                    f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _sync_folder(path.parent)
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _sync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform; the rename itself is done
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
