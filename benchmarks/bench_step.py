@@ -246,6 +246,7 @@ class Data:
         the image is padded to a square in the processor's mean colour, as the project's ``pad``
         mode does, so both see the same pixels.
         """
+        from llava.constants import DEFAULT_IMAGE_TOKEN
         from llava.conversation import image_question
         from llava.data.images import expand_to_square, open_image
 
@@ -253,7 +254,10 @@ class Data:
         out = []
         for r in self.records:
             image = expand_to_square(open_image(r, str(self.folder)), self.images.fill)
-            prompt = tok.bos_token + "\u2581" + self.template.human_text(image_question(r.question), True)
+            # LLaVA's tokenization starts the text after the image as a fresh string, with a word-boundary
+            # mark; TRL tokenizes the prompt whole, so the mark is written out after <image> (and the first word)
+            human = self.template.human_text(image_question(r.question), True)
+            prompt = tok.bos_token + "\u2581" + human.replace(DEFAULT_IMAGE_TOKEN, DEFAULT_IMAGE_TOKEN + "\u2581")
             out.append({"images": [image], "prompt": prompt,
                         "chosen": self.template.answer_text(r.chosen),  # ends with </s>
                         "rejected": self.template.answer_text(r.rejected)})
@@ -426,7 +430,7 @@ def reference_tables(runners: dict) -> dict:
             continue
         r.model.eval()
         with torch.no_grad():
-            tables[key] = torch.cat([r.model(**b).float().cpu() for b in r.batches])
+            tables[key] = torch.cat([r.model(**b).values.float().cpu() for b in r.batches])
         r.model.train()
     for r in runners.values():
         if r.variant in ("naive_mcm", "mcm", "dpo"):
@@ -445,20 +449,24 @@ def check_mcm_vs_naive(runners: dict, tables: dict, tol: float = REL_TOL) -> dic
     """Same eight log-probabilities and same loss (cached reference, and a shifted one) for record 0."""
     import torch
 
+    from llava.method import ConditionLogps
+
     packed, naive = runners["mcm"], runners["naive_mcm"]
     objective = packed.trainer.objective
     lp_packed = tables["mcm"][:1]  # the packed forward of record 0 from the starting weights (reference_tables)
     naive.model.eval()
     with torch.no_grad():
-        lp_naive = naive.model(**naive.batches[0]).float().cpu()
+        lp_naive = naive.model(**naive.batches[0]).values.float().cpu()
     naive.model.train()
     ref = tables["mcm"][:1]
     # a reference away from the policy makes every margin non-zero, so the loss is sensitive to each condition
     shifted = ref - torch.arange(ref.shape[1], dtype=ref.dtype) * 0.75
     out = {"logps_packed": lp_packed[0].tolist(), "logps_naive": lp_naive[0].tolist(),
            "logps_max_rel": _rel(lp_naive, lp_packed)}
+    labelled = lambda t: ConditionLogps(t, tuple(objective.conditions))  # noqa: E731
     for name, r in (("cached", ref), ("shifted", shifted)):
-        lp, ln = float(objective(lp_packed, r, {})[0]), float(objective(lp_naive, r, {})[0])
+        lp = float(objective(labelled(lp_packed), labelled(r), {})[0])
+        ln = float(objective(labelled(lp_naive), labelled(r), {})[0])
         out[f"loss_{name}_packed"], out[f"loss_{name}_naive"], out[f"loss_{name}_rel"] = lp, ln, _rel(ln, lp)
     out["tolerance"] = tol
     out["passed"] = max(out["logps_max_rel"], out["loss_cached_rel"], out["loss_shifted_rel"]) <= tol
