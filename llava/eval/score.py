@@ -1,74 +1,10 @@
-"""Score inference outputs (JSON Lines) against reference alt-text.
-
-Command line (``python get_score.py`` is a thin front for :func:`main`)::
+"""Score inference outputs (JSON Lines) against reference alt-text: ``get_score.py``'s engine.
 
     python get_score.py --file A.jsonl [B.jsonl ...] [--out_dir DIR] [--metrics coco|published|all]
-    python get_score.py --dir DIR [--out_dir DIR] [--metrics coco|published|all]
 
-``--dir`` scores every ``*.jsonl`` in DIR (sorted) except ``*_score.jsonl``.
-``--out_dir`` defaults to the directory of the first file (or to DIR).
-
-Two sets of caption metrics, on different scales, never mixed: every key and column
-of one set starts with its set's name.
-
-* ``coco_*``: the COCO caption pipeline of pycocoevalcap (PTB tokenizer, lower-cased,
-  punctuation removed), see :mod:`llava.eval.metrics`;
-* ``published_*``: what the authors' released ``get_score.py`` computes, the numbers
-  of the paper's tables (nltk tokens, case kept), see :mod:`llava.eval.published_metrics`.
-
-``--metrics`` picks ``coco``, ``published`` or ``all`` (the default); the keys of a
-set that was not computed are null.
-
-Input records
--------------
-One JSON object per line with ``response`` (model output) and ``chosen`` (reference
-alt-text); usually also ``idx``, ``image_path`` and ``question``.
-
-* **Yes/no files**: when any (non-error) record of a file has a ``label`` field, the
-  file is a yes/no benchmark: every record needs ``label`` ("yes"/"no", any case)
-  and ``chosen`` is not needed (and ignored).
-* **Error rows**: a record with a truthy ``error`` field (its image failed) is
-  counted in ``errors`` and excluded from every metric and from ``n``; it needs no
-  other field.
-* **Unparseable lines** (not JSON, or not a JSON object) are reported on stderr as
-  ``FILE, line N: ...``, skipped and counted in ``bad_lines``. Blank lines are ignored.
-* **Missing fields**: a record without ``response`` (or ``chosen``/``label``), or
-  with a non-string value, is an error naming file, line and field; the command
-  exits with status 2 before writing anything.
-* **Duplicate idx**: reported on stderr with the idx and both line numbers, counted
-  in ``duplicate_idx``; both records are scored.
-
-Outputs (written atomically: temp file + rename)
------------------------------------------------
-``scores.json``: a list with one row per file; every row has exactly ``ROW_KEYS``:
-
-* ``file`` (path as given), ``kind`` ("caption" or "yesno"), ``n`` (scored records),
-  ``errors``, ``bad_lines``, ``duplicate_idx`` (counts);
-* COCO caption metrics, x100: ``coco_Bleu_1`` .. ``coco_Bleu_4``, ``coco_METEOR``,
-  ``coco_ROUGE_L``, ``coco_CIDEr``; ``coco_edit_distance`` (mean word-level Levenshtein
-  distance, lower-cased whitespace tokens); null in yes/no rows;
-* published caption metrics, rounded as released: ``published_bleu_1``,
-  ``published_bleu_4``, ``published_cumulative_bleu_4``, ``published_METEOR``,
-  ``published_ROUGE-L``, ``published_CIDEr`` (x100), ``published_edit_distance``
-  (mean over samples of the nltk-token Levenshtein distance); null in yes/no rows;
-* response length, every kind: ``mean_words``, ``mean_chars``, ``over_125_chars``
-  and ``empty`` (shares of responses longer than 125 characters / empty, in percent);
-* yes/no metrics, x100: ``accuracy``, ``precision``, ``recall``, ``f1``,
-  ``yes_ratio``, and ``unparsed`` (count of responses without a yes/no word); null
-  in caption rows.
-
-A metric is null when the file has no scored record. Empty responses are scored
-(as zero, see :mod:`llava.eval.metrics`) and counted in ``empty``.
-
-``scores.csv`` has the same columns, ``scores.md`` Markdown tables (printed too): one
-titled section per metric set that has values (the COCO table also holds the counts,
-lengths and yes/no metrics); numbers with 2 decimals, columns that are null in every
-row left out, count columns left out when zero in every row.
-
-``<name>_score.jsonl`` (in ``--out_dir`` when it is given, else beside each input)
-holds one line per parsed record: the record plus ``SAMPLE_KEYS_CAPTION`` or
-``SAMPLE_KEYS_YESNO`` (null for error rows). Its published values are per sample,
-x100 (edit distance as is), not rounded.
+Two metric sets on different scales, never mixed (every key starts with ``coco_`` or ``published_``),
+yes/no benchmarks, error rows and bad lines counted; ``scores.json``, ``scores.csv``, ``scores.md`` and
+``<name>_score.jsonl`` written atomically. Every input rule and output column: docs/scores.md.
 """
 
 from __future__ import annotations

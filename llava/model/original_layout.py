@@ -1,71 +1,9 @@
 """The original LLaVA checkpoint layout: its names, recognising it, and loading it into transformers' classes.
 
-This module holds what both directions share (the layout constants, ``KEY_MAP`` of weight names, format
-detection) and the import direction: ``load_original`` (an original checkpoint -> ``(model, processor)``) and
-``original_to_hf`` (the same, saved; ``python -m llava.model.convert to-hf``). The export direction,
-``hf_to_original``, and the command line are in ``llava.model.convert``.
-
-The *original* layout is the one of ``liuhaotian/llava-v1.5-7b`` and ``liuhaotian/llava-v1.6-vicuna-7b``:
-a Llama ``config.json`` with ``"architectures": ["LlavaLlamaForCausalLM"]`` (``model_type`` ``"llava"``) plus
-the ``mm_*`` keys, weights named ``model.embed_tokens.*``, ``model.layers.*``, ``model.norm.*``, ``lm_head.*``,
-``model.mm_projector.{0,2}.*`` (``model.mm_projector.*`` for a ``linear`` projector), ``model.image_newline``
-(v1.6) and, when the vision tower was trained (v1.6), ``model.vision_tower.vision_tower.vision_model.*``;
-tokenizer files without an ``<image>`` token (the original code splices image features at the placeholder
-id -200). The *HF* layout is what ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration``
-``save_pretrained`` writes, plus the processor.
-
-Which HF class (``target_architecture``)
-----------------------------------------
-The original code decides the image path from ``image_aspect_ratio`` first: only ``anyres`` splits an image
-into tiles; ``pad`` and ``square`` encode a single view and flatten it, whatever ``mm_patch_merge_type`` says.
-Hence:
-
-* ``image_aspect_ratio`` ``pad`` / ``square`` (or missing) -> ``LlavaForConditionalGeneration``, for any
-  ``mm_patch_merge_type``. A LLaVA-1.6 checkpoint run with ``pad`` (how the MCM-DPO paper uses LLaVA-1.6:
-  one 336 view, 576 image tokens, ``image_newline`` unused) therefore maps to the LLaVA-1.5 class and its
-  ``model.image_newline`` is dropped. The released v1.6 config says ``anyres``; pass
-  ``image_aspect_ratio="pad"`` (``--image_aspect_ratio pad``) to get that use.
-* ``anyres`` with ``spatial_unpad`` -> ``LlavaNextForConditionalGeneration`` (``image_grid_pinpoints`` carried
-  over, ``model.image_newline`` required).
-* ``anyres`` with ``flat`` or ``spatial`` (no unpadding / no newline) and ``anyres_max_*`` (LLaVA-OneVision) have
-  no HF equivalent: a ``ValueError``.
-
-Image preprocessing follows the same rule: ``pad`` -> ``LlavaImageProcessor`` with ``do_pad=True`` (the
-original ``expand2square`` with the mean colour, then the CLIP resize/crop), ``square`` -> the plain CLIP
-processor, ``anyres`` -> ``LlavaNextImageProcessor``; settings come from the CLIP directory's
-``preprocessor_config.json`` when there is one, else the CLIP-336 defaults (OpenAI mean/std, bicubic,
-shortest edge = crop = the tower's image size).
-
-Supported and not
------------------
-* Projector ``mlp2x_gelu`` maps to ``multi_modal_projector.linear_1`` / ``linear_2`` with ``gelu``.
-* Projector ``linear`` (LLaVA v1.0-style) maps exactly, without modeling code of our own: ``linear_1`` holds the
-  weight, ``projector_hidden_act="linear"`` (identity) and ``linear_2`` is an identity matrix with a zero bias,
-  which reproduces ``W x + b`` bit for bit (``hf_to_original`` writes a ``linear`` projector back).
-* Not supported (clear ``ValueError``): other projectors (``mlpNx_gelu`` with N != 2, ``identity``,
-  resamplers), ``mm_use_im_start_end`` (the prompt format differs), ``cls_patch`` with ``anyres``, towers other
-  than CLIP, language models other than Llama (``LlavaMistralForCausalLM``, MPT, ...), LoRA or
-  projector-only (pre-training stage) directories: merge those with their base first.
-* ``mm_use_im_patch_token`` only adds an unused token to the saved tokenizer: accepted.
-
-Vision tower
-------------
-Weights inside the checkpoint are used when present. The CLIP directory (for the config, the image processor
-settings and, when the checkpoint has no tower weights, the weights) is, in order: ``vision_tower=`` (a local
-directory or a hub name), ``mm_vision_tower`` when it is a local directory (absolute, relative to the working
-directory, or relative to the checkpoint), that hub name resolved through ``huggingface_hub``
-(``llava.model.hub``: the cache, downloaded when online; only its config files when the weights are inside
-the checkpoint), and finally a ``vision_tower/`` folder inside the checkpoint (what ``hf_to_original``
-writes). A hub name that cannot be resolved (offline and not cached, say) is an error asking for
-``vision_tower=``, except when the tower weights are inside the checkpoint and the id is one of the OpenAI
-CLIP-L/14 towers LLaVA uses, whose config is known.
-
-Tokenizer
----------
-The checkpoint's tokenizer is loaded with ``AutoTokenizer``; ``<image>`` (and ``<pad>`` when there is no pad
-token; v1.5 uses ``<unk>``) are added as special tokens. Embeddings and ``lm_head`` grow only when a new id
-falls outside the weight matrix; new rows are the mean of the existing rows, so logits of old tokens do not
-change (``hf_to_original`` keeps both tokens, so a round trip is lossless).
+What both conversion directions share (layout constants, ``KEY_MAP`` of weight names, format detection)
+and the import direction: ``load_original`` (an original checkpoint -> ``(model, processor)``) and
+``original_to_hf`` (the same, saved). Which HF class a checkpoint maps to, what is supported, where the
+vision tower and the tokenizer come from: docs/original-layout.md.
 """
 
 from __future__ import annotations
