@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from llava.eval.inference import (DEFAULTS, InferenceError, add_generation_args, check_model_path, image_processor_for,
+from llava.eval.inference import (DEFAULTS, InferenceError, add_generation_args, add_model_args, check_model_path, image_processor_for,
                                   load_for_inference)
 
 QUESTION_TEMPLATE = "Given an image and context, generate alt-text for the image.\nContext:\n{context}"
@@ -31,10 +31,7 @@ def question_for(context: str, template: str = QUESTION_TEMPLATE) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Print the alt-text a LLaVA model writes for one image and its post.")
-    p.add_argument("--model_name_or_path", "--model_name", "--model_path", "--model-path", dest="model_name", required=True, metavar="MODEL",
-                   help="model directory or hub name (a LoRA adapter with --model_base)")
-    p.add_argument("--model_base", default=None, help="base model directory of a LoRA adapter")
-    p.add_argument("--vision_tower", default=None, help="local CLIP directory for an original-format checkpoint")
+    add_model_args(p)
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--context", default="", help="the text of the post the image appears in")
     p.add_argument("--question_template", default=QUESTION_TEMPLATE,

@@ -64,6 +64,15 @@ def str_to_bool(text: str) -> bool:
     return value
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model flags shared by ``mcmdpo_inference.py`` and ``llava.eval.alt_text``."""
+    p.add_argument("--model_name_or_path", "--model_name", "--model-path", "--model_path", dest="model_name", required=True,
+                   metavar="MODEL", help="HF-format LLaVA, LoRA adapter (with --model_base) or original-format LLaVA: "
+                                         "a directory or hub name")
+    p.add_argument("--model_base", default=None, help="base model directory of a LoRA adapter")
+    p.add_argument("--vision_tower", default=None, help="local CLIP directory for an original-format checkpoint")
+
+
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     """Prompt and decoding flags shared by ``mcmdpo_inference.py`` and ``llava.eval.alt_text``."""
     from llava.constants import DTYPES
@@ -92,10 +101,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate alt-text (or yes/no answers) for test records with a LLaVA model.")
     # Each flag is named as in training (llava-mcmdpo's one vocabulary); the released script's names still work.
-    p.add_argument("--model_name_or_path", "--model_name", "--model-path", "--model_path", dest="model_name", required=True, metavar="MODEL",
-                   help="HF-format LLaVA, LoRA adapter (with --model_base) or original-format LLaVA: a directory or hub name")
-    p.add_argument("--model_base", default=None, help="base model directory of a LoRA adapter")
-    p.add_argument("--vision_tower", default=None, help="local CLIP directory for an original-format checkpoint")
+    add_model_args(p)
     p.add_argument("--model_revision", default=None, help="branch, tag or commit of a hub --model_name_or_path")
     p.add_argument("--data_path", "--test_datasets", dest="test_datasets", nargs="+", required=True, metavar="FILE",
                    help="test files: JSON array, JSON Lines, Parquet, a datasets directory, or hub datasets org/name[:split]")

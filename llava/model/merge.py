@@ -19,16 +19,13 @@ from llava.constants import DTYPES
 
 def merge_adapter(adapter: str | Path, model_base: str | Path | None, out_dir: str | Path, dtype: str = "auto") -> Path:
     """Load ``adapter`` on its base with the LoRA weights folded in, and save it to ``out_dir``."""
-    import torch
-
-    from llava.model.load import ModelLoadError, checkpoint_kind, load_model, save_model
+    from llava.model.load import ModelLoadError, checkpoint_kind, load_model, parse_dtype, save_model
 
     kind = checkpoint_kind(adapter)
     if kind != "lora":
         raise ModelLoadError(f"{adapter}: not a LoRA adapter (no adapter_config.json; it is a {kind} checkpoint): "
                              "nothing to merge")
-    torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
-    model, processor = load_model(adapter, model_base, dtype=torch_dtype, merge_lora=True)
+    model, processor = load_model(adapter, model_base, dtype=parse_dtype(dtype), merge_lora=True)
     return save_model(model, processor, out_dir)
 
 
