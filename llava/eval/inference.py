@@ -1,29 +1,11 @@
 """Batch inference over test files: one JSON line per record, resumable, shardable.
 
-    python mcmdpo_inference.py --model_name PATH --test_datasets FILE [FILE ...] --eval_output OUT.jsonl
-        [--image_folder DIR] [--model_base PATH] [--conv_mode llava_v1] [--prompt_newline True] [--batch_size 8] [--num_beams 3]
-        [--temperature 0] [--max_new_tokens 256] [--image_aspect_ratio pad] [--skip_bad_records]
-        [--dtype auto|float32|bfloat16|float16]
-
+    python mcmdpo_inference.py --model_name_or_path MODEL --data_path FILE [FILE ...] --output OUT.jsonl [...]
     torchrun --nproc_per_node N mcmdpo_inference.py ...      (or accelerate launch; same flags)
 
-Output: each line is the input record as read (``Record.output_fields()``: every field but image
-bytes) plus ``response``; a record whose image is missing or unreadable gets ``error`` instead when
-``--skip_bad_records`` is given (without it the run stops, naming file and record, before anything is
-generated for that record). Lines are in input order (files in the order given).
-
-This module holds the command line, the processes, the model and the generation loop. The output file
-(resuming from it, torn lines, part files, merging, the lock) is ``llava.eval.output_file``: its docstring
-says how a rerun continues where a killed run stopped.
-
-Several processes
------------------
-Under ``torchrun``/``accelerate launch`` (``WORLD_SIZE`` > 1) the processes meet through
-``torch.distributed`` (gloo: only barriers and flags travel). Rank 0 first folds the part files of
-an earlier sharded run into OUT; then every rank takes every ``WORLD_SIZE``-th of the records still
-to do and appends its lines to ``OUT.rank{K}.part``; at the end rank 0 merges OUT and the parts in
-input order (every record once) into OUT and removes the parts. A killed sharded run resumes with
-any number of processes, or with one.
+This module holds the command line, the processes, the model and the generation loop; the output
+file (resuming, torn lines, part files, merging, the lock) is ``llava.eval.output_file``. How a
+killed or sharded run continues: docs/inference.md.
 """
 
 from __future__ import annotations

@@ -1,30 +1,9 @@
 """The output file of batch inference (``llava.eval.inference``): its lines, resuming from it, merging into it.
 
-The records to do (``load_items``: one ``Item`` per input record), the output lines (``result_line``,
-``dumps_line``), reading them back (``read_lines``, which cuts off a torn last line), matching them to the
-records (``match_lines``), the per-rank part files (``part_path``, ``part_files``), folding everything into
-OUT in input order (``consolidate``, through ``write_atomic``) and the lock that keeps two runs apart
-(``_OutputLock``). ``InferenceError``, the one-message error of the whole run, lives here because these
-checks raise it.
-
-Resuming
---------
-Rerunning the same command continues where a killed run stopped. A line is matched back to its
-record by the record's own fields, which the line carries: its identity is ``(file, idx)`` when
-every record of the file has a distinct ``idx`` (the idx is one of those fields), else its
-position (records with identical fields are interchangeable: the first unmatched one is taken).
-Lines are written whole, one write per batch, flushed and synced; a torn last line (a kill in the
-middle of a write) is cut off before appending, and its record is redone. A record that only has
-an ``error`` line is tried again. At the end, if the lines are not exactly one per record in input
-order (resumed, sharded, superseded error rows), the file is rewritten in order through a temporary
-file and an atomic rename. A line that matches no input record (the output of another command)
-stops the run: nothing is overwritten; ``--overwrite`` starts afresh.
-
-Part files
-----------
-Rank K of a sharded run appends to ``OUT.rank{K}.part`` (``part_path``); ``consolidate`` folds OUT and the
-parts (``part_files``) into OUT in input order, every record once, and removes the parts. Only rank 0 takes
-the lock, ``OUT.lock`` (the processes themselves: ``llava.eval.inference``).
+The records to do (``load_items``), the output lines (``result_line``, ``dumps_line``), reading them back
+(``read_lines``, which cuts off a torn last line), matching them to the records (``match_lines``), the
+per-rank part files, folding everything into OUT in input order (``consolidate``) and the lock that
+keeps two runs apart (``_OutputLock``). The rules of resuming and merging: docs/inference.md.
 """
 
 from __future__ import annotations
