@@ -1,30 +1,8 @@
 """Metric computation for alt-text evaluation: pure functions on lists of strings.
 
-Caption metrics follow the standard COCO caption pipeline of ``pycocoevalcap``:
-the Stanford PTB tokenizer (lower-cases, strips punctuation), then ``Bleu(4)``,
-``Meteor()``, ``Rouge()`` (ROUGE-L) and ``Cider()`` (CIDEr-D style with sigma 6).
-Every value is reported x100, as in the paper.
-
-* The corpus value of a metric is exactly what the scorer's ``compute_score``
-  returns as its first element (BLEU: corpus-level BLEU with the "closest"
-  reference length; METEOR: the jar's aggregate over all segments; ROUGE-L and
-  CIDEr: the mean of the per-sample values).
-* The per-sample values are the scorers' per-sample outputs (second element).
-
-Empty text
-----------
-The PTB tokenizer and the scorers do not handle empty strings gracefully, so a
-response that is empty *after* PTB tokenization (an empty string, whitespace, or
-punctuation only) is replaced by the single token ``EMPTY_RESPONSE_TOKEN``; an
-empty reference by ``EMPTY_REFERENCE_TOKEN``. The two tokens differ from each other
-and from any real word, so an empty response matches nothing: ROUGE-L, METEOR and
-CIDEr give exactly 0 and BLEU gives 0 up to its smoothing constants (per sample
-below 1e-8 after x100). In corpus BLEU the empty response counts as a one-token hypothesis
-(it adds to the candidate length used by the brevity penalty).
-
-CIDEr note: CIDEr's IDF weights come from the references of the whole file, so a
-file with a single sample always gets CIDEr 0 and identical pairs do not score a
-fixed value.
+The COCO caption pipeline of ``pycocoevalcap`` (PTB tokenizer, ``Bleu(4)``, ``Meteor()``, ``Rouge()``,
+``Cider()``), reported x100, corpus values as the scorers return them; empty responses score zero.
+How empty text is handled and why, and CIDEr's file-level IDF: docs/scores.md.
 """
 
 from __future__ import annotations

@@ -3,27 +3,8 @@
     python -m llava.model.convert to-hf       --src ORIGINAL_DIR --out HF_DIR [--vision_tower CLIP_DIR]
     python -m llava.model.convert to-original --src HF_DIR --out ORIGINAL_DIR [--separate_vision_tower]
 
-``--src`` and ``--vision_tower`` may also be hub names (``liuhaotian/llava-v1.5-7b``), resolved through
-``huggingface_hub`` (``llava.model.hub``).
-
-This module holds the command line and the export direction, ``hf_to_original`` (an HF LLaVA / LLaVA-NeXT
-model -> the original layout). The original layout itself (its key names, ``is_original_format``, the HF class
-a config maps to: ``target_architecture``, what is supported and not, the key map ``KEY_MAP`` both directions
-read) and the import direction (``load_original``, ``original_to_hf``) are in ``llava.model.original_layout``.
-
-Exporting
----------
-``hf_to_original`` writes ``config.json`` (the ``mm_*`` keys, ``LlavaLlamaForCausalLM``), ``model.safetensors``
-(sharded above 5 GB) with the original key names, ``generation_config.json`` and the tokenizer files, plus
-``vision_tower/`` (a ``CLIPVisionModel`` directory in the legacy ``vision_model.*`` key layout with a
-``preprocessor_config.json``) whenever the tower is not inside the main file (``include_vision_tower=False``)
-or is not one of the standard OpenAI towers; ``mm_vision_tower`` then holds its absolute path.
-
-The projector: ``projector_hidden_act="gelu"`` becomes ``mlp2x_gelu``; ``"linear"`` becomes a ``linear``
-projector again, and if ``linear_2`` was trained away from identity the two layers are folded into one (exact
-maths, float rounding); any other activation is a ``ValueError``. The tokenizer keeps ``<image>`` / ``<pad>``
-and the vocabulary keeps their rows (the original code never produces them: it splits prompts on the literal
-``<image>`` text), so a round trip is lossless.
+The command line and the export direction, ``hf_to_original``; the layout itself and the import
+direction are ``llava.model.original_layout``. What an export writes: docs/original-layout.md.
 """
 
 from __future__ import annotations
