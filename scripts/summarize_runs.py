@@ -17,13 +17,14 @@ import statistics
 import sys
 from pathlib import Path
 
+from llava.method import TERMS as METHOD_TERMS
+
 METHODS = {"sft": "SFT", "dpo": "DPO", "mcmdpo": "MCM-DPO"}
 METRICS = {"coco_Bleu_4": "BLEU-4", "coco_METEOR": "METEOR", "coco_ROUGE_L": "ROUGE-L", "coco_CIDEr": "CIDEr",
            "key_fact": "key fact stated (%)", "context": "context reflected (%)"}
 
 
-TERMS = {"response": "response", "image": "image", "context": "context", "context_response": "context+response",
-         "image_response": "image+response", "context_image": "context+image", "all": "all three"}
+TERMS = {t.name: t.label for t in METHOD_TERMS}  # the seven terms and their labels (llava.method)
 LAST_STEPS = 3
 
 
