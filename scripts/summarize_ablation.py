@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from summarize_runs import load_run  # noqa: E402
 
-COLUMNS = {"key_fact": "key fact stated (%)", "CIDEr": "CIDEr"}
+COLUMNS = {"key_fact": "key fact stated (%)", "coco_CIDEr": "CIDEr"}
 
 
 def collect(out: Path) -> dict[str, list[dict[str, float]]]:
@@ -45,7 +45,7 @@ def markdown(rows: dict[str, list[dict[str, float]]]) -> str:
 
 
 def best_row(rows: dict[str, list[dict[str, float]]]) -> str:
-    return max(rows, key=lambda name: (rows[name][0]["key_fact"], rows[name][0]["CIDEr"]))
+    return max(rows, key=lambda name: (rows[name][0]["key_fact"], rows[name][0]["coco_CIDEr"]))
 
 
 def main(argv: list[str] | None = None) -> None:

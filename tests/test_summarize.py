@@ -68,7 +68,8 @@ def test_ablation_table_rows_seeds_and_best(tmp_path):
         d = tmp_path / row / f"seed{seed}"
         d.mkdir(parents=True)
         f = f"{d}/eval/mcmdpo.jsonl"
-        (d / "scores.json").write_text(json.dumps([{"file": f, "Bleu_4": 1.0, "METEOR": 1.0, "ROUGE_L": 1.0, "CIDEr": cider}]))
+        (d / "scores.json").write_text(json.dumps([{"file": f, "coco_Bleu_4": 1.0, "coco_METEOR": 1.0, "coco_ROUGE_L": 1.0,
+                                                     "coco_CIDEr": cider}]))
         (d / "grounding.json").write_text(json.dumps([{"file": f, "key_fact": key_fact, "context": 50.0, "n": 3}]))
 
     ablation_run("terms2", 0, 40.0, 100.0)
