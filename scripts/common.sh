@@ -167,9 +167,12 @@ launch() {
   else
     launcher+=(--num_gpus "$NUM_GPUS")
   fi
-  # The settings file must come first (the trainer reads it before the flags): it leads STAGE_FLAGS.
-  local cmd=("${launcher[@]}" --master_port "$MASTER_PORT" "$REPO_ROOT/llava/train/train.py" "$1" --deepspeed "$config"
-             "${PRECISION_FLAGS[@]}" --dataloader_num_workers "$NUM_WORKERS" "${@:2}")
+  # A settings file must come first (the trainer reads it before the flags): it leads STAGE_FLAGS;
+  # a caller that builds its own flags (pretrain.sh) passes none.
+  local settings=()
+  case "${1:-}" in *.yaml|*.yml) settings=("$1"); shift ;; esac
+  local cmd=("${launcher[@]}" --master_port "$MASTER_PORT" "$REPO_ROOT/llava/train/train.py" "${settings[@]}"
+             --deepspeed "$config" "${PRECISION_FLAGS[@]}" --dataloader_num_workers "$NUM_WORKERS" "$@")
   if [ "${DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "${env[@]}" "${cmd[@]}"; echo
     return 0
