@@ -316,9 +316,14 @@ def resolve_hub_arguments(model_args) -> None:
 
     model_args.model_name_or_path = str(resolve(model_args.model_name_or_path, getattr(model_args, "model_revision", None),
                                                 what="--model_name_or_path"))
-    if model_args.vision_tower and checkpoint_kind(model_args.model_name_or_path) != "hf":
-        # an HF-format LLaVA brings its own tower: the released scripts' hub name is then not fetched
-        model_args.vision_tower = str(resolve(model_args.vision_tower, what="--vision_tower"))
+    if model_args.vision_tower:
+        try:
+            model_args.vision_tower = str(resolve(model_args.vision_tower, what="--vision_tower"))
+        except (HubError, ModelLoadError):
+            # an HF-format LLaVA brings its own tower and never reads this flag (the released scripts
+            # name the CLIP hub id anyway): only a run that needs the tower must find it
+            if checkpoint_kind(model_args.model_name_or_path) != "hf":
+                raise
     if model_args.pretrain_mm_mlp_adapter:
         try:
             model_args.pretrain_mm_mlp_adapter = str(local_file(model_args.pretrain_mm_mlp_adapter,
