@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib import rc_context, rcdefaults, rcParams
 from matplotlib.figure import Figure
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Polygon
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
