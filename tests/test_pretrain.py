@@ -21,8 +21,8 @@ from llava.data.records import read_records
 from llava.model.load import compose, load_model, save_model
 from llava.model.tiny import write
 from llava.train.params import Trainable, set_trainable
-from llava.train.projector_file import PROJECTOR_FILE, projector_state, trains_projector_only, write_projector_file
-from llava.train.train import load_projector
+from llava.train.projector_file import (PROJECTOR_FILE, load_projector_file, projector_state, trains_projector_only,
+                                        write_projector_file)
 
 REPO = Path(__file__).resolve().parents[1]
 TOWER = REPO / "llava" / "model" / "assets" / "sample_clip"
@@ -76,7 +76,7 @@ def test_projector_file_round_trip(language_model, tmp_path):
     assert torch.equal(saved["model.mm_projector.2.bias"], proj.linear_2.bias)
     fresh, _ = compose(language_model, TOWER, seed=2)
     assert not torch.equal(fresh.model.multi_modal_projector.linear_1.weight, proj.linear_1.weight)
-    load_projector(fresh, str(path))
+    load_projector_file(fresh, str(path))
     for name, w in proj.state_dict().items():
         assert torch.equal(fresh.model.multi_modal_projector.state_dict()[name], w), name
 
@@ -112,6 +112,6 @@ def test_pretrain_script_aligns_the_projector_only(language_model, tmp_path):
     for name, w in start.model.vision_tower.state_dict().items():
         assert torch.equal(trained.model.vision_tower.state_dict()[name], w), name
     assert not torch.equal(trained.model.multi_modal_projector.linear_1.weight, start.model.multi_modal_projector.linear_1.weight)
-    load_projector(start, str(out / PROJECTOR_FILE))
+    load_projector_file(start, str(out / PROJECTOR_FILE))
     for name, w in trained.model.multi_modal_projector.state_dict().items():
         assert torch.equal(start.model.multi_modal_projector.state_dict()[name], w), name

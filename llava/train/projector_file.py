@@ -49,6 +49,31 @@ def projector_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_projector_file(model, path: str | Path) -> None:
+    """``--pretrain_mm_mlp_adapter``: projector weights from stage 1 into an HF LLaVA model.
+
+    Takes LLaVA's ``mm_projector.bin`` (``model.mm_projector.0.weight``...) or a file with HF names
+    (``multi_modal_projector.linear_1.weight``...), as ``.bin`` or ``.safetensors``; the weights must
+    fit the projector exactly (a missing or extra tensor is an error, not a silent partial load).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--pretrain_mm_mlp_adapter {path}: file not found")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        weights = load_file(file)
+    else:
+        weights = torch.load(file, map_location="cpu", weights_only=True)
+    hf_layer_names = {llava: hf for hf, llava in LLAVA_LAYER_NAMES.items()}
+    own = {}
+    for key, value in weights.items():
+        layer = key.split("mm_projector.")[-1].split("multi_modal_projector.")[-1]
+        prefix = next((p for p in hf_layer_names if layer.startswith(p)), None)
+        own[hf_layer_names[prefix] + layer[len(prefix):] if prefix else layer] = value
+    model.model.multi_modal_projector.load_state_dict(own)
+
+
 def write_projector_file(checkpoint_dir: str | Path) -> Path:
     """Write ``mm_projector.bin`` next to the saved checkpoint; return its path."""
     path = Path(checkpoint_dir) / PROJECTOR_FILE

@@ -11,12 +11,9 @@ is reported before the first step as one line naming the file, record and field.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
-import os
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (deepspeed/torchrun llava/train/train.py)
@@ -36,13 +33,14 @@ from llava.model.chat_template import set_chat_template
 from llava.model.hub import dataset_fingerprint
 from llava.model.load import ModelLoadError, checkpoint_kind, compose, load_model, resolve_hub_arguments, save_model
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
+from llava.train.build_locks import refuse_abandoned_build_locks
 from llava.train.checkpoints import (AUTO, ReplayEpochOrder, ResumeError, SaveAtEpochEnd, check_output_dir_shared,
                                      copy_final_model, resolve_resume, steps_done)
 from llava.train.model_card import CardFacts, release_generation_config, write_model_card
 from llava.train.params import Trainable, apply_lora, quantization, set_trainable
 from llava.train.policy import ResponseLogps
 from llava.train.losses import DPOObjective, MCMObjective, SFTObjective
-from llava.train.projector_file import trains_projector_only, write_projector_file
+from llava.train.projector_file import load_projector_file, trains_projector_only, write_projector_file
 from llava.train.reference import (AdaptersOffReference, CachedReference, LiveReference, file_fingerprint, images_fingerprint,
                                    model_fingerprint, processor_fingerprint)
 from llava.train.reporting import prepare_wandb
@@ -84,27 +82,8 @@ def build_model(model_args: ModelArguments, args: TrainingArguments):
                                       vision_tower=model_args.vision_tower if kind == "original" else None, quantization=quantized)
     use_attention(model, attn)  # composed and converted models are built with the default kernel
     if model_args.pretrain_mm_mlp_adapter:
-        load_projector(model, model_args.pretrain_mm_mlp_adapter)
+        load_projector_file(model, model_args.pretrain_mm_mlp_adapter)
     return model, processor
-
-
-def load_projector(model, path: str) -> None:
-    """Projector weights from a pre-training run (LLaVA's ``mm_projector.bin`` or our own names)."""
-    file = Path(path)
-    if not file.is_file():
-        raise ModelLoadError(f"--pretrain_mm_mlp_adapter {path}: file not found")
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        weights = load_file(file)
-    else:
-        weights = torch.load(file, map_location="cpu", weights_only=True)
-    rename = {"0.": "linear_1.", "2.": "linear_2."}
-    own = {}
-    for k, v in weights.items():
-        k = k.split("mm_projector.")[-1].split("multi_modal_projector.")[-1]
-        own[next((new + k[len(old):] for old, new in rename.items() if k.startswith(old)), k)] = v
-    model.model.multi_modal_projector.load_state_dict(own)
 
 
 def build_data(data_args: DataArguments, model_args: ModelArguments, args: TrainingArguments, processor, conditions):
@@ -181,28 +160,6 @@ def reference_key(model_args, data_args, args, conditions, processor, records) -
     }
 
 
-def abandoned_build_locks(max_age_minutes: float) -> list[Path]:
-    """Build locks in torch's extensions cache that are older than ``max_age_minutes``.
-
-    DeepSpeed JIT-builds a C++ op when it first starts, and torch guards each build with a lock
-    file. A build killed midway (Ctrl-C, a job limit) leaves the lock behind, and every later
-    launch then waits on it forever without a word.
-    """
-    from torch.utils.cpp_extension import get_default_build_root
-
-    # <root>/<op>/lock under TORCH_EXTENSIONS_DIR, <root>/<python>_<accelerator>/<op>/lock by default
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    cutoff = time.time() - 60 * max_age_minutes
-    stale = []
-    for path in itertools.chain(root.glob("*/lock"), root.glob("*/*/lock")):
-        try:
-            if path.stat().st_mtime < cutoff:
-                stale.append(path)
-        except FileNotFoundError:  # the build it guarded has just finished
-            pass
-    return sorted(stale)
-
-
 def prepare(argv: list[str] | None = None) -> LlavaTrainer:
     argv = sys.argv[1:] if argv is None else list(argv)  # the model card records the command as given
     model_args, data_args, args = parse_args(argv)
@@ -211,11 +168,7 @@ def prepare(argv: list[str] | None = None) -> LlavaTrainer:
     model_args.attn_implementation = attention_for(model_args, args)
     resolve_hub_arguments(model_args)
     if args.deepspeed:
-        minutes = float(os.environ.get("STALE_LOCK_MINUTES", 10))
-        if stale := abandoned_build_locks(minutes):
-            raise FileExistsError(f"a torch extension build lock older than {minutes:g} minutes, left by a killed build: "
-                                  f"{', '.join(map(str, stale))}. DeepSpeed would wait on it forever; "
-                                  "if no build is running, delete it and rerun (STALE_LOCK_MINUTES sets the age)")
+        refuse_abandoned_build_locks()
     # Set up the process group now: ZeRO-3 partitions weights while they load, which needs it.
     args.device  # noqa: B018
     if args.deepspeed:
