@@ -103,17 +103,36 @@ def last_written_file(folder: Path) -> Path | None:
 def save_failure(what: str, folder: Path, error: BaseException, output_dir: str | Path) -> SaveError:
     """One line saying what was not saved, which file failed and why, and what a rerun resumes from."""
     failed = last_written_file(folder)
-    reason = next((f"{e.strerror}" for e in _chain(error) if isinstance(e, OSError) and e.strerror), None)
-    reason = reason or (str(error).strip().splitlines() or [type(error).__name__])[0]
-    try:
-        free = f"; {shutil.disk_usage(folder if folder.exists() else folder.parent).free / 2**20:.0f} MiB free there"
-    except OSError:
-        free = ""
     newest = newest_complete_checkpoint(output_dir) if Path(output_dir).is_dir() else None
     resume = f"{newest} is the newest complete checkpoint" if newest else "there is no complete checkpoint yet"
     where = f"writing {failed}" if failed else f"writing into {folder}"
-    return SaveError(f"{what} was not saved: {where} failed ({reason}{free}); {resume}: "
-                     "make room and rerun the same command to continue")
+    return SaveError(f"{what} was not saved: {where} failed ({write_failure_cause(failed or folder, error)}); "
+                     f"{resume}: make room and rerun the same command to continue")
+
+
+def write_failure_cause(path: Path, error: BaseException) -> str:
+    """Why writing ``path`` failed, in words: torch.save's own error ("unexpected pos ...") does not say.
+
+    A file that stopped at the process's file size limit (``ulimit -f``) or a disk with (almost) no
+    space left is named as such; otherwise the operating system's reason, else the error's first line.
+    """
+    import resource
+
+    soft_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    try:
+        size = path.stat().st_size if path.is_file() else 0
+        free = shutil.disk_usage(path if path.exists() else path.parent).free
+    except OSError:
+        size, free = 0, None
+    if soft_limit != resource.RLIM_INFINITY and size >= soft_limit:
+        return f"the file size limit of {soft_limit} bytes (ulimit -f) was reached"
+    if free is not None and free < FULL_DISK_BYTES:
+        return f"the disk is full: {free / 2**20:.0f} MiB free"
+    reason = next((e.strerror for e in _chain(error) if isinstance(e, OSError) and e.strerror), None)
+    return reason or (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+FULL_DISK_BYTES = 64 << 20  # less free space than this after a failed write: the disk was the cause
 
 
 def _chain(error: BaseException):
