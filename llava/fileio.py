@@ -3,11 +3,14 @@
 ``iter_jsonl`` is the line reader behind every JSON Lines input (training and test records,
 inference outputs, scored files); each caller words its own messages from the ``JsonLine``s it gets,
 naming the file and the 1-based line. ``write_atomic`` is the one writer of files that a reader may
-see while they are written, or that a killed run must never leave half-written.
+see while they are written, or that a killed run must never leave half-written; ``sync_tree`` and
+``remove_stale_temporaries`` serve the directories written whole (checkpoints) and the leftovers of a
+write killed before its rename.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -69,7 +72,9 @@ def write_atomic(path: str | Path, content: str | bytes | Iterable[bytes] | Call
     writes to the open binary file (``lambda f: torch.save(obj, f)``). It goes to a temporary file in
     the same folder (a rename across file systems is not atomic), synced to disk, then renamed over
     ``path``; the folder is synced too so the rename survives a crash. On any failure the temporary
-    file is removed and ``path`` is as it was.
+    file is removed and ``path`` is as it was; an ``OSError`` (a full disk, a quota, a file size limit)
+    names ``path``, not the temporary file. A process killed mid-write leaves only the temporary file
+    (see ``remove_stale_temporaries``).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -88,13 +93,39 @@ def write_atomic(path: str | Path, content: str | bytes | Iterable[bytes] | Call
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.filename != str(path):  # f.write's errors name no file at all
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
-    _sync_folder(path.parent)
+    sync_folder(path.parent)
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporary files ``write_atomic(path, ...)`` left when a process was killed mid-write.
+
+    Only for a file one process writes at a time: another writer's temporary file would go too.
+    """
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
+def sync_tree(folder: str | Path) -> None:
+    """Flush every file under ``folder`` (and the folders themselves) to disk, before a rename publishes it."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sync_folder(Path(root))
 
 
 def _default_mode() -> int:
@@ -103,7 +134,8 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def _sync_folder(folder: Path) -> None:
+def sync_folder(folder: Path) -> None:
+    """Make a rename or a new entry in ``folder`` durable (best effort: not every platform can)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # not possible on every platform; the rename itself is done

@@ -184,3 +184,14 @@ def test_the_base_under_a_lora_adapter_is_part_of_the_key(setup, tmp_path):
     config["text_config"]["rms_norm_eps"] = 1e-3
     (base / "config.json").write_text(json.dumps(config))
     assert key_digest(lora, data, adapter, processor=processor) != before
+
+
+def test_a_damaged_cache_file_is_named_not_loaded(setup, tmp_path):
+    """The cache is written whole (write_atomic) but a disk can still damage it: one line, not torch's traceback."""
+    model, data, adapter = setup
+    trainer = prepare(argv(model, data, tmp_path / "run"))
+    path = trainer.reference.path
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ValueError, match=rf"^{path}: unreadable reference cache \(.+\); delete it to recompute$"):
+        trainer.reference.prepare(trainer)

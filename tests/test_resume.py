@@ -10,7 +10,8 @@ from torch.utils.data import BatchSampler, DataLoader
 from accelerate.data_loader import BatchSamplerShard, DataLoaderShard, skip_first_batches
 
 from llava.data.sampler import ModalityLengthGroupedSampler
-from llava.train.checkpoints import ReplayEpochOrder, ResumeError, newest_complete_checkpoint, resolve_resume
+from llava.train.checkpoints import (ReplayEpochOrder, ResumeError, copy_final_model, newest_complete_checkpoint, publish,
+                                     remove_unfinished_saves, resolve_resume, staging_dir)
 from llava.train.train import prepare, train
 from tests.conftest import write_preference_set
 from tests.test_train import argv, log_history
@@ -49,6 +50,51 @@ def test_resume_means_the_newest_complete_checkpoint(tmp_path):
         resolve_resume(str(out / "checkpoint-11"), out)
     with pytest.raises(ResumeError, match="nowhere: no such directory"):
         resolve_resume(str(tmp_path / "nowhere"), out)
+
+
+def test_a_checkpoint_appears_whole_under_its_name(tmp_path):
+    """Written under .tmp-checkpoint-N, renamed when complete; an older checkpoint-N (a run resumed from an
+    earlier checkpoint saves step N again) is replaced whole."""
+    out = tmp_path / "run"
+    checkpoint(out, 4)
+    staging = staging_dir(out / "checkpoint-4")
+    assert staging == out / ".tmp-checkpoint-4"
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"new")
+    assert newest_complete_checkpoint(out) == out / "checkpoint-4"  # the old one, still whole
+    (staging / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    publish(staging, out / "checkpoint-4")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4"]
+    assert (out / "checkpoint-4" / "model.safetensors").read_bytes() == b"new"
+
+
+def test_unfinished_saves_are_never_taken_and_go_at_the_next_start(tmp_path):
+    out = tmp_path / "run"
+    checkpoint(out, 2)
+    checkpoint(out, 4).rename(staging_dir(out / "checkpoint-4"))  # a save killed at any moment, even its very last
+    (out / ".tmp-checkpoint-3.old").mkdir()  # killed while an older checkpoint-3 was being replaced
+    (out / ".tmp-notes").mkdir()
+    assert newest_complete_checkpoint(out) == out / "checkpoint-2"
+    assert resolve_resume("auto", out) == out / "checkpoint-2"
+    assert remove_unfinished_saves(out) == [out / ".tmp-checkpoint-3.old", out / ".tmp-checkpoint-4"]
+    assert sorted(p.name for p in out.iterdir()) == [".tmp-notes", "checkpoint-2"]
+
+
+def test_a_final_model_copy_cut_short_is_not_marked_finished(tmp_path):
+    """The final model's trainer_state.json goes first: a copy (or save) that fails midway leaves none."""
+    out = tmp_path / "run"
+    last = checkpoint(out, 4)
+    (out / "trainer_state.json").write_text(json.dumps({"global_step": 2}))  # an earlier, shorter run's final model
+    (last / "model.safetensors").unlink()
+    (last / "model.safetensors").symlink_to(tmp_path / "gone")  # the copy of the weights fails
+    with pytest.raises(OSError):
+        copy_final_model(last, out)
+    assert not (out / "trainer_state.json").exists()
+    (last / "model.safetensors").unlink()
+    (last / "model.safetensors").write_bytes(b"weights")
+    copy_final_model(last, out)
+    assert (out / "model.safetensors").read_bytes() == b"weights"
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
 
 
 def test_sampler_epoch_reaches_a_sharded_sampler_after_a_skip():

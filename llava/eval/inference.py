@@ -23,6 +23,7 @@ from llava.eval.output_file import (
     InferenceError,
     Item,
     _OutputLock,
+    append_lines,
     consolidate,
     load_items,
     merge_tmp,
@@ -342,7 +343,7 @@ def generate_records(args, dist: Dist, mine: list[Item], missing: dict, target: 
         else:
             bar = tqdm(total=total, initial=already, unit="rec", desc="inference", dynamic_ncols=True)
 
-    with open(target, "ab") as f:
+    with open(target, "ab", buffering=0) as f:
         for batch in _batches(mine, args.batch_size):
             results: dict[int, bytes] = {}
             prompts, prompt_items = [], []
@@ -369,9 +370,7 @@ def generate_records(args, dist: Dist, mine: list[Item], missing: dict, target: 
                                      top_p=args.top_p, max_new_tokens=args.max_new_tokens)
                 for it, text in zip(prompt_items, responses):
                     results[it.order] = result_line(it.record, response=text)
-            f.write(b"".join(results[it.order] for it in batch))  # whole lines, one write per batch
-            f.flush()
-            os.fsync(f.fileno())
+            append_lines(f, target, b"".join(results[it.order] for it in batch))  # whole lines, one write per batch
             if bar is not None:
                 bar.update(len(batch))
     if bar is not None:

@@ -203,6 +203,23 @@ def match_lines(items: Sequence[Item], lines: Sequence[Line], warnings: Sequence
 # Writing: part files and merging
 
 
+def append_lines(f, path: Path, data: bytes) -> None:
+    """Append whole output lines to ``f`` (``path`` opened unbuffered) and flush them to disk.
+
+    A write that fails (a full disk, a quota, a file size limit) may leave part of a line, which the
+    next run cuts off (``read_lines``) and redoes; it stops this run with one message naming the file.
+    The file is unbuffered so that nothing is left in a buffer to fail again when it is closed.
+    """
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[f.write(view):]
+        os.fsync(f.fileno())
+    except OSError as e:
+        raise InferenceError(f"cannot write {path}: {e.strerror or e}; the lines written before are kept: "
+                             "make room and rerun the same command to finish", local=True) from None
+
+
 def part_files(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f"{glob.escape(out.name)}.rank*{PART_SUFFIX}"))
 
@@ -250,7 +267,11 @@ def consolidate(out: Path, items: Sequence[Item], log, *, final: bool) -> Matche
     if matched.dropped:
         log(f"note: {matched.dropped} duplicate or superseded line(s) left out of {out}")
     if not matched.clean_in_order:
-        write_atomic(out, (matched.best[o].data for o in sorted(matched.best)))
+        try:
+            write_atomic(out, (matched.best[o].data for o in sorted(matched.best)))
+        except OSError as e:  # OUT and the part files are as they were: a rerun merges them again
+            raise InferenceError(f"cannot write {out}: {e.strerror or e}; nothing was lost: make room and rerun "
+                                 "the same command to finish") from None
     for p in parts:
         p.unlink()
     return matched

@@ -395,8 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except M.MetricError as exc:
         _warn(f"error: {exc}")
         raise SystemExit(1) from None
-    except OSError as exc:
-        _warn(f"error: cannot write outputs: {exc}")
+    except OSError as exc:  # a full disk, a quota: write_atomic names the file, which keeps its earlier contents
+        where = exc.filename or "outputs"
+        _warn(f"error: cannot write {where}: {exc.strerror or exc}; make room and rerun the same command")
         raise SystemExit(1) from None
     for row in rows:
         if row["bad_lines"]:

@@ -3,8 +3,15 @@
 ``--resume_from_checkpoint`` takes a checkpoint directory, ``True`` (the newest complete checkpoint in
 ``--output_dir``, an error if there is none) or ``auto`` (the newest complete one if any, else a
 fresh start: what the scripts pass, so that the same command run again continues a killed run).
-A checkpoint is complete once the Trainer has written its ``trainer_state.json``, the last file of
-a save; a directory killed mid-save is passed over.
+
+A checkpoint is written whole or not at all: every rank writes into ``.tmp-checkpoint-N`` (model,
+optimizer, scheduler, RNG states, DeepSpeed shards and ``latest``, ``trainer_state.json`` last), and
+once all have, one process renames it to ``checkpoint-N`` (``publish``). A save killed at any moment
+leaves a ``.tmp-`` directory, which no checkpoint glob matches and the next start removes
+(``remove_unfinished_saves``); the checkpoints before it are untouched. ``steps_done`` still checks a
+directory's ``trainer_state.json`` and DeepSpeed tag, for checkpoints written by other tools.
+The final model in ``--output_dir`` is written in place (the directory also holds the checkpoints):
+its ``trainer_state.json`` is removed before that save begins and written after it ends.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from llava.fileio import sync_folder, sync_tree
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
@@ -31,10 +40,116 @@ AUTO = ("auto",)
 NONE = ("", "false", "none", "never", "no")
 # What a checkpoint holds besides the model directory itself: optimizer, scheduler, RNG, DeepSpeed.
 TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "latest", "zero_to_fp32.py", STATE_FILE)
+STAGING_PREFIX = ".tmp-"  # .tmp-checkpoint-N: a checkpoint being written
+REPLACED_SUFFIX = ".old"  # .tmp-checkpoint-N.old: an older checkpoint-N being replaced
 
 
 class ResumeError(ValueError):
     pass
+
+
+class SaveError(RuntimeError):
+    """A checkpoint or the final model could not be written (a full disk, a quota, a file size limit)."""
+
+
+# -- writing a checkpoint whole -------------------------------------------------------------------
+
+
+def staging_dir(checkpoint: str | Path) -> Path:
+    """Where ``checkpoint`` is written before ``publish`` renames it into place (the same folder: a rename
+    across file systems is not atomic)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(STAGING_PREFIX + checkpoint.name)
+
+
+def publish(staging: Path, checkpoint: Path) -> None:
+    """Rename a fully written ``staging`` directory to ``checkpoint``, its files flushed to disk first.
+
+    An existing ``checkpoint`` (a run resumed from an earlier one) is moved aside, then removed: a kill
+    in between leaves the other checkpoints and a ``.tmp-`` directory the next start removes.
+    """
+    sync_tree(staging)
+    replaced = None
+    if checkpoint.exists():
+        replaced = staging.with_name(staging.name + REPLACED_SUFFIX)
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(checkpoint, replaced)
+    os.replace(staging, checkpoint)
+    sync_folder(checkpoint.parent)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def remove_unfinished_saves(output_dir: str | Path) -> list[Path]:
+    """Remove the ``.tmp-checkpoint-*`` directories that saves killed midway left in ``output_dir``.
+
+    Call it from one process, when no save is running (before training starts).
+    """
+    found = sorted(Path(output_dir).glob(f"{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-*"))
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    if found:
+        logger.info("removed %d unfinished checkpoint save(s) of a killed run: %s", len(found),
+                    ", ".join(p.name for p in found))
+    return found
+
+
+def last_written_file(folder: Path) -> Path | None:
+    """The most recently modified file under ``folder``: after a failed save, the one whose write failed."""
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    return max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def save_failure(what: str, folder: Path, error: BaseException, output_dir: str | Path) -> SaveError:
+    """One line saying what was not saved, which file failed and why, and what a rerun resumes from."""
+    failed = last_written_file(folder)
+    newest = newest_complete_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    resume = f"{newest} is the newest complete checkpoint" if newest else "there is no complete checkpoint yet"
+    where = f"writing {failed}" if failed else f"writing into {folder}"
+    return SaveError(f"{what} was not saved: {where} failed ({write_failure_cause(failed or folder, error)}); "
+                     f"{resume}: make room and rerun the same command to continue")
+
+
+def write_failure_cause(path: Path, error: BaseException) -> str:
+    """Why writing ``path`` failed, in words: torch.save's own error ("unexpected pos ...") does not say.
+
+    A file that stopped at the process's file size limit (``ulimit -f``) or a disk with (almost) no
+    space left is named as such; otherwise the operating system's reason, else the error's first line.
+    """
+    import resource
+
+    soft_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    try:
+        size = path.stat().st_size if path.is_file() else 0
+        free = shutil.disk_usage(path if path.exists() else path.parent).free
+    except OSError:
+        size, free = 0, None
+    if soft_limit != resource.RLIM_INFINITY and size >= soft_limit:
+        return f"the file size limit of {soft_limit} bytes (ulimit -f) was reached"
+    if free is not None and free < FULL_DISK_BYTES:
+        return f"the disk is full: {free / 2**20:.0f} MiB free"
+    reason = next((e.strerror for e in _chain(error) if isinstance(e, OSError) and e.strerror), None)
+    return reason or (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+FULL_DISK_BYTES = 64 << 20  # less free space than this after a failed write: the disk was the cause
+
+
+def _chain(error: BaseException):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def discard_final_model_marker(output_dir: str | Path) -> None:
+    """Remove ``output_dir``'s ``trainer_state.json`` before the final model is written over an older one.
+
+    The file marks a finished final save; a save killed midway must not leave an older marker beside
+    half-written weights.
+    """
+    (Path(output_dir) / STATE_FILE).unlink(missing_ok=True)
 
 
 def steps_done(checkpoint: str | Path) -> int | None:
@@ -86,6 +201,7 @@ def copy_final_model(checkpoint: Path, output_dir: Path) -> None:
     A run killed after its last checkpoint but before the final save finishes this way; its
     ``trainer_state.json`` goes last, as the Trainer's does, marking the copy complete.
     """
+    discard_final_model_marker(output_dir)
     for item in checkpoint.iterdir():
         if item.name in TRAINING_STATE or item.name.startswith(("global_step", "rng_state")):
             continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import math
 import os
@@ -23,8 +24,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from llava.fileio import write_atomic
+from llava.fileio import remove_stale_temporaries, write_atomic
 from llava.method import ConditionLogps
+from llava.train.checkpoints import SaveError
+from llava.train.pause_points import pause_at
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -111,6 +114,7 @@ def reference_pass(trainer, dataset=None) -> torch.Tensor:
         if logps.names != tuple(trainer.objective.conditions):
             raise ValueError(f"the reference pass scored {logps.names}, the objective reads {trainer.objective.conditions}")
         rows.append(logps.values.float())
+        pause_at("reference", len(rows))
     model.train(was_training)
     local = torch.cat(rows)
     table = acc.gather(local).cpu()
@@ -121,7 +125,13 @@ def reference_pass(trainer, dataset=None) -> torch.Tensor:
 
 
 class CachedReference:
-    """``split`` is the trainer's dataset the table covers, ``train`` or ``eval``; each has its own cache file."""
+    """``split`` is the trainer's dataset the table covers, ``train`` or ``eval``; each has its own cache file.
+
+    The file appears whole or not at all: rank 0 writes it (``write_atomic``) once the pass is done and
+    gathered. A pass killed midway leaves no cache, only perhaps ``write_atomic``'s temporary file,
+    which the next run removes before it redoes the pass from the starting model (the checkpoints of a
+    run have no reference to resume from before the cache exists: there are none before step 1).
+    """
 
     def __init__(self, cache_dir: str | Path, key: dict, split: str = "train"):
         self.cache_dir, self.split = Path(cache_dir), split
@@ -137,7 +147,7 @@ class CachedReference:
         n_conditions = len(self.key["conditions"])
         dataset = trainer.eval_dataset if self.split == "eval" else trainer.train_dataset
         if self.path.is_file():
-            saved = torch.load(self.path, map_location="cpu")
+            saved = read_cache(self.path)
             if saved["key"] != self.key or saved["logps"].shape != (len(dataset), n_conditions):
                 raise ValueError(f"{self.path}: reference cache does not match this run; delete it to recompute")
             self.table, self.reused = saved["logps"], True
@@ -149,13 +159,32 @@ class CachedReference:
         self.table = reference_pass(trainer, dataset)
         if trainer.accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            saved = {"key": self.key, "logps": self.table}
-            write_atomic(self.path, lambda f: torch.save(saved, f))  # a killed run never leaves a half-written cache
+            remove_stale_temporaries(self.path)  # a write of this cache that a kill cut short
+            # serialized in memory first, so that a failed write is an OSError naming the file (torch.save's is not)
+            data = io.BytesIO()
+            torch.save({"key": self.key, "logps": self.table}, data)
+            try:
+                write_atomic(self.path, data.getvalue())  # a killed run never leaves a half-written cache
+            except OSError as e:
+                raise SaveError(f"the reference cache {self.path} was not saved ({e.strerror}): make room and rerun "
+                                "the same command (the reference pass is done again)") from e
         trainer.accelerator.wait_for_everyone()
 
     def logps(self, trainer, model, batch: dict) -> ConditionLogps:
         values = self.table[batch["index"].cpu()].to(batch["input_ids"].device)
         return ConditionLogps(values, tuple(self.key["conditions"]))
+
+
+def read_cache(path: Path) -> dict:
+    """A reference cache file's ``{"key", "logps"}``; one line naming the file if it cannot be read."""
+    try:
+        saved = torch.load(path, map_location="cpu")
+        if not (isinstance(saved, dict) and {"key", "logps"} <= saved.keys()):
+            raise ValueError("not a reference cache")
+    except Exception as e:  # torch.load's errors for a damaged file are of many kinds
+        raise ValueError(f"{path}: unreadable reference cache ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                         "delete it to recompute") from e
+    return saved
 
 
 class LiveReference:

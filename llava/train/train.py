@@ -34,8 +34,10 @@ from llava.model.hub import dataset_fingerprint
 from llava.model.load import ModelLoadError, checkpoint_kind, compose, load_model, resolve_hub_arguments, save_model
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
 from llava.train.build_locks import refuse_abandoned_build_locks
-from llava.train.checkpoints import (AUTO, ReplayEpochOrder, ResumeError, SaveAtEpochEnd, check_output_dir_shared,
-                                     copy_final_model, resolve_resume, steps_done)
+from llava.train.checkpoints import (AUTO, ReplayEpochOrder, ResumeError, SaveAtEpochEnd, SaveError, check_output_dir_shared,
+                                     copy_final_model, discard_final_model_marker, remove_unfinished_saves, resolve_resume,
+                                     save_failure, steps_done)
+from llava.train.pause_points import PauseMidStep
 from llava.train.model_card import CardFacts, release_generation_config, write_model_card
 from llava.train.params import Trainable, apply_lora, quantization, set_trainable
 from llava.train.policy import ResponseLogps
@@ -219,6 +221,8 @@ def train(trainer: LlavaTrainer) -> None:
     it is (or copied from that checkpoint, if the run was killed before the final save).
     """
     args = trainer.args
+    if args.should_save and Path(args.output_dir).is_dir():
+        remove_unfinished_saves(args.output_dir)
     checkpoint = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is not None:
         done, total = steps_done(checkpoint), planned_steps(trainer)
@@ -231,9 +235,21 @@ def train(trainer: LlavaTrainer) -> None:
     if (note := prepare_wandb(args)) and trainer.is_world_process_zero():
         print(note, flush=True)
     trainer.add_callback(ReplayEpochOrder())
+    trainer.add_callback(PauseMidStep())  # a test hook (llava.train.pause_points); inert unless a test sets it
     if args.save_at_epoch_end:
         trainer.add_callback(SaveAtEpochEnd())
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        save_final_model(trainer)
+    except Exception as e:
+        raise save_failure(f"the final model in {args.output_dir}", Path(args.output_dir), e, args.output_dir) from e
+
+
+def save_final_model(trainer: LlavaTrainer) -> None:
+    """The model, its extras and, last, ``trainer_state.json`` (the marker of a finished save) in ``--output_dir``."""
+    args = trainer.args
+    if trainer.is_world_process_zero():
+        discard_final_model_marker(args.output_dir)
     trainer.save_model(args.output_dir)
     if trains_projector_only(trainer.model) and trainer.is_world_process_zero():  # stage 1: LLaVA's mm_projector.bin too
         write_projector_file(args.output_dir)
@@ -272,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         train(trainer)
-    except ResumeError as e:
+    except (ResumeError, SaveError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -18,17 +18,23 @@ Held-out evaluation (``evaluate``) runs the same objective on the eval set, with
 from __future__ import annotations
 
 import os
+import shutil
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 from transformers.utils import GENERATION_CONFIG_NAME
 
 from llava.data.sampler import ModalityLengthGroupedSampler
 from llava.method import ConditionLogps
+from llava.train.checkpoints import publish, save_failure, staging_dir
 from llava.train.model_card import CardFacts, write_model_card
 from llava.train.params import parameter_groups
+from llava.train.pause_points import pause_at
 
 Metrics = dict[str, torch.Tensor]
 
@@ -147,7 +153,65 @@ class LlavaTrainer(Trainer):
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
-    # -- checkpoints: the LLaVA model itself, in HF format ------------------------------------
+    # -- checkpoints: written whole into a staging directory, then renamed into place --------------
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint (model, optimizer, scheduler, scaler, RNG states, trainer state), with the
+        Trainer's own writers, into ``.tmp-checkpoint-N``; renamed to ``checkpoint-N`` once every rank has
+        written its part (``llava.train.checkpoints``). Then, as the Trainer does, push and rotate."""
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        run_dir = self._get_output_dir(trial=trial)
+        checkpoint = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = staging_dir(checkpoint)
+        if self.args.should_save and staging.exists():  # left by a save killed at this same step
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        self._note_best_checkpoint(run_dir, checkpoint)
+        try:
+            self._write_checkpoint(str(staging))
+            self.accelerator.wait_for_everyone()  # every rank's files are in: DeepSpeed shards, RNG states
+            if self.args.should_save:
+                publish(staging, checkpoint)
+        except Exception as e:
+            error = save_failure(f"checkpoint {checkpoint}", staging, e, run_dir)
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # give the space back now; the next start would
+            raise error from e
+        self.accelerator.wait_for_everyone()  # no rank goes on before the checkpoint is in place
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(str(checkpoint))
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _note_best_checkpoint(self, run_dir: str, checkpoint: Path) -> None:
+        """``state.best_model_checkpoint``, set before the state is written (the Trainer looks for it on disk,
+        where this save's directory has no final name yet)."""
+        strategies = (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
+        if self.args.save_strategy in strategies and self.state.best_global_step:
+            best = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+            if best == checkpoint or best.exists():
+                self.state.best_model_checkpoint = str(best)
+
+    def _write_checkpoint(self, output_dir: str) -> None:
+        """What the Trainer writes into a checkpoint directory, ``trainer_state.json`` last."""
+        self.save_model(output_dir, _internal_call=True)
+        pause_at("save", self.state.global_step)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(output_dir)
+            self._save_scaler(output_dir)
+            self._save_rng_state(output_dir)
+        if self.args.should_save:
+            for cb in [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]:
+                name = cb.__class__.__name__
+                if isinstance(self.state.stateful_callbacks[name], list):
+                    self.state.stateful_callbacks[name].append(cb.state())
+                else:
+                    self.state.stateful_callbacks[name] = cb.state()
+            self.state.save_to_json(os.path.join(output_dir, TRAINER_STATE_NAME))
+
+    # -- saved directories: the LLaVA model itself, in HF format ------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
