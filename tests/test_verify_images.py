@@ -240,3 +240,27 @@ def test_inference_stops_before_generating_or_writes_error_rows(tiny_llava_dir, 
     listed = read_jsonl(I.skipped_records_path(out))
     assert [(x["file"], x["record"], x["line"], x["field"]) for x in listed] == [(str(src), 2, 3, "image_path")]
     assert "--skip_bad_records: 1 of 3 records have a bad image" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes: each verifies its share, every one gets the whole verdict
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_work_and_the_verdict(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.verify_worker import verify_as_rank  # a light module: each process imports it
+
+    data = write_preference_set(tmp_path / "set", n=6)
+    truncate(tmp_path / "set" / "images" / "img_3.png")  # in rank 1's share (records 1, 3, 5)
+    cache_file = tmp_path / "cache.json"
+    mp.spawn(verify_as_rank, args=(2, str(tmp_path / "init"), str(data), str(cache_file), str(tmp_path), 2), nprocs=2)
+    for run in range(2):
+        results = [json.loads((tmp_path / f"rank{r}_{run}.json").read_text()) for r in range(2)]
+        assert results[0] == results[1]  # the same verdict on both
+        assert [p[:3] for p in results[0]["problems"]] == [[str(data), 3, "image"]]
+        # the first run opens all six; rank 0 writes the cache with both shares' good files; the second
+        # opens only the bad one again
+        assert (results[0]["opened"], results[0]["cached"]) == ((6, 0) if run == 0 else (1, 5))
+    assert len(json.loads(cache_file.read_text())["files"]) == 5

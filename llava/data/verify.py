@@ -213,6 +213,7 @@ def verify_images_everywhere(records: Sequence[Record], image_folder, *, allow_o
             for real, stamp in added.items():
                 cache.add(real, stamp)
         cache.save()
+    dist.barrier()  # the cache is written when any process returns (its next verification reads it)
     order = {(r.source, r.number): i for i, r in enumerate(records)}
     problems = sorted((p for check, _ in parts for p in check.problems), key=lambda p: order.get((p.file, p.record), -1))
     return ImageCheck(problems, sum(c.opened for c, _ in parts), sum(c.cached for c, _ in parts))
