@@ -203,7 +203,7 @@ def test_leave_out_keeps_the_order():
 # Inference
 
 
-def test_file_with_a_truncated_last_image(tmp_path: Path, n: int = 3) -> Path:
+def inference_file_with_a_truncated_last_image(tmp_path: Path, n: int = 3) -> Path:
     """Test format T records over copies of the inference fixtures' images, the last one cut short."""
     shutil.copytree(INFERENCE_FIX / "images", tmp_path / "images")
     names = [f"img{i}.png" for i in range(n)]
@@ -214,11 +214,9 @@ def test_file_with_a_truncated_last_image(tmp_path: Path, n: int = 3) -> Path:
     return src
 
 
-test_file_with_a_truncated_last_image.__test__ = False  # a helper, not a test
-
 
 def test_inference_stops_before_generating_or_writes_error_rows(tiny_llava_dir, tmp_path, capsys):
-    src = test_file_with_a_truncated_last_image(tmp_path)
+    src = inference_file_with_a_truncated_last_image(tmp_path)
     out = tmp_path / "out.jsonl"
     base = ["--model_name", str(tiny_llava_dir), "--data_path", str(src), "--image_folder", str(tmp_path / "images"),
             "--output", str(out), *FAST]

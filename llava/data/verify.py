@@ -41,7 +41,7 @@ WORKERS = min(8, os.cpu_count() or 1)  # PIL decodes with the GIL released: thre
 CACHE_ENV = "LLAVA_MCMDPO_CACHE_DIR"
 CACHE_NAME = "verified-images.json"
 CACHE_VERSION = 1
-MAX_CACHED = 500_000  # ~40 MB of JSON; the files verified longest ago are forgotten first
+MAX_CACHED = 500_000  # tens of MB of JSON at most; the files verified longest ago are forgotten first
 SKIPPED_RECORDS = "skipped_records.jsonl"  # in a training run's --output_dir
 OUTSIDE_HINT = "pass --allow_outside_image_folder to read it anyway"
 
