@@ -23,9 +23,16 @@ if "TORCH_EXTENSIONS_DIR" not in os.environ:
     _EXTENSIONS_DIR = os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="llava-test-torch-ext-")
 
 
+# The cache of verified images (llava.data.verify) goes to a folder of the session, not the user's ~/.cache.
+if "LLAVA_MCMDPO_CACHE_DIR" not in os.environ:
+    _IMAGE_CACHE_DIR = os.environ["LLAVA_MCMDPO_CACHE_DIR"] = tempfile.mkdtemp(prefix="llava-test-image-cache-")
+
+
 def pytest_sessionfinish(session, exitstatus):
     if "_EXTENSIONS_DIR" in globals():
         shutil.rmtree(_EXTENSIONS_DIR, ignore_errors=True)
+    if "_IMAGE_CACHE_DIR" in globals():
+        shutil.rmtree(_IMAGE_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -312,7 +312,7 @@ def test_missing_image(tiny_llava_dir, tmp_path, capsys):
         run_main(tiny_llava_dir, [src], out, *FAST)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert f"{src}, record 1, line 2, field 'image': image file not found" in err
+    assert f"{src}, record 1, line 2, field 'image_path': image file not found" in err
     assert "--skip_bad_records" in err
     assert not out.exists() or out.read_text() == ""  # stopped before generating anything
 
@@ -331,8 +331,8 @@ def test_unreadable_image(tiny_llava_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_main(tiny_llava_dir, [src], out, "--batch_size", "1", *FAST)
     assert e.value.code == 2
-    assert f"{src}, record 1, line 2, field 'image': unreadable image" in capsys.readouterr().err
-    assert [r["idx"] for r in read_jsonl(out)] == [100]  # nothing generated for record 1 or later
+    assert f"{src}, record 1, line 2, field 'image_path': unreadable image" in capsys.readouterr().err
+    assert not out.exists() or out.read_text() == ""  # every image is verified before anything is generated
 
     run_main(tiny_llava_dir, [src], out, "--batch_size", "1", "--skip_bad_records", *FAST)
     rows = read_jsonl(out)

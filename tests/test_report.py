@@ -260,3 +260,75 @@ def test_report_renders_in_chromium(built, tmp_path):
     assert attrs["data-rows"] == str(N_RECORDS)
     assert dom.count('<tr class="sample"') == N_RECORDS
     assert f"{N_IMAGES} of {N_IMAGES} images loaded" in dom
+
+
+# ----------------------------------------------------------------------------
+# Hostile text in every field the page shows stays text
+
+
+def hostile(field: str) -> str:
+    """Markup that would run or inject if it reached the page unescaped; ``field`` marks where it came from."""
+    return f"<x-evil data-f={field} onerror=alert(1)>'\"&"  # no "/": a file name can hold it
+
+
+def test_every_field_the_report_shows_is_escaped(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the image folder below, relative paths as given
+    images = tmp_path / "images"
+    images.mkdir()
+    shown_path = hostile("image_path") + ".png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(images / shown_path, format="PNG")
+    caption_file, yesno_file = hostile("file") + "/sft.jsonl", hostile("file2") + "/pope.jsonl"
+    captions = [
+        {"idx": hostile("idx"), "image_path": shown_path, "question": hostile("question"), "chosen": hostile("chosen"),
+         "response": hostile("response"), "coco_Bleu_4": hostile("coco_Bleu_4"), "coco_METEOR": hostile("coco_METEOR"),
+         "coco_ROUGE_L": hostile("coco_ROUGE_L"), "coco_CIDEr": hostile("coco_CIDEr"),
+         "coco_edit_distance": hostile("coco_edit_distance"), "words": hostile("words"), "chars": hostile("chars"),
+         "over_125": True, "empty": False},
+        {"idx": "2", "image_path": hostile("missing_path") + ".png", "question": "q", "chosen": "c", "error": hostile("error")},
+        {"idx": "3", "image_path": "../" + hostile("outside_path") + ".png", "question": "q", "chosen": "c", "response": "r"},
+    ]
+    yesno = [{"idx": "4", "image_path": "x.png", "question": "q", "label": hostile("label"), "response": "yes",
+              "pred": hostile("pred"), "correct": False, "words": hostile("yesno_words"), "chars": 3}]
+    rows = [{**dict.fromkeys(S.ROW_KEYS), "file": caption_file, "kind": hostile("kind"), "n": 2, "coco_CIDEr": hostile("score")},
+            {**dict.fromkeys(S.ROW_KEYS), "file": yesno_file, "kind": "yesno", "n": 1}]
+    warnings = []
+    page = R.render(rows, [captions, yesno], [hostile("name"), "POPE"], ["caption", "yesno"], images,
+                    title=hostile("title"), warn=warnings.append)
+    assert "<x-evil" not in page and "onerror=alert(1)>" not in page
+    shown = re.findall(r"&lt;x-evil data-f=([\w]+) onerror=alert\(1\)&gt;", page)
+    assert set(shown) == {"title", "name", "file", "file2", "kind", "score", "idx", "image_path", "question", "chosen",
+                          "response", "coco_Bleu_4", "coco_METEOR", "coco_ROUGE_L", "coco_CIDEr", "coco_edit_distance",
+                          "words", "chars", "missing_path", "error", "outside_path", "label", "pred", "yesno_words"}
+    assert page.count("<img ") == 1 and page.count("<script") == 1
+    assert 'class="placeholder">outside the image folder:<br>../&lt;x-evil data-f=outside_path' in page
+    assert len(warnings) == 1 and warnings[0].startswith(f"{caption_file}, record 2: image path ../")
+
+
+# ----------------------------------------------------------------------------
+# Image paths stay inside --image_folder
+
+
+def test_images_outside_the_image_folder_are_not_shown_unless_allowed(tmp_path, capsys):
+    inside, outside = tmp_path / "images", tmp_path / "private"
+    inside.mkdir()
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "secret.png")
+    Image.new("RGB", (8, 8)).save(inside / "ok.png")
+    out_file = tmp_path / "out.jsonl"
+    out_file.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"idx": 1, "image_path": "ok.png", "question": "q", "chosen": "a photo", "error": "x"},
+        {"idx": 2, "image_path": str(outside / "secret.png"), "question": "q", "chosen": "a photo", "error": "x"},
+        {"idx": 3, "image_path": "../private/secret.png", "question": "q", "chosen": "a photo", "error": "x"},
+    ]))
+    page_file = tmp_path / "r.html"
+    assert R.main(["--data_path", str(out_file), "--image_folder", str(inside), "--output", str(page_file)]) == 0
+    page = page_file.read_text()
+    assert page.count("<img ") == 1 and page.count("outside the image folder") == 2
+    err = capsys.readouterr().err
+    assert f"{out_file}, record 1: image path {outside / 'secret.png'} is outside --image_folder {inside}" in err
+    assert f"{out_file}, record 2: image path ../private/secret.png is outside --image_folder {inside}" in err
+
+    assert R.main(["--data_path", str(out_file), "--image_folder", str(inside), "--output", str(page_file),
+                   "--allow_outside_image_folder"]) == 0
+    assert page_file.read_text().count("<img ") == 3
+    assert "outside" not in capsys.readouterr().err

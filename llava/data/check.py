@@ -19,9 +19,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
-from llava.data.images import check_image_readable, image_path
+from llava.data.images import image_path
 from llava.data.records import (TASKS, DataError, DataProblem, Record, image_field, image_ref, iter_rows, parse_row,
                                 text_fields)
+from llava.data.verify import VerifiedImages, refused_path, verify_image
 
 IMAGE_WORKERS = 4  # PIL decodes with the GIL released: threads overlap image checks
 IMAGE_WINDOW = 64  # image checks in flight at once (bounds the image bytes held in memory)
@@ -103,8 +104,9 @@ def _rows_with_task(path: Path, task: str | None, report: FileReport) -> Iterato
 
 
 def check_file(path: str | Path, task: str | None = None, image_folder: str | Path | None = None,
-               open_images: bool = True) -> FileReport:
-    """Every problem of one data file for ``task`` (guessed when ``None``), images checked in ``image_folder``."""
+               open_images: bool = True, *, allow_outside: bool = False, cache: VerifiedImages | None = None) -> FileReport:
+    """Every problem of one data file for ``task`` (guessed when ``None``), images checked in ``image_folder``
+    as training and inference check them (``llava.data.verify.verify_image``; ``cache``: files verified before)."""
     path = Path(path)
     report = FileReport(str(path))
     seen_idx: dict[str, int] = {}
@@ -134,8 +136,12 @@ def check_file(path: str | Path, task: str | None = None, image_folder: str | Pa
                 ref = image_ref(row)
                 if ref is not None:
                     record = Record(str(path), number, row.get("idx"), ref, "", line=line)
-                    check = check_image_readable if open_images else _check_image_exists
-                    pending.append((pool.submit(check, record, image_folder), image_field(row)))
+                    if open_images:
+                        job = pool.submit(lambda r: verify_image(r, image_folder, allow_outside=allow_outside,
+                                                                 cache=cache)[0], record)
+                    else:
+                        job = pool.submit(_check_image_exists, record, image_folder, allow_outside)
+                    pending.append((job, image_field(row)))
                     settle(IMAGE_WINDOW)
         except DataError as e:  # the file itself: missing, not JSON, not Parquet, not a datasets dir
             for p in e.problems:
@@ -155,7 +161,9 @@ def check_file(path: str | Path, task: str | None = None, image_folder: str | Pa
     return report
 
 
-def _check_image_exists(record: Record, image_folder) -> DataProblem | None:
+def _check_image_exists(record: Record, image_folder, allow_outside: bool = False) -> DataProblem | None:
+    if not allow_outside and (refused := refused_path(record, image_folder)) is not None:
+        return refused
     path = image_path(record.image, image_folder)
     if path is not None and not path.is_file():
         return DataProblem(record.source, record.number, "image", f"image file not found: {path}", record.line)
@@ -212,7 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the file is for; default: guessed per file from its first record "
                         "(conversations -> sft, rejected -> preference, else test)")
     p.add_argument("--no_image_open", action="store_true",
-                   help="only check that image files exist (fast); by default every image is opened with PIL")
+                   help="only check that image files exist (fast); by default every image is opened, verified and "
+                        "decoded with PIL (files verified before and unchanged since are not opened again)")
+    p.add_argument("--allow_outside_image_folder", action="store_true",
+                   help="accept image paths that lead outside --image_folder (absolute, or climbing out with ..), "
+                        "as training and inference do with the same flag")
     return p
 
 
@@ -232,10 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     reports = []
+    cache = VerifiedImages.load()
     for f in args.files:
-        report = check_file(f, args.task, args.image_folder, open_images=not args.no_image_open)
+        report = check_file(f, args.task, args.image_folder, open_images=not args.no_image_open,
+                            allow_outside=args.allow_outside_image_folder, cache=cache)
         print_report(report)
         reports.append(report)
+    cache.save()
 
     if len(reports) > 1:
         for task in TASKS:

@@ -10,16 +10,17 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import io
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from llava.data.records import DataError, DataProblem, ImageRef, Record
+from llava.data.records import DataError, DataProblem, ImageRef, Record, image_field
 
 # pad: a square in the mean colour, one view; square: resize and centre crop; anyres: LLaVA-NeXT tiles
 AspectRatio = Literal["pad", "square", "anyres"]
@@ -27,30 +28,76 @@ ASPECT_RATIOS: tuple[str, ...] = get_args(AspectRatio)
 
 
 def image_path(ref: ImageRef, image_folder: str | Path | None) -> Path | None:
+    """Where a record's image file is: an absolute path as written, a relative one under ``image_folder``
+    (the current directory when there is none). ``None`` for image bytes."""
     if ref.path is None:
         return None
     p = Path(ref.path)
     return p if p.is_absolute() or image_folder is None else Path(image_folder) / p
 
 
-def open_image(record: Record, image_folder: str | Path | None) -> Image.Image:
+def folder_name(image_folder: str | Path | None) -> str:
+    """The image folder as messages name it."""
+    return f"--image_folder {image_folder}" if image_folder is not None else "the current directory (no --image_folder given)"
+
+
+def outside_image_folder(written: str, image_folder: str | Path | None) -> str | None:
+    """Why the image path ``written`` in a record reaches outside the image folder, or ``None`` when it stays in.
+
+    Records come from data a user may not control (scraped posts, shared files); the image folder is
+    the user's choice. A path is outside when, with ``..`` taken as written, it leaves the folder (an
+    absolute path elsewhere, or a relative one climbing out). Symbolic links inside the folder are
+    the folder owner's and are followed wherever they lead, except that a path with ``..`` must stay
+    in the folder once links are resolved too (``link/../..`` climbs from the link's target, not from
+    the folder). Without an image folder the current directory is the folder; the released data's
+    absolute paths keep working with ``--image_folder /``, under which everything is.
+    """
+    folder = Path(os.path.abspath(image_folder if image_folder is not None else "."))
+    joined = folder / written  # an absolute path replaces the folder
+    if not Path(os.path.normpath(joined)).is_relative_to(folder):
+        return f"image path {written} is outside {folder_name(image_folder)}"
+    if ".." in Path(written).parts and not Path(os.path.realpath(joined)).is_relative_to(os.path.realpath(folder)):
+        return f"image path {written} climbs out of {folder_name(image_folder)} through a symbolic link"
+    return None
+
+
+def _decode(source, verify: bool) -> Image.Image:
+    """The image at ``source`` (a path or a bytes buffer) as RGB; with ``verify``, PIL's structure check first.
+
+    ``verify()`` reads the whole file and checks its structure and checksums (a PNG cut inside its last
+    chunk decodes fine but fails it); decoding catches what it does not (pixel data cut short).
+    """
+    if verify:
+        with Image.open(source) as im:
+            im.verify()
+        if hasattr(source, "seek"):
+            source.seek(0)
+    with Image.open(source) as im:
+        return im.convert("RGB")
+
+
+# PIL's format plugins raise more than OSError on malformed files: SyntaxError ("broken PNG file"),
+# struct.error, EOFError, IndexError. DecompressionBombError (an image over twice PIL's
+# MAX_IMAGE_PIXELS) is not an OSError either: without it here one huge image would stop a whole run
+# instead of being reported.
+BAD_IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error,
+                    Image.DecompressionBombError)
+
+
+def open_image(record: Record, image_folder: str | Path | None, *, verify: bool = False) -> Image.Image:
     """The record's image as RGB; a missing or unreadable image raises ``DataError`` naming it."""
     ref = record.image
     if ref is None:
         raise record.error("image", "no image")
     path = image_path(ref, image_folder)
+    field = image_field(record.raw) if record.raw else "image"
     try:
-        if path is not None:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        with Image.open(io.BytesIO(ref.data)) as im:
-            return im.convert("RGB")
+        return _decode(path if path is not None else io.BytesIO(ref.data), verify)
     except FileNotFoundError:
-        raise record.error("image", f"image file not found: {path}")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        # DecompressionBombError (an image over twice PIL's MAX_IMAGE_PIXELS) is not an OSError:
-        # without it here one huge image would stop a whole run instead of being reported.
-        raise record.error("image", f"unreadable image {ref.describe()} ({type(e).__name__}: {e})")
+        raise record.error(field, f"image file not found: {path}")
+    except BAD_IMAGE_ERRORS as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever the plugin wrote
+        raise record.error(field, f"unreadable image {ref.describe()} ({reason})")
 
 
 def missing_images(records: list[Record], image_folder: str | Path | None) -> list[DataProblem]:
@@ -133,9 +180,9 @@ class ImageProcessor:
 
 
 def check_image_readable(record: Record, image_folder) -> DataProblem | None:
-    """The problem opening ``record``'s image with PIL (missing, unreadable), or ``None`` when it opens."""
+    """The problem opening ``record``'s image (missing, failing PIL's ``verify()`` or its decode), or ``None``."""
     try:
-        open_image(record, image_folder)
+        open_image(record, image_folder, verify=True)
     except DataError as e:
         return e.problems[0]
     return None

@@ -53,11 +53,13 @@ class DataProblem:
 class DataError(ValueError):
     """Bad input data; ``problems`` lists every problem found (the message shows the first few)."""
 
-    def __init__(self, problems: list[DataProblem] | DataProblem):
+    def __init__(self, problems: list[DataProblem] | DataProblem, hint: str | None = None):
         self.problems = [problems] if isinstance(problems, DataProblem) else list(problems)
         lines = [str(p) for p in self.problems[:5]]
         if len(self.problems) > 5:
             lines.append(f"... and {len(self.problems) - 5} more problems (run python -m llava.data.check)")
+        if hint:  # on the last line: one problem stays one line
+            lines[-1] += f" ({hint})"
         super().__init__("\n".join(lines))
 
 
@@ -289,11 +291,14 @@ def image_ref(row: dict) -> ImageRef | None:
 
 
 def image_field(row: dict) -> str:
-    """The field a row's image comes from: ``image``, or ``image_path``/``image_bytes`` when only that holds it."""
-    if not row.get("image"):
-        for name in ("image_bytes", "image_path"):
-            if row.get(name):
-                return name
+    """The field a row's image comes from (as ``image_ref`` reads it): ``image``, or ``image_bytes``/``image_path``
+    when ``image`` holds none (absent, empty, or ``{"bytes": null, "path": null}``)."""
+    img = row.get("image")
+    if (img.get("bytes") or img.get("path")) if isinstance(img, dict) else img:
+        return "image"
+    for name in ("image_bytes", "image_path"):
+        if row.get(name):
+            return name
     return "image"
 
 
@@ -443,7 +448,20 @@ def read_records(path: str | Path, task: str, *, strict: bool = True) -> list[Re
     """All records of ``path`` for ``task`` (sft, preference or test).
 
     With ``strict`` (training, inference) the first problems raise ``DataError``; without, bad
-    rows are skipped (use ``llava.data.check`` to list them).
+    rows are skipped (use ``llava.data.check`` to list them, or ``read_records_checked``).
+    """
+    records, problems = read_records_checked(path, task)
+    if strict and problems:
+        raise DataError(problems)
+    return records
+
+
+def read_records_checked(path: str | Path, task: str) -> tuple[list[Record], list[DataProblem]]:
+    """``(usable records, errors of the rows left out)`` of ``path`` for ``task``.
+
+    A problem of the whole file (missing, not JSON, no records at all) raises ``DataError``; a bad
+    row is left out and its problems returned, for the caller to stop on or to list
+    (``--skip_bad_records``).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -456,8 +474,6 @@ def read_records(path: str | Path, task: str, *, strict: bool = True) -> list[Re
         problems += [p for p in found if p.severity == "error"]
         if record is not None:
             records.append(record)
-    if strict and problems:
-        raise DataError(problems)
-    if strict and not records:
+    if not records and not problems:
         raise DataError(DataProblem(str(path), None, None, "no records"))
-    return records
+    return records, problems

@@ -96,7 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (rank K uses seed + K)")
     add_generation_args(p)
     p.add_argument("--skip_bad_records", action="store_true",
-                   help="write an `error` row for a record whose image is missing or unreadable instead of stopping")
+                   help="write an `error` row for a record whose image is missing, unreadable or outside --image_folder "
+                        "instead of stopping; they are counted and listed in OUT.skipped_records")
+    p.add_argument("--allow_outside_image_folder", action="store_true",
+                   help="read image paths that lead outside --image_folder (absolute, or climbing out with ..); refused "
+                        "by default")
     p.add_argument("--overwrite", action="store_true", help="start afresh: discard an existing output and its part files")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
@@ -267,8 +271,6 @@ def run(args, dist: Dist) -> int:
 
 
 def _run(args, dist: Dist, items: list[Item], out: Path) -> int:
-    from llava.data.images import missing_images
-
     log = _log if dist.rank == 0 else (lambda msg: None)
 
     # 1. Rank 0 folds earlier part files into OUT, cuts a torn last line; everyone then reads OUT.
@@ -291,18 +293,13 @@ def _run(args, dist: Dist, items: list[Item], out: Path) -> int:
     if done:
         log(f"resuming {out}: {len(done)} of {len(items)} records already done, {len(todo)} to go")
 
-    # 2. Images that are not there: reported before anything is generated.
-    missing = {(p.file, p.record): p for p in missing_images([it.record for it in todo], args.image_folder)}
-    if missing and not args.skip_bad_records:
-        shown = "\n".join(str(p) for p in list(missing.values())[:10])
-        more = f"\n... and {len(missing) - 10} more" if len(missing) > 10 else ""
-        raise InferenceError(f"{len(missing)} record(s) with a missing image (use --skip_bad_records to write "
-                             f"error rows for them and go on):\n{shown}{more}")
+    # 2. Every image this run reads, verified before anything is generated.
+    bad = verify_test_images(args, dist, todo, out, log)
 
     mine = todo[dist.rank::dist.world]
     target = part_path(out, dist.rank) if dist.sharded else out
     if mine:
-        generate_records(args, dist, mine, missing, target, log, total=len(items), already=len(done))
+        generate_records(args, dist, mine, bad, target, log, total=len(items), already=len(done))
 
     # 3. Merge (sharded) and put OUT in input order.
     dist.barrier()
@@ -319,7 +316,42 @@ def _run(args, dist: Dist, items: list[Item], out: Path) -> int:
     return 0
 
 
-def generate_records(args, dist: Dist, mine: list[Item], missing: dict, target: Path, log, *, total: int, already: int) -> None:
+def skipped_records_path(out: Path) -> Path:
+    """Where ``--skip_bad_records`` lists the records it wrote error rows for (not ``*.jsonl``: ``get_score.py
+    --dir`` scores those)."""
+    return out.with_name(out.name + ".skipped_records")
+
+
+def verify_test_images(args, dist: Dist, todo: list[Item], out: Path, log) -> dict:
+    """``{(file, record number): problem}`` of the records in ``todo`` whose image is bad (``llava.data.verify``):
+    with ``--skip_bad_records`` counted, listed in ``OUT.skipped_records`` and answered with error rows;
+    without, the run stops naming them. Every process gets the same verdict."""
+    from llava.data.records import DataError
+    from llava.data.verify import verify_images_everywhere, write_skipped_records
+
+    if not todo:
+        return {}
+    start = time.time()
+    check = verify_images_everywhere([it.record for it in todo], args.image_folder,
+                                     allow_outside=args.allow_outside_image_folder)
+    log(f"{check.images} images verified in {time.time() - start:.1f} s ({check.opened} opened, "
+        f"{check.cached} unchanged since verified before)")
+    bad: dict = {}
+    for p in check.problems:
+        bad.setdefault((p.file, p.record), p)
+    if bad and not args.skip_bad_records:
+        raise DataError(check.problems, hint="stopped before generating; --skip_bad_records writes an error row "
+                                             "for each and goes on")
+    listed = skipped_records_path(out)
+    if dist.rank == 0:
+        write_skipped_records(listed, check.problems)
+        if bad:
+            log(f"--skip_bad_records: {len(bad)} of {len(todo)} records have a bad image: written as error rows, "
+                f"listed in {listed}")
+    return bad
+
+
+def generate_records(args, dist: Dist, mine: list[Item], bad: dict, target: Path, log, *, total: int, already: int) -> None:
     import torch
 
     from llava.conversation import get_template
@@ -349,7 +381,7 @@ def generate_records(args, dist: Dist, mine: list[Item], missing: dict, target: 
             prompts, prompt_items = [], []
             for it in batch:
                 r = it.record
-                problem = missing.get((r.source, r.number))
+                problem = bad.get((r.source, r.number))
                 if problem is None:
                     try:
                         image = images(open_image(r, args.image_folder))

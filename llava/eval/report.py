@@ -7,7 +7,8 @@ The page has the score table at the top: the scores ``get_score.py`` wrote for e
 (``scores.json`` and ``<name>_score.jsonl``, beside the files: :func:`saved_scores`) or, where
 it wrote none, the same numbers computed now by :mod:`llava.eval.score`; then one row per test
 record: the image (a base64 JPEG thumbnail, at most 160 px; a missing or unreadable image shows a
-visible placeholder), the context (``question``), the reference (``chosen``, or ``label`` for
+visible placeholder, and so does a path leading outside ``--image_folder``, the current directory
+without one, unless ``--allow_outside_image_folder``: a warning names its file and record), the context (``question``), the reference (``chosen``, or ``label`` for
 yes/no files) and each system's response with its per-sample scores. Responses over
 125 characters, empty responses and error rows are flagged.
 
@@ -25,6 +26,7 @@ import argparse
 import base64
 import html
 import io
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -170,21 +172,23 @@ def image_path_of(record: dict) -> str | None:
     return path if isinstance(path, str) and path else None
 
 
-def resolve_image(image_path: str, image_folder: Path | None) -> Path | None:
-    """``image_path`` as it is if absolute, else under ``image_folder``; falls back to
-    the bare file name under ``image_folder``. None when no file exists."""
+def resolve_image(image_path: str, image_folder: Path | None, allow_outside: bool = False) -> tuple[Path | None, str | None]:
+    """``(file, None)``: ``image_path`` as training reads it (absolute as it is, relative under
+    ``image_folder``), else the bare file name under ``image_folder``, whichever exists first.
+    ``(None, why)`` when the path leads outside the image folder (``llava.data.images.outside_image_folder``;
+    the current directory without one) and nothing inside it matched, unless ``allow_outside``;
+    ``(None, None)`` when no file exists."""
+    from llava.data.images import outside_image_folder
+
     p = Path(image_path)
-    candidates = [p] if p.is_absolute() else []
-    if image_folder is not None:
-        if not p.is_absolute():
-            candidates.append(image_folder / p)
+    refused = None if allow_outside else outside_image_folder(image_path, image_folder)
+    candidates = [] if refused else [p if p.is_absolute() or image_folder is None else image_folder / p]
+    if image_folder is not None and p.name not in ("", ".", ".."):
         candidates.append(image_folder / p.name)
-    elif not p.is_absolute():
-        candidates.append(p)
     for c in candidates:
         if c.is_file():
-            return c
-    return None
+            return c, None
+    return None, refused
 
 
 def thumbnail_data_uri(path: Path, max_px: int = THUMB_PX) -> str:
@@ -206,33 +210,39 @@ def thumbnail_data_uri(path: Path, max_px: int = THUMB_PX) -> str:
 
 
 class Thumbnails:
-    def __init__(self, image_folder: Path | None):
+    def __init__(self, image_folder: Path | None, allow_outside: bool = False, warn=None):
         self.image_folder = image_folder
+        self.allow_outside = allow_outside
+        self.warn = warn or (lambda message: print(message, file=sys.stderr))
         self.cache: dict[str, str] = {}
         self.missing = 0
 
-    def cell(self, records: Sequence[dict | None]) -> str:
+    def cell(self, records: Sequence[dict | None], where: Sequence[str | None] = ()) -> str:
         """The image of the first record whose image file resolves (files may differ
-        in their paths), else a visible placeholder naming the first path."""
+        in their paths), else a visible placeholder naming the first path. ``where`` names
+        each record (``FILE, record N``) for the warning about a path refused."""
         paths = []
-        for record in records:
+        for record, name in itertools.zip_longest(records, where):
             path = image_path_of(record) if record else None
-            if path is not None and path not in paths:
-                paths.append(path)
+            if path is not None and path not in (p for p, _ in paths):
+                paths.append((path, name))
         if not paths:
             self.missing += 1
             return '<div class="placeholder">no image path</div>'
-        for path in paths:
-            html_ = self._cell(path)
+        for path, name in paths:
+            html_ = self._cell(path, name)
             if not html_.startswith('<div class="placeholder"'):
                 return html_
         self.missing += 1
-        return self._cell(paths[0])
+        return self._cell(*paths[0])
 
-    def _cell(self, image_path: str) -> str:
+    def _cell(self, image_path: str, where: str | None) -> str:
         if image_path not in self.cache:
-            resolved = resolve_image(image_path, self.image_folder)
-            if resolved is None:
+            resolved, refused = resolve_image(image_path, self.image_folder, self.allow_outside)
+            if refused is not None:
+                self.warn(f"{where or 'a record'}: {refused}: not shown (--allow_outside_image_folder shows it)")
+                html_ = f'<div class="placeholder">outside the image folder:<br>{esc(image_path)}</div>'
+            elif resolved is None:
                 html_ = f'<div class="placeholder">image not found:<br>{esc(image_path)}</div>'
             else:
                 try:
@@ -311,7 +321,7 @@ def response_cell(record: dict | None, kind: str) -> str:
     if record.get("empty"):
         flags.append('<span class="flag empty">EMPTY</span>')
     if record.get("over_125"):
-        flags.append(f'<span class="flag long">over 125 chars ({record.get("chars")})</span>')
+        flags.append(f'<span class="flag long">over 125 chars ({esc(record.get("chars"))})</span>')
     if kind == "yesno":
         pred = record.get("pred")
         flags.append(
@@ -340,12 +350,15 @@ def render(
     image_folder: Path | None,
     limit: int | None = None,
     title: str = "Alt-text evaluation report",
+    allow_outside: bool = False,
+    warn=None,
 ) -> str:
     mode, aligned = align(samples)
+    where = {id(r): f"{row['file']}, record {i}" for row, recs in zip(rows, samples) for i, r in enumerate(recs)}
     total = len(aligned)
     if limit is not None:
         aligned = aligned[: max(limit, 0)]
-    thumbs = Thumbnails(image_folder)
+    thumbs = Thumbnails(image_folder, allow_outside, warn)
     body_rows = []
     for number, recs in enumerate(aligned, start=1):
         first = next((r for r in recs if r is not None), None) or {}
@@ -356,7 +369,7 @@ def render(
         number_cell = f"{number}" + (f'<div class="meta">idx {esc(idx)}</div>' if idx is not None else "")
         cells = [
             f"<td>{number_cell}</td>",
-            f'<td class="img">{thumbs.cell(recs)}</td>',
+            f'<td class="img">{thumbs.cell(recs, [where.get(id(r)) for r in recs])}</td>',
             f"<td>{esc(question) if question is not None else '<span class=meta>(no context)</span>'}</td>",
             f'<td class="ref">{esc(reference) if reference is not None else "<span class=meta>-</span>"}</td>',
         ]
@@ -413,7 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data_path", "--files", dest="files", nargs="+", required=True, metavar="JSONL",
                         help="inference outputs, one per system (--files is its old name)")
-    parser.add_argument("--image_folder", metavar="DIR", help="folder that image_path is relative to")
+    parser.add_argument("--image_folder", metavar="DIR", help="folder that image_path is relative to (default: the "
+                        "current directory); images outside it are not shown")
+    parser.add_argument("--allow_outside_image_folder", action="store_true",
+                        help="show images whose paths lead outside --image_folder (absolute, or climbing out with ..)")
     parser.add_argument("--output", "--out", dest="out", required=True, metavar="HTML", help="where the page goes")
     parser.add_argument("--names", nargs="+", metavar="NAME", help="column names (default: file names)")
     parser.add_argument("--limit", type=int, metavar="N", help="show only the first N records")
@@ -440,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             [r["kind"] for r in rows],
             Path(args.image_folder) if args.image_folder else None,
             limit=args.limit,
+            allow_outside=args.allow_outside_image_folder,
         )
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

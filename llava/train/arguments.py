@@ -108,6 +108,12 @@ class DataArguments:
     is_multimodal: bool = field(default=False, metadata={"help": "accepted, no effect: " + NO_EFFECT["is_multimodal"]})
     eval_data_path: str | None = field(default=None, metadata={"help": "held-out data (same format as --data_path) evaluated "
                                                          "with the training objective at --eval_steps (--eval_strategy steps)"})
+    skip_bad_records: bool = field(default=False, metadata={"help": "leave out records with a bad image or field (missing, "
+                                                       "unreadable, outside --image_folder) instead of stopping; they are "
+                                                       "counted in the log and listed in <output_dir>/skipped_records.jsonl"})
+    allow_outside_image_folder: bool = field(default=False, metadata={"help": "read image paths that lead outside "
+                                                                 "--image_folder (absolute, or climbing out with ..); "
+                                                                 "refused by default"})
 
     def __post_init__(self):
         if not self.data_path:

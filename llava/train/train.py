@@ -25,9 +25,11 @@ from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.conversation import get_template
 from llava.data.collate import PreferenceCollator, SFTCollator
 from llava.data.datasets import PreferenceDataset, SFTDataset
-from llava.data.images import ImageProcessor, image_path, missing_images
-from llava.data.records import DataError, read_records
+from llava.data.images import ImageProcessor, image_path
+from llava.data.records import DataError, DataProblem, Record, read_records_checked
 from llava.data.show import render_text, sequences_of
+from llava.data.verify import (SKIPPED_RECORDS, bad_records, leave_out, verify_images_everywhere,
+                               write_skipped_records)
 from llava.model.attention import attention_here, use_attention
 from llava.model.chat_template import set_chat_template
 from llava.model.hub import dataset_fingerprint
@@ -90,10 +92,7 @@ def build_model(model_args: ModelArguments, args: TrainingArguments):
 
 def build_data(data_args: DataArguments, model_args: ModelArguments, args: TrainingArguments, processor, conditions):
     task = "preference" if args.task == "DPO" else "sft"
-    records = read_records(data_args.data_path, task)
-    problems = missing_images(records, data_args.image_folder)
-    if problems:
-        raise DataError(problems)
+    records = verified_records(data_args, args, task)
     strategy = getattr(processor, "vision_feature_select_strategy", None) or "default"
     images = ImageProcessor(processor, data_args.image_aspect_ratio, strategy)
     template = get_template(model_args.version)
@@ -106,6 +105,44 @@ def build_data(data_args: DataArguments, model_args: ModelArguments, args: Train
                                 image_type=args.use_image_type, diffusion_step=args.diffusion_step, seed=args.negatives_seed)
     packed = args.preference_forward == "packed"
     return dataset, PreferenceCollator(conditions, tok.pad_token_id, image_token_id, packed=packed)
+
+
+def verified_records(data_args: DataArguments, args: TrainingArguments, task: str) -> list[Record]:
+    """The records of ``--data_path``, every image opened and verified before step 1 (``llava.data.verify``).
+
+    A bad record (a field, or an image missing, unreadable or outside ``--image_folder``) stops the run
+    naming file, record and field; with ``--skip_bad_records`` it is left out, counted in the log and
+    listed in ``<output_dir>/skipped_records.jsonl``. Every process gets the same verdict.
+    """
+    records, problems = read_records_checked(data_args.data_path, task)
+    hint = "--skip_bad_records leaves bad records out"
+    if problems and not data_args.skip_bad_records:
+        raise DataError(problems, hint=hint)
+    start = time.time()
+    check = verify_images_everywhere(records, data_args.image_folder, allow_outside=data_args.allow_outside_image_folder)
+    main_process = args.process_index == 0
+    if main_process:
+        logger.info("%s: %d images verified in %.1f s (%d opened, %d unchanged since verified before)",
+                    data_args.data_path, check.images, time.time() - start, check.opened, check.cached)
+    if check.problems and not data_args.skip_bad_records:
+        raise DataError(check.problems, hint=hint)
+    if not data_args.skip_bad_records:
+        return records
+    problems += check.problems
+    kept = leave_out(records, problems)
+    skipped_list = Path(args.output_dir) / SKIPPED_RECORDS
+    if main_process:  # the held-out data come second (prepare): their lines join the training data's
+        held_out = data_args.eval_data_path is not None and str(data_args.data_path) == str(data_args.eval_data_path)
+        write_skipped_records(skipped_list, problems, replacing=data_args.data_path if held_out else None)
+    if problems:
+        left_out = len(bad_records(problems))
+        if main_process:
+            logger.warning("--skip_bad_records: left out %d of %d records of %s (listed in %s); first: %s", left_out,
+                           len(kept) + left_out, data_args.data_path, skipped_list, problems[0])
+        if not kept:
+            raise DataError(DataProblem(str(data_args.data_path), None, None, f"every record is bad ({left_out} left out, "
+                                        f"listed in {skipped_list})"))
+    return kept
 
 
 def check_eval_flags(data_args: DataArguments, args: TrainingArguments) -> None:
