@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (deepspeed/torchrun llava/train/train.py)
