@@ -285,7 +285,7 @@ def test_abandoned_build_locks_are_old_locks_in_either_layout(tmp_path, monkeypa
     import os
     import time
 
-    from llava.train.build_locks import abandoned_build_locks
+    from llava.train.deepspeed_host import abandoned_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     flat, nested, fresh = tmp_path / "op_a" / "lock", tmp_path / "py311_cpu" / "op_b" / "lock", tmp_path / "op_c" / "lock"

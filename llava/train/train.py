@@ -36,7 +36,6 @@ from llava.model.chat_template import set_chat_template
 from llava.model.hub import dataset_fingerprint
 from llava.model.load import ModelLoadError, checkpoint_kind, compose, load_model, resolve_hub_arguments, save_model
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
-from llava.train.build_locks import refuse_abandoned_build_locks
 from llava.train.checkpoints import (AUTO, ReplayEpochOrder, ResumeError, SaveAtEpochEnd, SaveError, check_output_dir_shared,
                                      copy_final_model, discard_final_model_marker, remove_unfinished_saves, resolve_resume,
                                      save_failure, steps_done)
@@ -44,6 +43,7 @@ from llava.train.pause_points import PauseMidStep
 from llava.train.model_card import CardFacts, release_generation_config, write_model_card
 from llava.train.params import Trainable, apply_lora, quantization, set_trainable
 from llava.train.policy import ResponseLogps
+from llava.train.deepspeed_host import refuse_abandoned_build_locks, release_shared_memory_names
 from llava.train.losses import DPOObjective, MCMObjective, SFTObjective
 from llava.train.projector_file import load_projector_file, trains_projector_only, write_projector_file
 from llava.train.reference import (AdaptersOffReference, CachedReference, LiveReference, file_fingerprint, images_fingerprint,
@@ -215,6 +215,7 @@ def prepare(argv: list[str] | None = None) -> LlavaTrainer:
         import deepspeed
 
         deepspeed.init_distributed()  # joins the process group the Trainer's arguments created
+        release_shared_memory_names()  # CPU: else each launch leaves 2 x 67 MB in /dev/shm for good
     check_output_dir_shared(args.output_dir)  # multi-node: before any model loads, every node must see OUTPUT_DIR
     objective = make_objective(args)
     conditions = objective.conditions
