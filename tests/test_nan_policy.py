@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from llava.train.errors import error_line, exit_code, message_of, write_traceback
-from llava.train.nonfinite import NonFiniteStep, StepRecords, describe_records, gradients_finite, stop_message, verdict
+from llava.train.nonfinite import StepRecords, describe_records, gradients_finite, stop_message, verdict
 from llava.train.train import main, prepare, train
 from tests.conftest import write_preference_set
+from tests.test_scripts import caller_dir  # noqa: F401 -- a fixture: a user's directory for the scripts' dry runs
 from tests.test_train import argv, log_history
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,3 +192,13 @@ def test_skip_under_deepspeed_on_two_processes(poisoned, tmp_path):
     weights = load_file(out / "model.safetensors")
     weights[embed][tokens] = 0.0
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_the_scripts_stop_by_default_and_take_nan_policy(caller_dir):
+    import shlex
+
+    from tests.test_scripts import RELATIVE, dry_run, parsed, trainer_argv
+
+    for env, expect in (({}, "stop"), ({"NAN_POLICY": "skip"}, "skip")):
+        words = shlex.split(dry_run(caller_dir, "mcmdpo.sh", gpu_host=False, **RELATIVE, **env).stdout)
+        assert parsed(trainer_argv(words))[2].nan_policy == expect

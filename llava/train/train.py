@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # noqa: BLE001 -- every error becomes one line; the traceback goes to the log
         # an input error before the run began leaves no directory behind; once training, the run has one
         log = write_traceback(e, output_dir, create=started or not isinstance(e, EXPECTED))
-        print(error_line(e, log), file=sys.stderr, flush=True)
+        # mid-run, a progress bar may hold the line (any rank's: they share the terminal): start a new one
+        print("\n" * started + error_line(e, log), file=sys.stderr, flush=True)
         sys.exit(exit_code(e))
 
 
