@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava.train.errors import error_line, exit_code, message_of, write_traceback
+from llava.train.errors import error_line, exit_code, write_traceback
 from llava.train.nonfinite import StepRecords, describe_records, gradients_finite, stop_message, verdict
 from llava.train.train import main, prepare, train
 from tests.conftest import write_preference_set
@@ -88,10 +88,26 @@ def test_error_lines(tmp_path, monkeypatch):
         assert error_line(e, log) == f"error: RuntimeError: kernel failed (traceback in {log})" and exit_code(e) == 1
     assert write_traceback(ValueError("x"), tmp_path / "absent", create=False) is None
     assert not (tmp_path / "absent").exists()
-    # torch's DataLoader re-raises a worker's error with the worker's traceback as the message
-    worker = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-                        '  File "x.py", line 1, in f\nValueError: d.json, record 4, field \'question\': too long\n')
-    assert message_of(worker) == "d.json, record 4, field 'question': too long"
+
+
+class _BadRecord(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        from llava.data.records import DataError, DataProblem
+
+        raise DataError(DataProblem("d.json", 4, "image", "unreadable image"))
+
+
+def test_a_data_error_from_a_loader_worker_keeps_its_one_line():
+    """torch's DataLoader re-raises a worker's error with the worker's traceback as its message."""
+    from llava.data.records import DataError
+
+    with pytest.raises(DataError) as e:
+        next(iter(torch.utils.data.DataLoader(_BadRecord(), num_workers=1)))
+    assert "Original Traceback" in str(e.value)
+    assert error_line(e.value, None) == "error: d.json, record 4, field 'image': unreadable image"
 
 
 # -- a tiny run meets the poisoned record -----------------------------------------------------------

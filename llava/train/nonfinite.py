@@ -38,7 +38,8 @@ def is_finite(value: torch.Tensor | float) -> bool:
 
 def gradients_finite(parameters: Iterable[torch.nn.Parameter]) -> bool:
     """Whether every gradient present is finite (parameters without one are passed over)."""
-    return all(bool(torch.isfinite(p.grad).all()) for p in parameters if p.grad is not None)
+    checks = [torch.isfinite(p.grad).all() for p in parameters if p.grad is not None]
+    return bool(torch.stack(checks).all()) if checks else True  # one device sync, not one per parameter
 
 
 @dataclass
