@@ -23,6 +23,7 @@
 #   SAVE_TOTAL_LIMIT  checkpoints kept in OUTPUT_DIR (default: the YAML's, 2)
 #   RESUME        auto: continue from the newest complete checkpoint in OUTPUT_DIR, if any (the YAML's);
 #                 never: start afresh
+#   NAN_POLICY    stop | skip: a step whose loss or gradient is not finite (default: the YAML's, stop)
 #   REPORT_TO     wandb | tensorboard | none (default: the YAML's, wandb as released; offline when not logged in)
 #   WANDB_PROJECT wandb project (default llava-mcmdpo, set by the trainer); runs are named after OUTPUT_DIR
 #   NUM_WORKERS   data loader workers (default 4 with CUDA, 0 without)
@@ -133,7 +134,8 @@ stage_flags() {
   if [ -n "${PARADIGM:-}" ]; then STAGE_FLAGS+=(--unfreeze_mm_vision_tower "$(vit_trains "$1")"); fi
   set_flags VISION_TOWER=--vision_tower EPOCHS=--num_train_epochs LR=--learning_rate \
     BATCH_SIZE=--per_device_train_batch_size GRAD_ACCUM=--gradient_accumulation_steps \
-    SAVE_STEPS=--save_steps SAVE_TOTAL_LIMIT=--save_total_limit RESUME=--resume_from_checkpoint REPORT_TO=--report_to
+    SAVE_STEPS=--save_steps SAVE_TOTAL_LIMIT=--save_total_limit RESUME=--resume_from_checkpoint REPORT_TO=--report_to \
+    NAN_POLICY=--nan_policy
 }
 
 # launch CONFIG ARGS...: the trainer under DeepSpeed's launcher, one process per GPU (or CPU process),

@@ -53,7 +53,11 @@ class DataProblem:
 class DataError(ValueError):
     """Bad input data; ``problems`` lists every problem found (the message shows the first few)."""
 
-    def __init__(self, problems: list[DataProblem] | DataProblem, hint: str | None = None):
+    def __init__(self, problems: list[DataProblem] | DataProblem | str, hint: str | None = None):
+        if isinstance(problems, str):  # re-raised by torch's DataLoader from a worker: the worker's traceback
+            self.problems = []
+            super().__init__(problems)
+            return
         self.problems = [problems] if isinstance(problems, DataProblem) else list(problems)
         lines = [str(p) for p in self.problems[:5]]
         if len(self.problems) > 5:

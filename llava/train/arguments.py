@@ -178,6 +178,9 @@ class TrainingArguments(transformers.TrainingArguments):
     # Spellings of the published scripts that transformers 5 renamed.
     warmup_ratio: float | None = field(default=None, metadata={"help": "warmup as a share of all steps (= --warmup_steps < 1)"})
     evaluation_strategy: str | None = field(default=None, metadata={"help": "older name of --eval_strategy"})
+    nan_policy: Literal["stop", "skip"] = field(default="stop", metadata={"help": "a step whose loss or gradient is not "
+        "finite: stop (the run ends naming the step, its records and the last checkpoint) or skip (no update; counted "
+        "as nan_skipped in the logs)"})
 
     def __post_init__(self):
         if self.warmup_ratio is not None:

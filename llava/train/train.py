@@ -36,9 +36,10 @@ from llava.model.chat_template import set_chat_template
 from llava.model.hub import dataset_fingerprint
 from llava.model.load import ModelLoadError, checkpoint_kind, compose, load_model, resolve_hub_arguments, save_model
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
-from llava.train.checkpoints import (AUTO, ReplayEpochOrder, ResumeError, SaveAtEpochEnd, SaveError, check_output_dir_shared,
+from llava.train.checkpoints import (AUTO, ReplayEpochOrder, SaveAtEpochEnd, check_output_dir_shared,
                                      copy_final_model, discard_final_model_marker, remove_unfinished_saves, resolve_resume,
                                      save_failure, steps_done)
+from llava.train.errors import EXPECTED, error_line, exit_code, write_traceback
 from llava.train.pause_points import PauseMidStep
 from llava.train.model_card import CardFacts, release_generation_config, write_model_card
 from llava.train.params import Trainable, apply_lora, quantization, set_trainable
@@ -200,9 +201,10 @@ def reference_key(model_args, data_args, args, conditions, processor, records) -
     }
 
 
-def prepare(argv: list[str] | None = None) -> LlavaTrainer:
+def prepare(argv: list[str] | None = None, parsed=None) -> LlavaTrainer:
+    """The trainer of a command line; ``parsed``: its ``parse_args(argv)``, if already done."""
     argv = sys.argv[1:] if argv is None else list(argv)  # the model card records the command as given
-    model_args, data_args, args = parse_args(argv)
+    model_args, data_args, args = parsed or parse_args(argv)
     check_eval_flags(data_args, args)
     # "auto" becomes the kernel that runs, so the model card and the reference cache's key name it
     model_args.attn_implementation = attention_for(model_args, args)
@@ -319,17 +321,23 @@ def finish_without_training(trainer: LlavaTrainer, checkpoint: Path, total: int)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Train; any error ends this process with one line on stderr (``llava.train.errors``) and a non-zero
+    exit, which makes the launcher stop the other ranks; the traceback goes to ``OUTPUT_DIR/error-rank{N}.log``."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    output_dir, started = None, False
     try:
-        trainer = prepare(argv)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # flags, data, paths: a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    try:
+        parsed = parse_args(argv)
+        output_dir = parsed[2].output_dir
+        trainer = prepare(argv, parsed)
+        started = True
         train(trainer)
-    except (ResumeError, SaveError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 -- every error becomes one line; the traceback goes to the log
+        # an input error before the run began leaves no directory behind; once training, the run has one
+        log = write_traceback(e, output_dir, create=started or not isinstance(e, EXPECTED))
+        # mid-run, a progress bar may hold the line (any rank's: they share the terminal): start a new one
+        print("\n" * started + error_line(e, log), file=sys.stderr, flush=True)
+        sys.exit(exit_code(e))
 
 
 if __name__ == "__main__":

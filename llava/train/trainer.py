@@ -17,6 +17,7 @@ Held-out evaluation (``evaluate``) runs the same objective on the eval set, with
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections import defaultdict
@@ -28,11 +29,13 @@ from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 from transformers.utils import GENERATION_CONFIG_NAME
+from accelerate.utils import gather_object
 
 from llava.data.sampler import ModalityLengthGroupedSampler
 from llava.method import ConditionLogps
-from llava.train.checkpoints import publish, save_failure, staging_dir
+from llava.train.checkpoints import newest_complete_checkpoint, publish, save_failure, staging_dir
 from llava.train.model_card import CardFacts, write_model_card
+from llava.train.nonfinite import NonFiniteStep, StepRecords, describe_records, gradients_finite, is_finite, stop_message, verdict
 from llava.train.params import parameter_groups
 from llava.train.pause_points import pause_at
 
@@ -53,6 +56,16 @@ class _PrepareReference(TrainerCallback):
         self.trainer.prepare_references()
 
 
+class _CheckFiniteStep(TrainerCallback):
+    """``--nan_policy``: runs the trainer's check where the Trainer is about to step the optimizer."""
+
+    def __init__(self, trainer: "LlavaTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.check_step_finite()
+
+
 class LlavaTrainer(Trainer):
     # compute_loss returns a per-micro-batch mean; the Trainer divides by the accumulation steps.
     loss_is_scaled_for_ga = False
@@ -67,6 +80,9 @@ class LlavaTrainer(Trainer):
             if reference is None:
                 raise ValueError("this objective needs a reference")
             self.add_callback(_PrepareReference(self))
+        self.add_callback(_CheckFiniteStep(self))
+        self._step_records = StepRecords()  # of the optimizer step in progress (--nan_policy)
+        self._nan_skipped = 0  # steps skipped since the last log
         self._references_ready = False
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._eval_rows: list[torch.Tensor] = []
@@ -99,13 +115,67 @@ class LlavaTrainer(Trainer):
         means = torch.stack([metrics[k].float().mean() for k in names])
         means = self.accelerator.gather(means[None]).mean(0)  # average over ranks
         for k, v in zip(names, means.tolist()):
-            self._metrics[k].append(v)
+            if math.isfinite(v):  # a non-finite step is stopped or skipped (--nan_policy), not averaged in
+                self._metrics[k].append(v)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._metrics and "loss" in logs:  # training logs: add the step's averaged metrics
-            logs.update({k: sum(v) / len(v) for k, v in self._metrics.items()})
+        if "loss" in logs:  # training logs: add the step's averaged metrics
+            logs.update({k: sum(v) / len(v) for k, v in self._metrics.items() if v})
             self._metrics.clear()
+            if self.args.nan_policy == "skip":
+                logs["nan_skipped"] = self._nan_skipped
+                self._nan_skipped = 0
         super().log(logs, start_time)
+
+    # -- non-finite steps (llava.train.nonfinite) -------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        records = inputs["index"].tolist()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step_records.add(records, is_finite(loss))
+        return loss
+
+    def check_step_finite(self) -> None:
+        """Update, skip or stop (``--nan_policy``): every rank reaches the same verdict on the step.
+
+        Called before the optimizer steps; under DeepSpeed, after (its step runs in the backward of
+        the last micro-batch, and skips an update whose gradients are not finite by itself).
+        """
+        step, self._step_records = self._step_records, StepRecords()
+        if self.args.fp16:  # loss scaling skips an overflowing gradient (and lowers its scale): routine, not a fault
+            grads_ok = True
+        elif self.is_deepspeed_enabled:
+            grads_ok = not self.accelerator.optimizer_step_was_skipped
+        else:
+            grads_ok = gradients_finite(self.model.parameters())
+        flags = torch.tensor([[not step.nonfinite, grads_ok]], dtype=torch.float32, device=self.args.device)
+        loss_ok, grads_ok = (self.accelerator.gather(flags).amin(0) > 0).tolist()
+        action = verdict(self.args.nan_policy, loss_ok and grads_ok)
+        if action == "update":
+            return
+        applied = self.is_deepspeed_enabled and not self.accelerator.optimizer_step_was_skipped
+        if action == "skip" and not applied:
+            if not self.is_deepspeed_enabled:
+                self._drop_gradients()
+            self._nan_skipped += 1
+            return
+        blamed = gather_object(step.nonfinite if not loss_ok else step.seen)  # every rank's, in rank order
+        records = describe_records(blamed, getattr(self.train_dataset, "records", None))
+        message = stop_message(self.state.global_step + 1, "gradient" if loss_ok else "loss", records,
+                               newest_complete_checkpoint(self.args.output_dir))
+        if applied:
+            message += " (DeepSpeed applied this update: the weights are no longer to be trusted)"
+        raise NonFiniteStep(message)
+
+    def _drop_gradients(self) -> None:
+        """Make the coming optimizer step a no-op: torch's optimizers pass over parameters without a
+        gradient; fp16's loss scaler wants gradients to inspect, and skips the step on an infinite one."""
+        for p in self.model.parameters():
+            if p.grad is not None:
+                if self.args.fp16:
+                    p.grad.fill_(float("inf"))
+                else:
+                    p.grad = None
 
     # -- held-out evaluation: the training objective and its metrics on --eval_data_path ---------
 
