@@ -154,6 +154,18 @@ def test_training_stops_on_a_truncated_image_before_step_1(method, tiny_llava_di
     assert not (out / "ref_logps").exists() and not (out / SKIPPED_RECORDS).exists()
 
 
+def test_bad_data_is_found_before_the_model_loads(tiny_llava_dir, tmp_path):
+    """A model whose weights are missing fails only when loaded: the bad image is named first."""
+    data = preference_set_with_a_truncated_last_image(tmp_path, n=3)
+    model = tmp_path / "model-without-weights"
+    shutil.copytree(tiny_llava_dir, model, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(DataError, match=r"record 2, field 'image': unreadable image"):
+        prepare(argv(model, data, tmp_path / "out", *TASKS["dpo"]))
+    with pytest.raises(Exception) as loading:  # the same model with good data: the model load is what fails
+        prepare(argv(model, data, tmp_path / "out", *TASKS["dpo"], "--skip_bad_records", "True"))
+    assert not isinstance(loading.value, DataError)
+
+
 def test_skip_bad_records_leaves_the_record_out_and_pairs_among_the_rest(tiny_llava_dir, tmp_path):
     n = 5
     data = preference_set_with_a_truncated_last_image(tmp_path, n=n)

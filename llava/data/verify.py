@@ -1,6 +1,6 @@
 """Every image a run will read, opened before step 1: in parallel, remembered in a cache of verified files.
 
-Training (SFT, DPO, MCM-DPO: ``llava.train.train.build_data``) and inference (``llava.eval.inference``)
+Training (SFT, DPO, MCM-DPO: ``llava.train.train.verified_records``, before the model loads) and inference (``llava.eval.inference``)
 pass their records through :func:`verify_images_everywhere` before the first step or the first
 generated token. Each record's image path must stay inside the image folder
 (``llava.data.images.outside_image_folder``; ``--allow_outside_image_folder`` lifts this), and the

@@ -92,9 +92,14 @@ def build_model(model_args: ModelArguments, args: TrainingArguments):
     return model, processor
 
 
-def build_data(data_args: DataArguments, model_args: ModelArguments, args: TrainingArguments, processor, conditions):
-    task = "preference" if args.task == "DPO" else "sft"
-    records = verified_records(data_args, args, task)
+def task_of(args: TrainingArguments) -> str:
+    return "preference" if args.task == "DPO" else "sft"
+
+
+def build_data(records: list[Record], data_args: DataArguments, model_args: ModelArguments, args: TrainingArguments, processor,
+               conditions):
+    """The dataset and collator of already verified ``records`` (``verified_records``)."""
+    task = task_of(args)
     strategy = getattr(processor, "vision_feature_select_strategy", None) or "default"
     images = ImageProcessor(processor, data_args.image_aspect_ratio, strategy)
     template = get_template(model_args.version)
@@ -225,16 +230,19 @@ def prepare(argv: list[str] | None = None, parsed=None) -> LlavaTrainer:
                                      freeze_backbone=model_args.freeze_backbone,
                                      unfreeze_mm_vision_tower=model_args.unfreeze_mm_vision_tower,
                                      freeze_mm_mlp_adapter=args.freeze_mm_mlp_adapter)
+    # The data first: a bad record stops the run before a model spends minutes loading.
+    records = verified_records(data_args, args, task_of(args))
+    eval_data = dataclasses.replace(data_args, data_path=data_args.eval_data_path) if data_args.eval_data_path else None
+    eval_records = verified_records(eval_data, args, task_of(args)) if eval_data else None
     llava, processor = build_model(model_args, args)
     # saved directories write the training prompt through apply_chat_template and decode as released
     set_chat_template(processor, get_template(model_args.version))
     llava.generation_config = release_generation_config(processor.tokenizer)
-    dataset, collator = build_data(data_args, model_args, args, processor, conditions)
+    dataset, collator = build_data(records, data_args, model_args, args, processor, conditions)
     if args.process_index == 0:  # what the model is trained on, seen before step 1 (python -m llava.data.show)
         logger.info("record 0 of %s as the model sees it ([[trained]]):\n%s", data_args.data_path,
                     render_text(processor.tokenizer, sequences_of(dataset, 0)))
-    eval_data = dataclasses.replace(data_args, data_path=data_args.eval_data_path) if data_args.eval_data_path else None
-    eval_dataset = build_data(eval_data, model_args, args, processor, conditions)[0] if eval_data else None
+    eval_dataset = build_data(eval_records, eval_data, model_args, args, processor, conditions)[0] if eval_data else None
     card = CardFacts.from_run(model_args, data_args, args, argv, type(llava).__name__, len(dataset),
                               len(eval_dataset) if eval_dataset is not None else None)
     if args.bits in (4, 8):  # QLoRA (untested here: no CUDA): peft's preparation of a quantized model, as released
