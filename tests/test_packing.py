@@ -159,11 +159,36 @@ def test_tree_positions_and_mask(tiny_llava_dir, preference_file):
         assert torch.equal(pos[visible], torch.arange(len(visible)))
 
 
-def test_packed_equals_naive_in_bf16(tiny_llava_dir, preference_file):
-    model, packed, naive = setup(tiny_llava_dir, preference_file, "pad", CONDITIONS, 3)
-    model.to(torch.bfloat16)
-    with torch.no_grad():
-        a, b = response_logps(model, packed), response_logps_naive(model, naive)
-    assert a.dtype == torch.float32  # log-softmax in float32 even for a bf16 model
-    # bf16 activations: the two orders of summation differ at bf16's precision (8 bits of mantissa)
-    assert ((a - b).abs() / b.abs()).max().item() < 2e-2
+def relative_errors(out, truth):
+    """(max relative log-prob error, relative gradient-norm error) of ``out`` against ``truth``."""
+    (lp, g), (lt, gt) = out, truth
+    total = torch.cat([x.flatten() for x in gt.values()])
+    diff = torch.cat([(g[n].float() - gt[n]).flatten() for n in gt])
+    return ((lp - lt).abs() / lt.abs()).max().item(), (diff.norm() / total.norm()).item()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_packed_equals_naive_in_bf16(kernel, tiny_llava_dir, preference_file):
+    """In bf16 neither path is exact, so both are held against the fp32 naive step.
+
+    bf16 keeps 8 bits of mantissa (a rounding error of up to 2^-9 = 0.2 % per operation); the
+    packed and naive paths round in different places (other shapes, other kernels, the head in
+    chunks), so they cannot agree to fp32's 1e-5. The bar: the packed step's log-probs stay within
+    2e-2 of the naive bf16 step's, and its gradient is no further from the fp32 gradient than
+    twice the published (naive) bf16 step's own error (both are about 1 % here).
+    """
+    reference = {c: torch.full((3,), -30.0) for c in CONDITIONS}
+
+    def step(dtype, naive, kernel="sdpa"):
+        model, packed, naive_batch = setup(tiny_llava_dir, preference_file, "pad", CONDITIONS, 3, kernel)
+        model.to(dtype).train()
+        return grads(model, naive_batch if naive else packed, CONDITIONS, reference, naive)
+
+    truth, naive_bf16, packed_bf16 = step(torch.float32, True), step(torch.bfloat16, True), step(torch.bfloat16, False, kernel)
+    assert packed_bf16[0].dtype == torch.float32  # log-softmax in float32 even for a bf16 model
+    assert all(g.dtype == torch.bfloat16 for g in packed_bf16[1].values())
+    assert ((packed_bf16[0] - naive_bf16[0]).abs() / naive_bf16[0].abs()).max().item() < 2e-2
+    _, naive_err = relative_errors(naive_bf16, truth)
+    logp_err, packed_err = relative_errors(packed_bf16, truth)
+    assert logp_err < 2e-2
+    assert 0 < packed_err <= 2 * naive_err and packed_err < 3e-2, (packed_err, naive_err)

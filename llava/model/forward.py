@@ -8,8 +8,9 @@ inside a DeepSpeed engine) runs it. The batch layout is the collators' (``llava.
 chunk recomputed in backward rather than stored, so no ``[positions x vocabulary]`` tensor ever
 exists for whole sequences. Tree-packed rows run through ``llava.model.tree_attention`` when the
 language model's kernel is ``sdpa_tree`` (masked-out pairs skipped), and through the dense masked
-kernel otherwise (``sdpa``/``eager``, the reference). ``response_logps_naive`` is the published computation (full logits at
-every position of every sequence, then a log-softmax over the vocabulary), kept as the reference.
+kernel otherwise (``sdpa``/``eager``, the reference). ``response_logps_naive`` is the published
+computation (full logits at every position of every sequence, then a log-softmax over the
+vocabulary), kept as the reference.
 """
 
 from __future__ import annotations
