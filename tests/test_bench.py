@@ -121,8 +121,8 @@ def _bench_module():
     return bench_step
 
 
-def test_scaling_grid_and_growth_fit():
-    """One axis at a time from the base point; the fit reads exact power laws back."""
+def test_scaling_grid_and_growth_fit(capsys):
+    """One axis at a time from the base point; the fit reads exact power laws back; the table prints."""
     b = _bench_module()
     points = b.scaling_points({"image_tokens": (576, 1156, 2916), "context_tokens": (100, 400, 1600), "batch": (1, 4)})
     assert points[0] == {"image_tokens": 576, "context_tokens": 100, "batch": 1}
@@ -137,6 +137,14 @@ def test_scaling_grid_and_growth_fit():
     assert {round(f["seconds"], 9) for f in fits["context_tokens"].values()} == {2.0}
     assert {round(f["seconds"], 9) for f in fits["image_tokens"].values()} == {1.0}
     assert {round(f["memory"], 9) for f in fits["batch"].values()} == {1.0}
+    rows = [{"point": p, "seconds_per_step": {"mcm": 2.0, "dpo": 1.0, "trl_dpo": 4.0},
+             "step_peak_mb": {"mcm": 30.0, "dpo": 20.0, "trl_dpo": 25.0}} for p in points]
+    b.print_scaling({"points": rows, "fits": fits})
+    out = capsys.readouterr().out
+    assert out.count("   0.50\n") == 6  # mcm/trl_dpo of every point
+    assert "context_tokens  mcm x2.00 t, x1.00 mem" in out
+    # a run cut short before an axis moved: that axis has no fit rather than a division by zero
+    assert set(b.scaling_fits(rows[:2], {"image_tokens": (576, 1156), "context_tokens": (100, 400)})) == {"image_tokens"}
 
 
 @pytest.mark.slow
