@@ -216,13 +216,13 @@ def objective_of(variant: str):
 class Data:
     """The records on disk and the project's datasets over them."""
 
-    def __init__(self, data_path: Path, processor, seed: int, batch_size: int = 1):
+    def __init__(self, data_path: Path, processor, seed: int, batch_size: int = 1, max_length: int = 2048):
         from llava.conversation import get_template
         from llava.data.images import ImageProcessor
         from llava.data.records import read_records
 
         self.data_path, self.folder, self.processor, self.seed = data_path, data_path.parent, processor, seed
-        self.batch_size = batch_size
+        self.batch_size, self.max_length = batch_size, max_length
         self.records = read_records(data_path, "preference")
         self.template = get_template("v1")
         self.images = ImageProcessor(processor, "pad", "default")
@@ -234,7 +234,8 @@ class Data:
         key = tuple(conditions)
         if key not in self._datasets:
             self._datasets[key] = PreferenceDataset(self.records, self.processor.tokenizer, self.template, self.images,
-                                                    str(self.folder), 2048, key, image_type="diffusion", seed=self.seed)
+                                                    str(self.folder), self.max_length, key, image_type="diffusion",
+                                                    seed=self.seed)
         return self._datasets[key]
 
     def collator(self, conditions, packed: bool):
@@ -851,7 +852,9 @@ def scaling_point(point: dict, a, work: Path, models: dict) -> dict:
     name = "_".join(f"{k}{v}" for k, v in point.items())
     records = 2 * point["batch"]  # two different batches to cycle through
     ctx = (point["context_tokens"], point["context_tokens"])
-    data = Data(write_records(work / name, processor.tokenizer, records, a.seed, ctx), processor, a.seed, point["batch"])
+    # 2916 image tokens or a 1600-token context do not fit the main run's 2048-token limit
+    data = Data(write_records(work / name, processor.tokenizer, records, a.seed, ctx), processor, a.seed, point["batch"],
+                max_length=8192)
     runners = {v: make_runner(v, model_dir, data, a.device, dtype, a.seed, work / name / "runs") for v in SCALING_VARIANTS}
     reference_tables(runners)
     probe = MemoryProbe(a.device)
