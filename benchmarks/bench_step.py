@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Seconds and memory per optimizer step: naive vs packed MCM-DPO, the project's DPO, and TRL's DPOTrainer.
 
-    python benchmarks/bench_step.py [--json OUT] [--steps N] [--warmup N] [--quick]
+    python benchmarks/bench_step.py [--json OUT] [--steps N] [--warmup N] [--quick] [--packed_attention sdpa_tree|sdpa]
+    python benchmarks/bench_step.py --scaling [--quick] [--json OUT]                # how the cost grows (below)
     python benchmarks/bench_step.py --device cuda --dtype bf16 --preset gpu1b      # benchmarks/gpu_step.sh
     python benchmarks/bench_step.py --preset gpu1b --dry_run                       # configs and sizes only
 
@@ -16,7 +17,9 @@ What runs (all through the project's own code, from files on disk):
 
   - ``naive_mcm``: MCM-DPO, eight full sequences per record (the published computation:
     ``response_logps_naive``), cached reference log-probs (no reference forward);
-  - ``mcm``: MCM-DPO, one tree-packed row per record (``response_logps``), cached reference;
+  - ``mcm``: MCM-DPO, one tree-packed row per image (``response_logps``), attention ``sdpa_tree`` (one
+    SDPA call per chain of segments, ``llava.model.tree_attention``; ``--packed_attention sdpa`` gives
+    the dense tree mask instead), cached reference;
   - ``dpo``: the project's DPO (two conditions, packed), cached reference;
   - ``trl_dpo``: TRL's ``DPOTrainer`` with the model's LLaVA processor. TRL refuses precomputed
     reference log-probs for image data, so its step includes a reference forward. Its log-prob head
@@ -37,6 +40,14 @@ the libraries), which builds its batches, loads its model(s) and optimizer and r
 ``/proc/self/clear_refs`` once loading is done) minus the resident size just before the model was
 loaded: weights, TRL's reference copy, gradients, optimizer state and activations, like a GPU's peak
 memory. On a GPU it is ``torch.cuda.max_memory_allocated`` minus the allocation before loading.
+
+Scaling (``--scaling``): ``mcm``, ``dpo`` and ``trl_dpo`` at a base point (576 image tokens, context
+100 tokens, batch 1) and with one axis changed at a time: image tokens 1156 / 2916 (the square grids
+nearest LLaVA-NeXT anyres's 1152 / 2880: the tower takes one 476 / 756 px view), context 400 / 1600
+tokens, batch 4. Per point: median seconds per step (round-robin, 1 warm-up + 2 timed rounds) and the
+step's memory (growth of the resident high-water mark during one step, in the same process: weights,
+gradients and AdamW state are the same at every point); then per axis the fitted growth per doubling
+(``2 ** slope`` of log time on log size). ``--quick``: two values per axis, batch 2, one step.
 
 Checks (once, before the first step): the naive and the packed MCM-DPO forward give the same eight
 log-probabilities and the same loss (relative 1e-4), so the comparison is of equal work; TRL's
@@ -75,10 +86,10 @@ VARIANTS = ("naive_mcm", "mcm", "dpo", "trl_dpo", "trl_dpo_stock")
 TRL_VARIANTS = ("trl_dpo", "trl_dpo_stock")
 # ratio name -> (numerator, denominator, what is compared, target: ratio <= target)
 RATIOS = {
-    "mcm/naive_mcm": ("mcm", "naive_mcm", "seconds", 0.35),
-    "dpo/trl_dpo": ("dpo", "trl_dpo", "seconds", 0.5),
-    "mcm/trl_dpo": ("mcm", "trl_dpo", "seconds", 1.0),
-    "peak mcm / peak trl_dpo": ("mcm", "trl_dpo", "memory", 1.0),
+    "mcm/naive_mcm": ("mcm", "naive_mcm", "seconds", 0.12),
+    "dpo/trl_dpo": ("dpo", "trl_dpo", "seconds", 0.4),
+    "mcm/trl_dpo": ("mcm", "trl_dpo", "seconds", 0.8),
+    "peak mcm / peak trl_dpo": ("mcm", "trl_dpo", "memory", 0.8),
 }
 REL_TOL = 1e-4  # equal-work checks in fp32
 BF16_REL_TOL = 1e-2  # in bf16 the packed and naive layouts round differently (different kernels and shapes)
@@ -156,7 +167,7 @@ def _text_of_tokens(tok, rng, words: list[str], target: int) -> str:
     return " ".join(out)
 
 
-def write_records(folder: Path, tok, n: int, seed: int) -> Path:
+def write_records(folder: Path, tok, n: int, seed: int, context_tokens: tuple[int, int] = CONTEXT_TOKENS) -> Path:
     """``n`` format-A preference records with 400x300 random images under ``folder/images``."""
     import random
 
@@ -175,7 +186,7 @@ def write_records(folder: Path, tok, n: int, seed: int) -> Path:
         img = Image.fromarray(base).resize((w, h), Image.BILINEAR)
         noisy = np.clip(np.asarray(img, dtype=np.int16) + np_rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(noisy).save(folder / "images" / f"img_{i}.jpg", quality=90)
-        context = _text_of_tokens(tok, rng, words, rng.randint(*CONTEXT_TOKENS))
+        context = _text_of_tokens(tok, rng, words, rng.randint(*context_tokens))
         n_chosen = rng.randint(*ANSWER_TOKENS)
         n_rejected = rng.choice([k for k in range(ANSWER_TOKENS[0], ANSWER_TOKENS[1] + 1) if k != n_chosen])
         chosen = _text_of_tokens(tok, rng, words, n_chosen)
@@ -205,12 +216,13 @@ def objective_of(variant: str):
 class Data:
     """The records on disk and the project's datasets over them."""
 
-    def __init__(self, data_path: Path, processor, seed: int):
+    def __init__(self, data_path: Path, processor, seed: int, batch_size: int = 1, max_length: int = 2048):
         from llava.conversation import get_template
         from llava.data.images import ImageProcessor
         from llava.data.records import read_records
 
         self.data_path, self.folder, self.processor, self.seed = data_path, data_path.parent, processor, seed
+        self.batch_size, self.max_length = batch_size, max_length
         self.records = read_records(data_path, "preference")
         self.template = get_template("v1")
         self.images = ImageProcessor(processor, "pad", "default")
@@ -222,7 +234,8 @@ class Data:
         key = tuple(conditions)
         if key not in self._datasets:
             self._datasets[key] = PreferenceDataset(self.records, self.processor.tokenizer, self.template, self.images,
-                                                    str(self.folder), 2048, key, image_type="diffusion", seed=self.seed)
+                                                    str(self.folder), self.max_length, key, image_type="diffusion",
+                                                    seed=self.seed)
         return self._datasets[key]
 
     def collator(self, conditions, packed: bool):
@@ -232,11 +245,16 @@ class Data:
         tok = self.processor.tokenizer
         return PreferenceCollator(conditions, tok.pad_token_id, tok.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN), packed=packed)
 
+    def batch_indices(self) -> list[list[int]]:
+        """Record indices of each batch: consecutive groups of ``batch_size`` (the last one may be short)."""
+        n, b = len(self.records), self.batch_size
+        return [list(range(i, min(i + b, n))) for i in range(0, n, b)]
+
     def project_batches(self, variant: str) -> list[dict]:
-        """One collated batch (batch size 1) per record, the layout ``variant`` trains on."""
+        """The collated batches (``batch_size`` records each), in the layout ``variant`` trains on."""
         conditions = objective_of(variant).conditions
         ds, coll = self.dataset(conditions), self.collator(conditions, packed=variant != "naive_mcm")
-        return [coll([ds[i]]) for i in range(len(self.records))]
+        return [coll([ds[i] for i in idx]) for idx in self.batch_indices()]
 
     def trl_examples(self) -> list[dict]:
         """TRL's standard (non-conversational) vision preference examples of the same records.
@@ -355,8 +373,16 @@ def _trainer_common(device: str, dtype, seed: int, out: Path) -> dict:
                 disable_tqdm=True)
 
 
+def attention_of(variant: str, packed_attention: str) -> str:
+    """The kernel a project variant loads with: plain sdpa for the naive rows (ordinary masks), the
+    chosen tree kernel for packed rows (``sdpa_tree``, what ``--attn_implementation auto`` picks; or
+    ``sdpa``, the dense masked reference)."""
+    return "sdpa" if variant == "naive_mcm" else packed_attention
+
+
 def project_runner(variant: str, model_dir: Path, data: Data, device: str, dtype, seed: int, work: Path,
-                   table=None) -> Runner:
+                   table=None, packed_attention: str = "sdpa_tree") -> Runner:
+    from llava.model.attention import use_attention
     from llava.model.load import load_model
     from llava.train.arguments import TrainingArguments
     from llava.train.params import Trainable, set_trainable
@@ -365,6 +391,7 @@ def project_runner(variant: str, model_dir: Path, data: Data, device: str, dtype
     from llava.train.trainer import LlavaTrainer
 
     llava, processor = load_model(model_dir, dtype=dtype, attn_implementation="sdpa")
+    use_attention(llava, attention_of(variant, packed_attention))  # as the trainer does (llava.train.train.build_model)
     set_trainable(llava, Trainable(vision=False))  # language model + projector train, vision tower frozen
     objective = objective_of(variant)
     naive = variant == "naive_mcm"
@@ -399,18 +426,18 @@ def trl_runner(variant: str, model_dir: Path, data: Data, device: str, dtype, se
                      **_trainer_common(device, dtype, seed, work / variant))
     trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
     runner = Runner(variant, trainer, compact=variant == "trl_dpo")
-    runner.trl_collate = lambda i: trainer.data_collator([dict(examples[i])])
+    runner.trl_collate = lambda idx: trainer.data_collator([dict(examples[i]) for i in idx])
     return runner
 
 
 def make_runner(variant: str, model_dir: Path, data: Data, device: str, dtype, seed: int, work: Path,
-                tables: dict | None = None) -> Runner:
+                tables: dict | None = None, packed_attention: str = "sdpa_tree") -> Runner:
     if variant in TRL_VARIANTS:
         runner = trl_runner(variant, model_dir, data, device, dtype, seed, work)
-        runner.set_batches([runner.trl_collate(i) for i in range(len(data.records))])
+        runner.set_batches([runner.trl_collate(idx) for idx in data.batch_indices()])
     else:
         table = (tables or {}).get("dpo" if variant == "dpo" else "mcm")
-        runner = project_runner(variant, model_dir, data, device, dtype, seed, work, table)
+        runner = project_runner(variant, model_dir, data, device, dtype, seed, work, table, packed_attention)
         runner.set_batches(data.project_batches(variant))
     return runner
 
@@ -511,8 +538,10 @@ def check_trl_vs_dpo(runners: dict, data: Data, tables: dict, tol: float = REL_T
 # Tokens and FLOPs
 
 
-def token_counts(runners: dict, data: Data) -> dict:
+def token_counts(runners: dict, data: Data, packed_attention: str = "sdpa_tree") -> dict:
     """Per variant, mean over records: distinct tokens in the rows it runs, and the naive layout's tokens for the same work."""
+    from llava.model.tree_attention import tree_layout
+
     counts = {}
     if "naive_mcm" in runners:
         naive8 = [int(b["attention_mask"].sum()) for b in runners["naive_mcm"].batches]
@@ -527,7 +556,8 @@ def token_counts(runners: dict, data: Data) -> dict:
             m = b["attention_mask"]
             if m.dim() == 4:  # packed: every position of the (single, unpadded) row is a distinct token
                 per.append(int(b["input_ids"].numel()))
-                dense.append(int(m.shape[-1]) ** 2)  # a masked kernel (sdpa) computes every (query, key) pair
+                # the dense masked kernel (sdpa) computes every (query, key) pair; sdpa_tree only its chains
+                dense.append(tree_layout(m).pairs() if packed_attention == "sdpa_tree" else m.shape[0] * int(m.shape[-1]) ** 2)
                 needed.append(int(m.sum()))  # the pairs the tree mask allows
             else:
                 lengths = m.sum(-1).tolist()
@@ -628,7 +658,7 @@ def memory_child(variant: str, work: str, result: str) -> None:
     dtype = getattr(torch, meta["dtype"])
     work_p = Path(work)
     processor = AutoProcessor.from_pretrained(meta["model_dir"])
-    data = Data(Path(meta["data_path"]), processor, meta["seed"])
+    data = Data(Path(meta["data_path"]), processor, meta["seed"], meta.get("batch_size", 1))
     if variant not in TRL_VARIANTS:
         batches = data.project_batches(variant)
     else:
@@ -641,7 +671,7 @@ def memory_child(variant: str, work: str, result: str) -> None:
     else:
         table = (tables or {}).get("dpo" if variant == "dpo" else "mcm")
         runner = project_runner(variant, Path(meta["model_dir"]), data, meta["device"], dtype, meta["seed"],
-                                work_p / "mem", table)
+                                work_p / "mem", table, meta.get("packed_attention", "sdpa_tree"))
         runner.set_batches(batches)
     loaded = probe.current()
     probe.reset_peak()
@@ -774,6 +804,140 @@ def _quiet() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# How the cost grows (--scaling): one axis at a time from a base point
+
+
+SCALING_VARIANTS = ("mcm", "dpo", "trl_dpo")
+# axis -> values; the first value of each axis is the base point's. Image tokens: the square grids of
+# 14-px patches nearest to LLaVA-NeXT anyres's 576 / 1152 / 2880 (336, 476, 756 px: 24^2, 34^2, 54^2).
+SCALING_AXES = {"image_tokens": (576, 1156, 2916), "context_tokens": (100, 400, 1600), "batch": (1, 4)}
+SCALING_QUICK_AXES = {"image_tokens": (576, 1156), "context_tokens": (100, 400), "batch": (1, 2)}
+
+
+def scaling_points(axes: dict) -> list[dict]:
+    """The base point, then each axis's other values with the rest at base: every axis's second value
+    before any third one, so a run cut short still has two points on every axis."""
+    base = {k: v[0] for k, v in axes.items()}
+    longest = max(len(v) for v in axes.values())
+    return [dict(base)] + [dict(base, **{k: values[i]}) for i in range(1, longest) for k, values in axes.items()
+                           if i < len(values)]
+
+
+def growth_per_doubling(sizes, values) -> float:
+    """``2 ** slope`` of the least-squares line of log(value) on log(size): how the value multiplies when the size doubles."""
+    import math
+
+    xs, ys = [math.log2(x) for x in sizes], [math.log2(y) for y in values]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return 2 ** slope
+
+
+def scaling_point(point: dict, a, work: Path, models: dict) -> dict:
+    """Median seconds per step and the step's memory growth of each scaling variant at one grid point."""
+    import torch
+    from dataclasses import replace
+
+    from transformers import AutoProcessor
+
+    image_px = {n: 14 * round(n ** 0.5) for n in SCALING_AXES["image_tokens"] + SCALING_QUICK_AXES["image_tokens"]}
+    size = replace(PRESETS[a.preset], image_size=image_px[point["image_tokens"]])
+    if size.image_tokens != point["image_tokens"]:
+        raise ValueError(f"{point['image_tokens']} image tokens is not a square grid of 14-px patches")
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    model_dir = work / f"model_{size.image_size}px"
+    if model_dir not in models:
+        models[model_dir] = write_checkpoint(model_dir, size, a.seed, a.device, dtype)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    name = "_".join(f"{k}{v}" for k, v in point.items())
+    records = 2 * point["batch"]  # two different batches to cycle through
+    ctx = (point["context_tokens"], point["context_tokens"])
+    # 2916 image tokens or a 1600-token context do not fit the main run's 2048-token limit
+    data = Data(write_records(work / name, processor.tokenizer, records, a.seed, ctx), processor, a.seed, point["batch"],
+                max_length=8192)
+    runners = {v: make_runner(v, model_dir, data, a.device, dtype, a.seed, work / name / "runs") for v in SCALING_VARIANTS}
+    reference_tables(runners)
+    probe = MemoryProbe(a.device)
+    times: dict[str, list[float]] = {v: [] for v in SCALING_VARIANTS}
+    growth: dict[str, float] = {}
+    for rnd in range(a.warmup + a.steps):
+        order = list(SCALING_VARIANTS[rnd % 3:] + SCALING_VARIANTS[:rnd % 3])
+        for v in order:
+            measure = rnd == a.warmup  # the first timed round: AdamW's state exists already (after warm-up)
+            if measure:
+                before = probe.current()
+                probe.reset_peak()
+            seconds, _ = runners[v].step(rnd)
+            if measure:
+                growth[v] = (probe.peak() - before) / MiB
+            if rnd >= a.warmup:
+                times[v].append(seconds)
+    tokens = token_counts(runners, data)
+    del runners
+    gc.collect()
+    out = {"point": point, "image_px": size.image_size, "records": records,
+           "seconds_per_step": {v: statistics.median(t) for v, t in times.items()}, "seconds_samples": times,
+           "step_peak_mb": growth, "tokens_per_step": {v: tokens[v]["tokens"] for v in SCALING_VARIANTS},
+           "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    print(f"{name}: " + ", ".join(f"{v} {out['seconds_per_step'][v]:.2f}s {growth[v]:.0f}MB" for v in SCALING_VARIANTS),
+          flush=True)
+    return out
+
+
+def scaling_fits(points: list[dict], axes: dict) -> dict:
+    """Per axis and variant: how seconds per step and step memory multiply when the axis doubles."""
+    base = {k: v[0] for k, v in axes.items()}
+    fits = {}
+    for axis in axes:
+        on_axis = [p for p in points if all(p["point"][k] == base[k] for k in axes if k != axis)]
+        sizes = [p["point"][axis] for p in on_axis]
+        if len(set(sizes)) < 2:
+            continue  # a run cut short before this axis moved
+        fits[axis] = {v: {"seconds": growth_per_doubling(sizes, [p["seconds_per_step"][v] for p in on_axis]),
+                          "memory": growth_per_doubling(sizes, [max(p["step_peak_mb"][v], 1.0) for p in on_axis])}
+                      for v in SCALING_VARIANTS}
+    return fits
+
+
+def print_scaling(res: dict) -> None:
+    print()
+    head = f"{'image tok':>9} {'context':>7} {'batch':>5} " + " ".join(f"{v + ' s':>10} {v + ' MB':>11}" for v in SCALING_VARIANTS)
+    print(head + f" {'mcm/trl_dpo':>11}")
+    for p in res["points"]:
+        pt = p["point"]
+        cells = " ".join(f"{p['seconds_per_step'][v]:>10.2f} {p['step_peak_mb'][v]:>11.0f}" for v in SCALING_VARIANTS)
+        ratio = p["seconds_per_step"]["mcm"] / p["seconds_per_step"]["trl_dpo"]
+        print(f"{pt['image_tokens']:>9} {pt['context_tokens']:>7} {pt['batch']:>5} {cells} {ratio:>11.2f}")
+    print()
+    print("growth when the axis doubles (x time, x step memory), least-squares fit on log-log over the axis's points:")
+    for axis, per in res["fits"].items():
+        print(f"  {axis:<15} " + "  ".join(f"{v} x{f['seconds']:.2f} t, x{f['memory']:.2f} mem" for v, f in per.items()))
+    print("MB: growth of the resident high-water mark over one step (activations and temporaries); weights, gradients "
+          "and AdamW state are the same at every point and left out. trl_dpo includes its reference forward.")
+
+
+def run_scaling(a, work: Path) -> dict:
+    import torch
+
+    _quiet()
+    torch.set_num_threads(a.threads)
+    axes = SCALING_QUICK_AXES if a.quick else SCALING_AXES
+    models: dict = {}
+    t0 = time.perf_counter()
+    res = {"scaling": True, "axes": axes, "points": [], "variants": list(SCALING_VARIANTS),
+           "settings": {"steps": a.steps, "warmup": a.warmup, "preset": a.preset, "dtype": a.dtype, "threads": a.threads},
+           "machine": machine_info(a.device), "command": shlex.join(["python", "benchmarks/bench_step.py", *sys.argv[1:]])}
+    for pt in scaling_points(axes):
+        res["points"].append(scaling_point(pt, a, work, models))
+        res["wall_seconds"] = time.perf_counter() - t0
+        if a.json:  # after every point, so a run cut short keeps what it measured
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps(res, indent=1))
+    res["fits"] = scaling_fits(res["points"], axes)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
 # Dry run (no allocation) and the main run
 
 
@@ -808,10 +972,16 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--packed_attention", choices=["sdpa_tree", "sdpa"], default="sdpa_tree",
+                    help="the packed rows' kernel: sdpa_tree (masked-out pairs skipped; what the trainer's auto picks) or "
+                         "sdpa (the dense tree mask, every pair computed: the previous figures)")
     ap.add_argument("--peak_tflops", type=float, default=None,
                     help="the device's peak dense matrix TFLOP/s for the MFU column (default with --device cuda: 989, "
                          "H100 SXM dense bf16; on the CPU no MFU unless given)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scaling", action="store_true",
+                    help="how seconds per step and step memory of mcm, dpo and trl_dpo grow with image tokens (576/1156/2916), "
+                         "context (100/400/1600 tokens) and batch (1/4), one axis at a time (with --quick: a 2-value grid)")
     ap.add_argument("--dry_run", action="store_true", help="build the configs and count parameters on the meta device; no run")
     ap.add_argument("--workdir", help="keep models, data and results here instead of a temporary directory")
     a = ap.parse_args(argv)
@@ -819,6 +989,8 @@ def parse_args(argv=None):
         a.peak_tflops = 989.0
     if a.quick:
         a.steps, a.warmup, a.records, a.memory_steps = 1, 0, 2, 1
+    elif a.scaling and "--steps" not in (argv if argv is not None else sys.argv):
+        a.steps, a.warmup = 2, 1  # 6 grid points x 3 variants: keep the full grid to minutes on a CPU
     if a.records < 2:
         ap.error("--records must be >= 2 (context swapping needs another record)")
     if a.steps < 1 or a.warmup < 0 or a.memory_steps < 1:
@@ -845,7 +1017,8 @@ def run(a, work: Path, ctx) -> dict:
     data_path = write_records(work / "data", processor.tokenizer, a.records, a.seed)
     data = Data(data_path, processor, a.seed)
     variants = list(a.variants)
-    runners = {v: make_runner(v, model_dir, data, a.device, dtype, a.seed, work / "runs") for v in variants}
+    runners = {v: make_runner(v, model_dir, data, a.device, dtype, a.seed, work / "runs", packed_attention=a.packed_attention)
+               for v in variants}
     tables = reference_tables(runners)
     torch.save(tables, work / "reference.pt")
     checks = {}
@@ -854,7 +1027,7 @@ def run(a, work: Path, ctx) -> dict:
         checks["mcm_vs_naive"] = check_mcm_vs_naive(runners, tables, tol)
     if "dpo" in runners and set(TRL_VARIANTS) & set(runners):
         checks["trl_vs_dpo"] = check_trl_vs_dpo(runners, data, tables, tol)
-    tokens = token_counts(runners, data)
+    tokens = token_counts(runners, data, a.packed_attention)
     setup_s = time.perf_counter() - t_setup
     print(f"setup {setup_s:.0f}s: {facts['params']['total'] / 1e6:.1f}M parameters, tokenizer {facts['tokenizer_vocab']} "
           f"tokens (model vocabulary {facts['config_vocab_size']}), {a.records} records; timing {a.warmup} + {a.steps} "
@@ -892,7 +1065,7 @@ def run(a, work: Path, ctx) -> dict:
         (work / "meta.json").write_text(json.dumps({
             "model_dir": str(model_dir), "data_path": str(data_path), "seed": a.seed, "device": a.device,
             "dtype": "bfloat16" if dtype == torch.bfloat16 else "float32", "threads": a.threads,
-            "memory_steps": a.memory_steps}))
+            "memory_steps": a.memory_steps, "packed_attention": a.packed_attention}))
         memory = measure_memory(variants, work, ctx, timeout=1800)
 
     seconds = {v: statistics.median(times[v]) for v in variants}
@@ -928,7 +1101,9 @@ def run(a, work: Path, ctx) -> dict:
         "settings": {"steps": a.steps, "warmup": a.warmup, "records": a.records, "batch_size": 1, "learning_rate": LEARNING_RATE,
                      "beta": BETA, "optimizer": optimizer, "max_grad_norm": 1.0,
                      "trainable": "language model + projector (vision tower frozen)", "gradient_checkpointing": False,
-                     "attn_implementation": "sdpa", "setup_seconds": setup_s},
+                     "attn_implementation": {v: attention_of(v, a.packed_attention) if v not in TRL_VARIANTS else "sdpa"
+                                             for v in variants},
+                     "setup_seconds": setup_s},
         "notes": [
             "trl_dpo and trl_dpo_stock include TRL's reference forward: TRL refuses precomputed reference "
             "log-probs for image data. naive_mcm, mcm and dpo use cached reference log-probs (no reference forward).",
@@ -951,6 +1126,16 @@ def main(argv=None) -> int:
               f"{res['image_tokens']} image tokens; est. {res['estimated_resident_gb_timing_process']:.0f} GB resident "
               f"in the timing process ({a.dtype}, {len(a.variants)} variants)")
         if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=1))
+        return 0
+    if a.scaling:
+        with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp:
+            work = Path(a.workdir or tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            res = run_scaling(a, work)
+        print_scaling(res)
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
             Path(a.json).write_text(json.dumps(res, indent=1))
         return 0
     import multiprocessing as mp

@@ -24,7 +24,7 @@ def help_text() -> str:
 @pytest.mark.parametrize("flag, choices", [
     ("--use_image_type", IMAGE_TYPES), ("--image_aspect_ratio", ASPECT_RATIOS), ("--version", TEMPLATE_NAMES),
     ("--mcm_aggregate", AGGREGATES), ("--task", ("LM", "DPO")), ("--reference_mode", ("cached", "live", "adapters_off")),
-    ("--preference_forward", ("packed", "naive")), ("--attn_implementation", ("auto", "sdpa", "eager", "flash_attention_2")),
+    ("--preference_forward", ("packed", "naive")), ("--attn_implementation", ("auto", "sdpa_tree", "sdpa", "eager", "flash_attention_2")),
 ])
 def test_help_lists_the_choices(flag, choices):
     assert f"{flag} {{{','.join(choices)}}}" in help_text()

@@ -1,11 +1,13 @@
-"""The attention kernel (``llava.model.attention``): flash-attention 2 only where the masks are ordinary."""
+"""The attention kernel (``llava.model.attention``): flash-attention 2 only where the masks are ordinary,
+``sdpa_tree`` for tree-packed rows; and the tree kernel itself (``llava.model.tree_attention``) against
+dense masked SDPA."""
 
 import itertools
 
 import pytest
 import torch
 
-from llava.model import attention
+from llava.model import attention, tree_attention
 from llava.model.attention import AttentionError, choose_attention
 from llava.train.arguments import parse_args
 from llava.train.train import attention_for, prepare
@@ -13,7 +15,7 @@ from tests.test_train import argv, run_main
 
 FLAGS = ("ordinary_masks", "half_precision", "flash_installed", "cuda")
 WHY = {  # the flag that fails -> words of the one-line error
-    "ordinary_masks": "tree-packed preference rows (--preference_forward packed) need a 4-D mask",
+    "ordinary_masks": "tree-packed preference rows (--preference_forward packed) need a tree mask",
     "half_precision": "bf16 or fp16 only",
     "flash_installed": "flash_attn package is not installed",
     "cuda": "no CUDA device is visible",
@@ -28,10 +30,11 @@ def machines():
 
 @pytest.mark.parametrize("here", list(machines()), ids=lambda h: "-".join(k for k, v in h.items() if not v) or "all")
 def test_auto_is_flash_exactly_when_everything_allows_it(here):
-    assert choose_attention("auto", **here) == ("flash_attention_2" if all(here.values()) else "sdpa")
+    fallback = "sdpa" if here["ordinary_masks"] else "sdpa_tree"
+    assert choose_attention("auto", **here) == ("flash_attention_2" if all(here.values()) else fallback)
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+@pytest.mark.parametrize("kernel", ["sdpa_tree", "sdpa", "eager"])
 @pytest.mark.parametrize("here", list(machines()), ids=lambda h: "-".join(k for k, v in h.items() if not v) or "all")
 def test_sdpa_and_eager_are_taken_as_given(kernel, here):
     assert choose_attention(kernel, **here) == kernel
@@ -60,7 +63,7 @@ def test_packed_rows_are_named_first():
 
 
 def test_an_unknown_kernel():
-    with pytest.raises(AttentionError, match="choose auto, sdpa, eager or flash_attention_2"):
+    with pytest.raises(AttentionError, match="choose auto, sdpa_tree, sdpa, eager or flash_attention_2"):
         choose_attention("flex_attention", **dict.fromkeys(FLAGS, True))
 
 
@@ -78,14 +81,15 @@ def gpu_with_flash(monkeypatch):
     (["--task", "LM", "--bf16", "True"], "flash_attention_2"),
     (["--task", "DPO", "--preference_forward", "naive", "--bf16", "True"], "flash_attention_2"),
     (["--task", "DPO", "--use_cross_modal_loss", "True", "--preference_forward", "naive", "--bf16", "True"], "flash_attention_2"),
-    (["--task", "DPO", "--use_cross_modal_loss", "True", "--bf16", "True"], "sdpa"),  # packed by default
-    (["--task", "DPO", "--preference_forward", "packed", "--fp16", "True"], "sdpa"),
+    (["--task", "DPO", "--use_cross_modal_loss", "True", "--bf16", "True"], "sdpa_tree"),  # packed by default
+    (["--task", "DPO", "--preference_forward", "packed", "--fp16", "True"], "sdpa_tree"),
+    (["--task", "DPO", "--preference_forward", "packed", "--attn_implementation", "sdpa"], "sdpa"),
     (["--task", "LM"], "sdpa"),  # fp32
 ])
 def test_auto_in_the_trainer(gpu_with_flash, flags, expect, tmp_path):
     model_args, _, args = parse_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path),
                                       "--use_cpu", "True", *flags])
-    assert model_args.attn_implementation == "auto"
+    assert model_args.attn_implementation == ("sdpa" if "--attn_implementation" in flags else "auto")
     assert attention_for(model_args, args) == expect
 
 
@@ -93,8 +97,8 @@ def test_explicit_flash_with_packed_rows_stops_the_run(gpu_with_flash, tiny_llav
     err = run_main(argv(tiny_llava_dir, preference_file, tmp_path / "o", "--task", "DPO", "--use_cross_modal_loss", "True",
                         "--attn_implementation", "flash_attention_2", "--bf16", "True"), capsys)
     assert err.strip() == ("error: --attn_implementation flash_attention_2: the tree-packed preference rows "
-                           "(--preference_forward packed) need a 4-D mask, which only sdpa and eager take: "
-                           "use --preference_forward naive, or sdpa")
+                           "(--preference_forward packed) need a tree mask, which only sdpa_tree, sdpa and eager take: "
+                           "use --preference_forward naive, or sdpa_tree")
     assert not (tmp_path / "o" / "ref_logps").exists()  # stopped before the reference or the model
 
 
@@ -114,3 +118,102 @@ def test_auto_is_sdpa_on_this_machine_end_to_end(tiny_llava_dir, preference_file
     assert llava.config._attn_implementation == "sdpa"
     assert llava.config.text_config._attn_implementation == "sdpa"
     assert llava.config.vision_config._attn_implementation == "sdpa"
+
+
+# -- the tree kernel: exactly dense masked SDPA, without the masked-out pairs -----------------
+
+
+def packed_batch(tiny_llava_dir, preference_file, records):
+    from tests.test_packing import setup
+    from llava.method import CONDITION_NAMES
+
+    model, packed, _ = setup(tiny_llava_dir, preference_file, "pad", CONDITION_NAMES, records)
+    return model, packed
+
+
+def dense_of(layout: tree_attention.TreeLayout, rows: int) -> torch.Tensor:
+    """The boolean mask the chains stand for."""
+    n = layout.length
+    out = torch.zeros(rows, n, n, dtype=torch.bool)
+    for members, chains in layout.groups:
+        for c in chains:
+            own = torch.ones(c.end - c.start, c.end - c.start, dtype=torch.bool).tril()
+            for r in members:
+                out[r, c.start:c.end, c.start:c.end] = torch.eye(c.end - c.start, dtype=torch.bool) if c.identity else own
+                for lo, hi in c.ancestors:
+                    out[r, c.start:c.end, lo:hi] = True
+    return out
+
+
+def test_chains_are_the_tree_mask(tiny_llava_dir, preference_file):
+    _, packed = packed_batch(tiny_llava_dir, preference_file, 3)
+    mask = packed["attention_mask"][:, 0]
+    layout = tree_attention.tree_layout(packed["attention_mask"])
+    assert torch.equal(dense_of(layout, mask.shape[0]), mask)
+    assert sorted(r for rows, _ in layout.groups for r in rows) == list(range(mask.shape[0]))
+    # per image row: prefix+image+c_w+y_w as one causal chain, then y_l, c_l+y_w, y_l over their ancestors
+    for _, chains in layout.groups:
+        real = [c for c in chains if not c.identity]
+        assert len(real) == 4 and not real[0].ancestors and all(c.ancestors for c in real[1:])
+    assert layout.pairs() < 0.6 * mask.shape[0] * mask.shape[1] ** 2
+
+
+def test_a_mask_that_is_not_a_tree_is_refused():
+    with pytest.raises(ValueError, match="not a tree mask"):
+        tree_attention.row_chains(torch.ones(3, 3, dtype=torch.bool))  # token 0 sees later tokens
+
+
+class Heads(torch.nn.Module):
+    def __init__(self, groups):
+        super().__init__()
+        self.num_key_value_groups, self.is_causal = groups, True
+
+
+@pytest.mark.parametrize("kv_groups", [1, 2])
+def test_tree_kernel_equals_dense_masked_sdpa(kv_groups, tiny_llava_dir, preference_file):
+    """Outputs and gradients of q, k, v: three records of different lengths (padding), grouped-query heads."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    _, packed = packed_batch(tiny_llava_dir, preference_file, 3)
+    mask = packed["attention_mask"]
+    rows, n = mask.shape[0], mask.shape[-1]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(rows, 4, n, 8, generator=g, requires_grad=True)
+    k = torch.randn(rows, 4 // kv_groups, n, 8, generator=g, requires_grad=True)
+    v = torch.randn(rows, 4 // kv_groups, n, 8, generator=g, requires_grad=True)
+    layout = tree_attention.tree_layout(mask)
+    assert len(layout.groups) > 1  # rows of different layouts are regrouped and put back in order
+    out, _ = tree_attention.tree_sdpa_attention(Heads(kv_groups), q, k, v, mask, scaling=0.3, tree_layout=layout)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, kv_groups), repeat_kv(v, kv_groups),
+                                                           attn_mask=mask, scale=0.3).transpose(1, 2)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() < 1e-5
+    w = torch.randn(ref.shape, generator=g)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["sdpa_tree", "sdpa"])
+def test_the_model_runs_the_kernel_it_was_given(kernel, tiny_llava_dir, preference_file, monkeypatch):
+    """sdpa_tree never attends a whole packed row against itself; the dense reference does, every layer."""
+    from llava.model.attention import use_attention
+    from llava.model.forward import response_logps
+
+    model, packed = packed_batch(tiny_llava_dir, preference_file, 1)
+    use_attention(model, kernel)
+    shapes, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, *args, **kwargs):
+        shapes.append((q.shape[-2], k.shape[-2]))
+        return sdpa(q, k, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    with torch.no_grad():
+        response_logps(model, packed)
+    n, layers = packed["input_ids"].shape[1], model.config.text_config.num_hidden_layers
+    whole_rows = [s for s in shapes if s == (n, n)]
+    assert len(whole_rows) == (0 if kernel == "sdpa_tree" else layers)
+    if kernel == "sdpa_tree":  # the two image rows share a layout: four chains per layer, both rows at once
+        assert len([s for s in shapes if s[0] < n]) >= 4 * layers

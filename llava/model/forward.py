@@ -6,8 +6,11 @@ inside a DeepSpeed engine) runs it. The batch layout is the collators' (``llava.
 
 ``response_logps`` runs the language-model head on the scored positions only, in chunks, each
 chunk recomputed in backward rather than stored, so no ``[positions x vocabulary]`` tensor ever
-exists for whole sequences. ``response_logps_naive`` is the published computation (full logits at
-every position of every sequence, then a log-softmax over the vocabulary), kept as the reference.
+exists for whole sequences. Tree-packed rows run through ``llava.model.tree_attention`` when the
+language model's kernel is ``sdpa_tree`` (masked-out pairs skipped), and through the dense masked
+kernel otherwise (``sdpa``/``eager``, the reference). ``response_logps_naive`` is the published
+computation (full logits at every position of every sequence, then a log-softmax over the
+vocabulary), kept as the reference.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from llava.model.tree_attention import TREE_SDPA, tree_layout
 
 LOGP_CHUNK = 1024  # scored positions per head chunk
 
@@ -76,11 +81,16 @@ def hidden_states(model, batch: dict) -> torch.Tensor:
     """Last hidden states ``[R, L, H]`` of the language model with the images in place."""
     llava = unwrap(model)
     embeds = embed(model, batch["input_ids"], batch.get("pixel_values"), batch.get("image_sizes"))
-    mask = batch["attention_mask"]
-    if mask.dim() == 4:  # tree mask: additive float in the model's dtype (0 = attend)
-        mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill(~mask, torch.finfo(embeds.dtype).min)
+    mask, extra = batch["attention_mask"], {}
+    if mask.dim() == 4:
+        if llava.model.language_model.config._attn_implementation == TREE_SDPA:
+            # the boolean mask passes through transformers' mask preparation untouched; the kernel reads the layout
+            extra["tree_layout"] = tree_layout(mask)
+        else:  # the dense reference: an additive float mask in the model's dtype (0 = attend)
+            mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill(~mask, torch.finfo(embeds.dtype).min)
     out = llava.model.language_model(
         inputs_embeds=embeds, attention_mask=mask, position_ids=batch.get("position_ids"), use_cache=False, return_dict=True,
+        **extra,
     )
     return out.last_hidden_state
 

@@ -25,7 +25,7 @@ from llava.conversation import TEMPLATE_NAMES
 from llava.data.images import AspectRatio
 from llava.data.negatives import DIFFUSION_STEPS, ImageType
 from llava.method import CHOSEN, TERM_BY_FLAG, TERMS, term_weights
-from llava.model.attention import AttnImplementation  # auto | sdpa | eager | flash_attention_2
+from llava.model.attention import AttnImplementation  # auto | sdpa_tree | sdpa | eager | flash_attention_2
 from llava.train.losses import Aggregate
 
 # Each choice is typed once, here or in the module it belongs to; the parser shows and checks the
@@ -89,7 +89,8 @@ class ModelArguments:
                 "--tune_mm_mlp_adapter; False freezes it (paradigms a, b, c in the stages they freeze it)"})
     attn_implementation: AttnImplementation = field(default="auto", metadata={
         "help": "auto: flash_attention_2 when flash_attn is installed, CUDA is present, the run is bf16/fp16 and its masks are "
-                "ordinary (SFT, --preference_forward naive), else sdpa; tree-packed preference rows need sdpa or eager"})
+                "ordinary (SFT, --preference_forward naive); else sdpa_tree for tree-packed preference rows (masked-out "
+                "pairs skipped) and sdpa for the rest; sdpa and eager compute tree rows with a dense mask"})
 
     def __post_init__(self):
         if self.mm_use_im_start_end:
