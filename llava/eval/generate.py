@@ -119,8 +119,7 @@ class SharedPromptLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         end = self.length + key_states.shape[-2]
         if end > self._keys.shape[-2]:  # more tokens than planned for: grow (not reached by generate_ids)
-            grow = lambda t: torch.cat([t, t.new_empty(*t.shape[:2], end - t.shape[-2] + 64, t.shape[-1])], dim=-2)  # noqa: E731
-            self._keys, self._values = grow(self._keys), grow(self._values)
+            self._keys, self._values = _grown(self._keys, end + 64), _grown(self._values, end + 64)
         self._keys[:, :, self.length:end] = key_states
         self._values[:, :, self.length:end] = value_states
         self.length = end
@@ -138,6 +137,12 @@ class SharedPromptLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise NotImplementedError("SharedPromptLayer serves beam search only")
+
+
+def _grown(buffer: torch.Tensor, length: int) -> torch.Tensor:
+    """``buffer`` with room for ``length`` positions (dimension -2), its contents kept."""
+    more = buffer.new_empty(*buffer.shape[:2], length - buffer.shape[-2], buffer.shape[-1])
+    return torch.cat([buffer, more], dim=-2)
 
 
 def prompt_cache(model, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, beams: int,
