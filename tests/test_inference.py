@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from llava.eval import inference as I
 from llava.eval import output_file as O
@@ -141,9 +142,8 @@ def models(tiny_llava_dir, tiny_next_dir):
     return get
 
 
-@pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam3"])
-@pytest.mark.parametrize("arch, aspect", [("llava", "pad"), ("next", "pad"), ("next", "anyres")])
-def test_batch_size_equivalence(models, arch, aspect, num_beams):
+def ten_prompts(models, arch, aspect):
+    """Ten prompts (the seven questions, then three again with other images): a batch of 8 and one of 2."""
     from PIL import Image
 
     from llava.conversation import get_template
@@ -152,15 +152,65 @@ def test_batch_size_equivalence(models, arch, aspect, num_beams):
     model, processor = models(arch)
     tok = processor.tokenizer
     images = ImageProcessor(processor, aspect)
-    prompts = [build_prompt(tok, get_template("v1"), q, images(Image.open(IMAGES / f"img{i}.png").convert("RGB")))
-               for i, q in enumerate(QUESTIONS)]
-    lengths = {len(p.input_ids) for p in prompts}
+    prompts = [build_prompt(tok, get_template("v1"), QUESTIONS[i % len(QUESTIONS)],
+                            images(Image.open(IMAGES / f"img{i % 8}.png").convert("RGB"))) for i in range(10)]
+    return model, tok, prompts
+
+
+@pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam3"])
+@pytest.mark.parametrize("arch, aspect", [("llava", "pad"), ("next", "pad"), ("next", "anyres")])
+def test_batch_size_equivalence(models, arch, aspect, num_beams):
+    """Batches of 8 (and the remaining 2) give each prompt the tokens it gets alone."""
+    model, tok, prompts = ten_prompts(models, arch, aspect)
+    lengths = {len(p.input_ids) for p in prompts[:8]}
     assert len(lengths) > 3  # prompts of different lengths: the batch is really left-padded
     kw = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, num_beams=num_beams, max_new_tokens=10)
     one = [generate_ids(model, [p], **kw)[0] for p in prompts]
-    batched = generate_ids(model, prompts[:4], **kw) + generate_ids(model, prompts[4:], **kw)
+    batched = generate_ids(model, prompts[:8], **kw) + generate_ids(model, prompts[8:], **kw)
     assert batched == one
     assert any(one)
+
+
+@pytest.mark.parametrize("arch, aspect", [("llava", "pad"), ("next", "anyres")])
+def test_shared_prompt_cache_matches_generate(models, arch, aspect):
+    """Beam search over the prompt run once per record (``prompt_cache``) gives the tokens of
+    ``generate``'s own path (the prompt run once per beam, its default cache), alone and in a batch of 8."""
+    from transformers.cache_utils import DynamicLayer
+
+    from llava.eval.generate import SharedPromptLayer, prompt_cache
+
+    model, tok, prompts = ten_prompts(models, arch, aspect)
+    kw = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, num_beams=3, max_new_tokens=12)
+    for batch in (prompts[:1], prompts[:8]):
+        shared = generate_ids(model, batch, shared_prompt=True, **kw)
+        assert shared == generate_ids(model, batch, shared_prompt=False, **kw)
+        assert all(len(t) > 3 for t in shared)  # long enough for beams to be reordered
+    # the cache really is the shared kind, one layer per language-model layer, beams in repeat_interleave order
+    ids, mask, positions = left_pad([p.input_ids for p in prompts[:2]], tok.pad_token_id)
+    cache = prompt_cache(model, model.get_input_embeddings()(ids), mask, positions, beams=3, room=5)
+    assert len(cache.layers) == model.config.text_config.num_hidden_layers
+    layer = cache.layers[0]
+    assert isinstance(layer, SharedPromptLayer) and isinstance(layer, DynamicLayer)
+    assert layer.keys.shape[0] == 6 and layer.get_seq_length() == ids.shape[1] - 1
+    assert torch.equal(layer.keys[0], layer.keys[2]) and not torch.equal(layer.keys[2], layer.keys[3])
+
+
+def test_shared_prompt_layer_appends_and_reorders_after_the_prompt():
+    """In-place appends and beam reorders against a plain concatenation and ``index_select``."""
+    from llava.eval.generate import SharedPromptLayer
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randn(2, 2, 5, 4, generator=g).repeat_interleave(2, dim=0)  # 2 records x 2 beams
+    layer = SharedPromptLayer(prompt.clone(), -prompt.clone(), room=1)  # room for 1: the third append grows it
+    keys = prompt.clone()
+    for step, order in enumerate(([1, 1, 2, 3], [0, 0, 3, 2], [1, 0, 2, 2])):
+        new = torch.randn(4, 2, 1, 4, generator=g)
+        k, v = layer.update(new, -new)
+        keys = torch.cat([keys, new], dim=-2)
+        assert torch.equal(k, keys) and torch.equal(v, -keys) and layer.get_seq_length() == 6 + step
+        layer.reorder_cache(torch.tensor(order))
+        keys = keys.index_select(0, torch.tensor(order))
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, -keys)
 
 
 def test_batch_size_equivalence_cli(tiny_llava_dir, tmp_path):

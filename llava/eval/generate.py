@@ -12,6 +12,16 @@ Position ids: with left padding every row must count positions from its first re
 ``inputs_embeds`` too, and extends them by one per step; we pass the same ids explicitly so
 that the result does not depend on that inference (the batch-size-equivalence tests check
 greedy and beam search against batch size 1).
+
+Beam search: ``generate`` copies each prompt ``num_beams`` times *before* its first forward, so the
+prompt (~600-1000 tokens with the image, all beams identical) would be run ``num_beams`` times,
+and its default cache copies the whole prompt's keys and values twice per new token (to append,
+and to reorder the beams). We run the prompt once per record instead (``prompt_cache``: every
+position but the last, through the language model without its head) and hand ``generate`` that
+cache repeated for each beam, in a layer (``SharedPromptLayer``) that appends in place and reorders
+only the generated positions; ``generate`` then runs the last prompt position and the new tokens.
+Each beam's copy of the prompt is the same numbers, so the beams and outputs do not change:
+tests/test_inference.py checks them against ``generate``'s own prefill and cache.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.conversation import Template, encode_prompt, inference_question
@@ -81,6 +92,73 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask, positions
 
 
+class SharedPromptLayer(DynamicLayer):
+    """One layer's keys and values during beam search, the first ``shared`` positions being the prompt,
+    the same in every beam of a record.
+
+    ``DynamicLayer`` (what ``generate`` uses by default) concatenates the whole cache at every new token
+    and copies it again to reorder the beams: per step, two copies of ``rows x prompt length`` keys
+    and values, which on a CPU cost more than the model's own arithmetic. Here the cache lives in a
+    buffer with room for the new tokens (written in place) and a reorder moves only the positions
+    after the prompt: a beam's prompt is its record's prompt, whichever beam it descends from.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        super().__init__()
+        self.device, self.shared, self.length = keys.device, keys.shape[-2], keys.shape[-2]
+        self._keys = keys.new_empty(*keys.shape[:2], self.shared + room, keys.shape[-1])
+        self._values = values.new_empty(*values.shape[:2], self.shared + room, values.shape[-1])
+        self._keys[:, :, :self.shared] = keys
+        self._values[:, :, :self.shared] = values
+        self.is_initialized = True
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self._keys.shape[-2]:  # more tokens than planned for: grow (not reached by generate_ids)
+            self._keys, self._values = _grown(self._keys, end + 64), _grown(self._values, end + 64)
+        self._keys[:, :, self.length:end] = key_states
+        self._values[:, :, self.length:end] = value_states
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.length > self.shared:
+            idx, new = beam_idx.to(self.device), slice(self.shared, self.length)
+            self._keys[:, :, new] = self._keys[:, :, new].index_select(0, idx)
+            self._values[:, :, new] = self._values[:, :, new].index_select(0, idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("SharedPromptLayer serves beam search only")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("SharedPromptLayer serves beam search only")
+
+
+def _grown(buffer: torch.Tensor, length: int) -> torch.Tensor:
+    """``buffer`` with room for ``length`` positions (dimension -2), its contents kept."""
+    more = buffer.new_empty(*buffer.shape[:2], length - buffer.shape[-2], buffer.shape[-1])
+    return torch.cat([buffer, more], dim=-2)
+
+
+def prompt_cache(model, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, beams: int,
+                 room: int) -> Cache:
+    """The language model's key/value cache of every prompt position but the last, computed once per
+    record and repeated for its ``beams`` beams (``repeat_interleave``: the row order ``generate``
+    gives a batch's beams), with ``room`` positions to spare for the tokens to come."""
+    llava = unwrap(model)
+    computed = DynamicCache(config=llava.config.get_text_config())
+    llava.model.language_model(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                               cache=computed, use_cache=True)
+    return Cache(layers=[SharedPromptLayer(layer.keys.repeat_interleave(beams, dim=0),
+                                           layer.values.repeat_interleave(beams, dim=0), room)
+                         for layer in computed.layers])
+
+
 def model_device(model) -> torch.device:
     return unwrap(model).get_input_embeddings().weight.device
 
@@ -88,8 +166,12 @@ def model_device(model) -> torch.device:
 @torch.inference_mode()
 def generate_ids(model, prompts: Sequence[Prompt], *, pad_token_id: int, eos_token_id: int | Sequence[int] | None,
                  num_beams: int = 3, temperature: float = 0.0, top_p: float | None = None,
-                 max_new_tokens: int = 256) -> list[list[int]]:
-    """The new token ids of each prompt (prompt ids excluded, trailing padding removed)."""
+                 max_new_tokens: int = 256, shared_prompt: bool = True) -> list[list[int]]:
+    """The new token ids of each prompt (prompt ids excluded, trailing padding removed).
+
+    ``shared_prompt``: with beams, run each prompt once and share its cache between the beams
+    (``prompt_cache``); False leaves the prompt to ``generate``, which runs it once per beam.
+    """
     if not prompts:
         return []
     device = model_device(model)
@@ -100,6 +182,8 @@ def generate_ids(model, prompts: Sequence[Prompt], *, pad_token_id: int, eos_tok
     embeds = embed(model, ids, tensors["pixel_values"].to(device) if tensors else None,
                    tensors["image_sizes"].to(device) if "image_sizes" in tensors else None)
     kwargs = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, use_cache=True)
+    if shared_prompt and num_beams > 1 and ids.shape[1] > 1:
+        kwargs["cache"] = prompt_cache(model, embeds, mask, positions, num_beams, max_new_tokens + 1)
     if eos_token_id is not None:
         kwargs["eos_token_id"] = eos_token_id
     if temperature > 0:
