@@ -11,9 +11,10 @@
 #
 #   bash scripts/ablate.sh                  # into outputs/ablate; table in outputs/ablate/table.md
 #   ROWS="terms2 only_image" bash scripts/ablate.sh   # a subset of rows
+#   ABLATE_SIZE=smoke ROWS="dpo terms2" bash scripts/ablate.sh   # tiny model, 2 steps a stage (tests)
 #
-# Written, not yet run: at about 4 minutes a row on 2 CPU cores, the 24 rows and 4 reruns take
-# about 2 hours.
+# Not yet run at full size: at about 4 minutes a row on 2 idle CPU cores, the 24 rows and 4
+# reruns take about 2 hours. tests/test_ablate.py runs it at smoke size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHON=${PYTHON:-.venv/bin/python}
@@ -23,6 +24,11 @@ VISION_TOWER=${VISION_TOWER:-llava/model/assets/sample_clip}
 export NUM_GPUS=${NUM_GPUS:-2} ZERO=${ZERO:-zero2} REPORT_TO=${REPORT_TO:-none} PRECISION=fp32
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 WANDB_MODE=offline
 TRAIN=(--gradient_checkpointing False --save_strategy no --logging_steps 5)
+case "${ABLATE_SIZE:-full}" in
+  full)  MODEL_SIZE=small TEST_LIMIT=200 MAX_NEW_TOKENS=48 ;;
+  smoke) MODEL_SIZE=tiny TEST_LIMIT=4 MAX_NEW_TOKENS=8 TRAIN+=(--max_steps 2) ;;
+  *) echo "ABLATE_SIZE must be full or smoke (got $ABLATE_SIZE)" >&2; exit 2 ;;
+esac
 TERM_FLAG=(para_r1 para_r2 para_r3 para_r4 para_r5 para_r6 para_r7)
 TERM_NAME=(context image response context_response image_response context_image all)
 
@@ -53,7 +59,7 @@ sft_for() {
   local dir="$OUT/base/sft_tower_$tower_trains"
   if [ ! -f "$dir/config.json" ]; then
     [ -f "$OUT/base/pretrain/config.json" ] || {
-      "$PYTHON" -m llava.model.tiny --out "$OUT/base/lm" --arch llama --size small --seed 0 >&2
+      "$PYTHON" -m llava.model.tiny --out "$OUT/base/lm" --arch llama --size "$MODEL_SIZE" --seed 0 >&2
       MODEL_PATH="$OUT/base/lm" VISION_TOWER="$VISION_TOWER" DATA_PATH="$DATA/pretrain.json" IMAGE_FOLDER="$DATA" \
         OUTPUT_DIR="$OUT/base/pretrain" EPOCHS=1 LR=1e-3 BATCH_SIZE=8 GRAD_ACCUM=1 \
         bash scripts/pretrain.sh --tune_mm_mlp_adapter False "${TRAIN[@]}" --seed 0 >&2
@@ -77,16 +83,17 @@ run_row() {
     EPOCHS=1 LR=1e-5 BATCH_SIZE=4 GRAD_ACCUM=1 BETA=0.1 IMAGE_TYPE="$image" TERMS="$terms" \
     bash "scripts/$script.sh" "${TRAIN[@]}" --lr_scheduler_type constant --seed "$seed" $extra
   mkdir -p "$dir/eval"
-  "$PYTHON" mcmdpo_inference.py --model_name "$dir/model" --test_datasets "$DATA/test.jsonl" --image_folder "$DATA" \
-    --eval_output "$dir/eval/$script.jsonl" --batch_size 16 --num_beams 1 --max_new_tokens 48
+  "$PYTHON" mcmdpo_inference.py --model_name "$dir/model" --test_datasets "$OUT/test.jsonl" --image_folder "$DATA" \
+    --eval_output "$dir/eval/$script.jsonl" --batch_size 16 --num_beams 1 --max_new_tokens "$MAX_NEW_TOKENS"
   "$PYTHON" get_score.py --file "$dir/eval/$script.jsonl" --out_dir "$dir" > /dev/null
   "$PYTHON" -m llava.eval.grounding "$dir/eval/$script.jsonl" --json "$dir/grounding.json" > /dev/null
 }
 
 start=$(date +%s)
 mkdir -p "$OUT"
+head -n "$TEST_LIMIT" "$DATA/test.jsonl" > "$OUT/test.jsonl"
 for row in $ROWS; do run_row "$row" 0; done
 best=$("$PYTHON" scripts/summarize_ablation.py "$OUT" --best)
-for row in terms7 "$best"; do for seed in 1 2; do run_row "$row" "$seed"; done; done
+for row in terms7 "$best"; do for seed in ${RERUN_SEEDS:-1 2}; do run_row "$row" "$seed"; done; done
 "$PYTHON" scripts/summarize_ablation.py "$OUT" --md "$OUT/table.md"
 echo "wall time: $(( $(date +%s) - start )) s; table: $OUT/table.md"

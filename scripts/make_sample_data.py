@@ -39,22 +39,26 @@ QUESTION_PREFIX = "Given an image and context, generate alt-text for the image.\
 DS_NAME = "sample_alt_text"
 ORIGIN_DATASET = "SampleAltText"
 
-# A small palette of clearly distinct flat colours (name -> RGB); the order is fixed.
+# A small palette of clearly distinct flat colours (name -> RGB); the order is fixed. Four, not
+# six: with purple and orange too, the demo's SFT model named the focus thing's colour right in
+# half of the test records (README, "What `make demo` shows").
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "blue": (40, 80, 220),
     "green": (30, 160, 60),
     "yellow": (240, 200, 20),
-    "purple": (140, 60, 180),
-    "orange": (245, 130, 20),
 }
 COLOUR_NAMES = tuple(COLOURS)
 SHAPES = ("circle", "square", "triangle")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+GROUP_COUNTS = (1, 2, 3)  # shapes in a group (a chart has 2-4 bars)
 SIGN_SHAPES = ("round", "square")
 BACKGROUNDS = (("white", (255, 255, 255)), ("light gray", (232, 232, 232)), ("cream", (250, 243, 224)))
 METRICS = ("orders", "visitors", "downloads", "votes")
-SHAPE_SIZE = 22.0  # side of a shape on the 112-unit canvas (about 1.6 patches of 14 px)
+# Side of a shape on the 112-unit canvas: 2 patches of 14 px. At 22 (1.6 patches) with up to four
+# shapes a group, a linear probe of the demo tower told the shapes apart in only 78% of test images
+# and the SFT model named a group's count, colour and shape together in 3 of 95.
+SHAPE_SIZE = 28.0
 INK = (70, 70, 70)
 POLE = (120, 120, 120)
 
@@ -123,8 +127,11 @@ GENERIC_TEXTS = (
 )
 GENERIC_SHAPES_TEXTS = ("A picture of shapes.", "Some shapes.", "Colourful shapes.")
 
-# Noise mix of the SFT targets (user-written alt-text): ~38% correct and focused.
-SFT_MIX = (("correct", 0.38), ("generic", 0.14), ("wrong_detail", 0.18), ("context_blind", 0.16), ("verbose", 0.14))
+# Noise mix of the SFT targets (user-written alt-text): 56% correct and focused, the rest spread over
+# the four bad kinds. (At 38% correct, with 18% wrong in one detail and 16% about the other thing,
+# the demo's SFT model stated the key facts in 14% of test responses although the tower's features
+# carry them; see README, "What `make demo` shows".)
+SFT_MIX = (("correct", 0.56), ("generic", 0.12), ("wrong_detail", 0.10), ("context_blind", 0.10), ("verbose", 0.12))
 REJECTED_KINDS = ("generic", "wrong_detail", "context_blind", "verbose")
 TARGET_KINDS = ("correct",) + REJECTED_KINDS
 
@@ -208,7 +215,7 @@ def _random_group(rng: random.Random, box, avoid: Group | None = None) -> Group:
     colours = [c for c in COLOUR_NAMES if avoid is None or c != avoid.colour]
     colour = rng.choice(colours)
     while True:
-        shape, count = rng.choice(SHAPES), rng.randint(1, 4)
+        shape, count = rng.choice(SHAPES), rng.choice(GROUP_COUNTS)
         if avoid is None or (shape, count) != (avoid.shape, avoid.count):
             break
     return _place_group(rng, colour, shape, count, box)
@@ -376,7 +383,7 @@ def wrong_detail(scene: Scene, name: str, rng: random.Random):
         if what == "colour":
             return replace(obj, colour=rng.choice([c for c in COLOUR_NAMES if c != obj.colour]))
         if what == "count":
-            return replace(obj, count=rng.choice([n for n in COUNT_WORDS if n != obj.count]))
+            return replace(obj, count=rng.choice([n for n in GROUP_COUNTS if n != obj.count]))
         return replace(obj, shape=rng.choice([s for s in SHAPES if s != obj.shape]))
     if isinstance(obj, Chart):
         if rng.random() < 0.6:  # a shorter bar named as the tallest

@@ -110,3 +110,35 @@ def test_composed_model_loads_in_plain_transformers(tmp_path):
     with torch.no_grad():
         out = loaded(**inputs)
     assert out.logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def _probe_module():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import probe_tower
+
+    return probe_tower
+
+
+def test_ridge_probe_against_a_naive_fit():
+    """The dual-form ridge classifier equals the primal solution (X'X + aI)^-1 X'Y, computed directly."""
+    pt = _probe_module()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    labels = ["a" if v > 0.3 else ("b" if v > -0.3 else "c") for v in x[:, 0].tolist()]
+    x_test = torch.randn(12, 8, generator=g, dtype=torch.float64)
+    y_test = ["a" if v > 0.3 else ("b" if v > -0.3 else "c") for v in x_test[:, 0].tolist()]
+    onehot = torch.tensor([[float(lab == c) for c in "abc"] for lab in labels], dtype=torch.float64)
+    w = torch.linalg.solve(x.T @ x + 0.5 * torch.eye(8, dtype=torch.float64), x.T @ onehot)
+    naive = sum("abc"[i] == y for i, y in zip((x_test @ w).argmax(1).tolist(), y_test)) / len(y_test)
+    assert pt.ridge_accuracy(x, labels, x_test, y_test, alpha=0.5) == pytest.approx(naive)
+
+
+def test_probe_facts_name_every_visual_fact():
+    pt = _probe_module()
+    msd = bvt.msd
+    scene = msd.sample_scene(random.Random(3))
+    facts = pt.facts(scene)
+    for name, obj in scene.objects.items():
+        if isinstance(obj, msd.Group):
+            assert facts[f"{name}.count"] == str(obj.count) and facts[f"{name}.shape"] == obj.shape
+    assert len(facts) in (4, 5, 6)  # a chart has 2 facts, a sign 2, a group 3
