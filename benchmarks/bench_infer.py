@@ -134,7 +134,8 @@ def toolkit_run(model_dir: Path, test_file: Path, out: Path, *, batch_size: int,
                 dtype_name: str) -> dict:
     from llava.eval import inference
 
-    argv = ["--model_name_or_path", str(model_dir), "--data_path", str(test_file), "--output", str(out),
+    # absolute image paths under --image_folder /, as the released test files have them
+    argv = ["--model_name_or_path", str(model_dir), "--data_path", str(test_file), "--image_folder", "/", "--output", str(out),
             "--batch_size", str(batch_size), "--num_beams", str(num_beams), "--max_new_tokens", str(max_new_tokens),
             "--dtype", dtype_name, "--no_progress", "--overwrite"]
     t0 = time.perf_counter()

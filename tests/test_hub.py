@@ -237,7 +237,7 @@ def test_training_arguments_resolve_to_cache_paths(hub_home):
     from pathlib import Path
     from llava.model.load import resolve_hub_arguments
     from llava.train.arguments import ModelArguments
-    from llava.train.train import load_projector
+    from llava.train.projector_file import load_projector_file
     from llava.model.tiny import build
 
     args = ModelArguments(model_name_or_path="org/tiny-llava", model_revision="v2", vision_tower="org/tiny-clip",
@@ -249,7 +249,7 @@ def test_training_arguments_resolve_to_cache_paths(hub_home):
     assert Path(args.pretrain_mm_mlp_adapter).read_bytes() == (Path(sys.argv[2]) / "mm_projector.bin").read_bytes()
     model, _ = build("llava", seed=0)
     before = model.model.multi_modal_projector.linear_1.weight.clone()
-    load_projector(model, args.pretrain_mm_mlp_adapter)
+    load_projector_file(model, args.pretrain_mm_mlp_adapter)
     assert torch.equal(model.model.multi_modal_projector.linear_1.weight, before + 1)
     named = ModelArguments(model_name_or_path=sys.argv[3], pretrain_mm_mlp_adapter="org/tiny-projector/mm_projector.bin")
     resolve_hub_arguments(named)

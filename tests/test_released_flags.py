@@ -156,8 +156,8 @@ def test_train_mem_runs_as_a_script(tmp_path):
     result = subprocess.run([sys.executable, "llava/train/train_mem.py", *command_line({"task": "DPO"}, tmp_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1] == f"error: model path not found: {tmp_path / 'model'} " \
-                                                     "(neither a local directory nor a hub name org/name)"
+    # the data are checked before the model loads: the missing data file is named first
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'data.json'}: file not found"
 
 
 # The released scripts/mcmdpo.sh, flag for flag; only the placeholders are filled (and the run is
