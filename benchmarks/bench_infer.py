@@ -36,7 +36,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -69,8 +68,15 @@ def write_test_file(work: Path, processor, n: int, seed: int) -> Path:
     return path
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The objects of a JSON Lines file (the package's reader)."""
+    from llava.fileio import iter_jsonl
+
+    return [line.value for line in iter_jsonl(path.read_bytes())]
+
+
 def responses(path: Path) -> list[str]:
-    return [json.loads(line)["response"] for line in path.read_text().splitlines() if line.strip()]
+    return [row["response"] for row in read_rows(path)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +112,7 @@ def released_loop(model_dir: Path, test_file: Path, out: Path, *, num_beams: int
     tok = processor.tokenizer
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id
     load_s = time.perf_counter() - t0
-    rows = [json.loads(line) for line in test_file.read_text().splitlines() if line.strip()][:limit]
+    rows = read_rows(test_file)[:limit]
     with open(out, "w", encoding="utf-8") as f:
         for row in rows:
             conv = conv_templates["llava_v1"].copy()
@@ -167,7 +173,7 @@ def phases(model_dir: Path, test_file: Path, *, batch: int, max_new_tokens: int,
     model.to(device).eval()
     tok = processor.tokenizer
     images = ImageProcessor(processor, "pad", "default")
-    rows = [json.loads(line) for line in test_file.read_text().splitlines() if line.strip()][:batch]
+    rows = read_rows(test_file)[:batch]
     prompts = [build_prompt(tok, get_template(DEFAULTS["conv_mode"]), r["question"],
                             images(Image.open(r["image_path"]).convert("RGB"))) for r in rows]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -324,17 +330,12 @@ def main(argv=None) -> int:
         raise SystemExit("--device cuda: no CUDA device")
     if a.device == "cpu" and cuda:  # mcmdpo_inference.py always takes the GPU when there is one
         raise SystemExit("a GPU is present and the inference command would use it: pass --device cuda")
-    if a.workdir:
-        work = Path(a.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-        res = bench(a, work)
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
-            res = bench(a, Path(tmp))
+    import bench_step as B
+
+    res = B.in_workdir(a.workdir, "bench_infer_", lambda work: bench(a, work))
     print_report(res)
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=1))
+        B.write_json(a.json, res)
     return 0
 
 

@@ -34,7 +34,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -284,17 +283,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     if a.child:
         return child(a)
-    if a.workdir:
-        work = Path(a.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-        res = bench(a, work)
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench_run_") as tmp:
-            res = bench(a, Path(tmp))
+    import bench_step as B
+
+    res = B.in_workdir(a.workdir, "bench_run_", lambda work: bench(a, work))
     print_report(res)
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=1))
+        B.write_json(a.json, res)
     return 0
 
 

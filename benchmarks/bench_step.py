@@ -931,8 +931,7 @@ def run_scaling(a, work: Path) -> dict:
         res["points"].append(scaling_point(pt, a, work, models))
         res["wall_seconds"] = time.perf_counter() - t0
         if a.json:  # after every point, so a run cut short keeps what it measured
-            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.json).write_text(json.dumps(res, indent=1))
+            write_json(a.json, res)
     res["fits"] = scaling_fits(res["points"], axes)
     return res
 
@@ -1116,6 +1115,22 @@ def run(a, work: Path, ctx) -> dict:
     return res
 
 
+
+def in_workdir(workdir: str | None, prefix: str, fn):
+    """``fn(folder)`` in ``--workdir`` (made if needed, kept) when given, else in a temporary folder removed after."""
+    if workdir:
+        work = Path(workdir)
+        work.mkdir(parents=True, exist_ok=True)
+        return fn(work)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        return fn(Path(tmp))
+
+
+def write_json(path: str | Path, res: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(res, indent=1))
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.dry_run:
@@ -1126,17 +1141,13 @@ def main(argv=None) -> int:
               f"{res['image_tokens']} image tokens; est. {res['estimated_resident_gb_timing_process']:.0f} GB resident "
               f"in the timing process ({a.dtype}, {len(a.variants)} variants)")
         if a.json:
-            Path(a.json).write_text(json.dumps(res, indent=1))
+            write_json(a.json, res)
         return 0
     if a.scaling:
-        with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp:
-            work = Path(a.workdir or tmp)
-            work.mkdir(parents=True, exist_ok=True)
-            res = run_scaling(a, work)
+        res = in_workdir(a.workdir, "bench_scaling_", lambda work: run_scaling(a, work))
         print_scaling(res)
         if a.json:
-            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.json).write_text(json.dumps(res, indent=1))
+            write_json(a.json, res)
         return 0
     import multiprocessing as mp
 
@@ -1148,17 +1159,10 @@ def main(argv=None) -> int:
         from multiprocessing import forkserver
 
         forkserver.ensure_running()  # the server imports while this process sets up (setup is not timed)
-    if a.workdir:
-        work = Path(a.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-        res = run(a, work, ctx)
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
-            res = run(a, Path(tmp), ctx)
+    res = in_workdir(a.workdir, "bench_step_", lambda work: run(a, work, ctx))
     print_report(res)
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=1))
+        write_json(a.json, res)
     ok = all(c.get("passed", True) for c in res["checks"].values())
     if not ok:
         print("equal-work check FAILED (see above)", file=sys.stderr)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,6 +28,15 @@ if "TORCH_EXTENSIONS_DIR" not in os.environ:
 # The cache of verified images (llava.data.verify) goes to a folder of the session, not the user's ~/.cache.
 if "LLAVA_MCMDPO_CACHE_DIR" not in os.environ:
     _IMAGE_CACHE_DIR = os.environ["LLAVA_MCMDPO_CACHE_DIR"] = tempfile.mkdtemp(prefix="llava-test-image-cache-")
+
+
+def import_from(folder: Path, name: str):
+    """Module ``name`` from a folder of scripts (benchmarks/, scripts/), the folder not left on ``sys.path``."""
+    sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(folder))
 
 
 def pytest_sessionfinish(session, exitstatus):

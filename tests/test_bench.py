@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import import_from
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks" / "bench_step.py"
 VARIANTS = {"naive_mcm", "mcm", "dpo", "trl_dpo", "trl_dpo_stock"}
@@ -113,12 +115,7 @@ def test_flops_and_ratios_accounting():
 
 
 def _bench_module():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import bench_step
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return bench_step
+    return import_from(REPO / "benchmarks", "bench_step")
 
 
 def test_scaling_grid_and_growth_fit(capsys):

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from llava.eval import curves as C
+from tests.conftest import import_from
 
 REPO = Path(__file__).resolve().parents[1]
 TERMS = ("response", "image", "context", "context_response", "image_response", "context_image", "all")
@@ -180,12 +181,7 @@ def test_terms_come_from_the_method_table():
 
 
 def _draw_figures_module():
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import draw_figures
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
-    return draw_figures
+    return import_from(REPO / "scripts", "draw_figures")
 
 
 def test_draw_figures_is_deterministic(tmp_path, capsys):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
-from llava.data.images import image_path
+from llava.data.images import missing_image
 from llava.data.records import (TASKS, DataError, DataProblem, Record, image_field, image_ref, iter_rows, parse_row,
                                 text_fields)
 from llava.data.verify import VerifiedImages, refused_path, verify_image
@@ -164,10 +164,7 @@ def check_file(path: str | Path, task: str | None = None, image_folder: str | Pa
 def _check_image_exists(record: Record, image_folder, allow_outside: bool = False) -> DataProblem | None:
     if not allow_outside and (refused := refused_path(record, image_folder)) is not None:
         return refused
-    path = image_path(record.image, image_folder)
-    if path is not None and not path.is_file():
-        return DataProblem(record.source, record.number, "image", f"image file not found: {path}", record.line)
-    return None
+    return missing_image(record, image_folder)
 
 
 def _check_idx(row: dict, number: int, line: int | None, report: FileReport, seen: dict[str, int],

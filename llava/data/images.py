@@ -84,13 +84,18 @@ BAD_IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EO
                     Image.DecompressionBombError)
 
 
+def record_image_field(record: Record) -> str:
+    """The field of its row that ``record``'s image came from, as messages name it."""
+    return image_field(record.raw) if record.raw else "image"
+
+
 def open_image(record: Record, image_folder: str | Path | None, *, verify: bool = False) -> Image.Image:
     """The record's image as RGB; a missing or unreadable image raises ``DataError`` naming it."""
     ref = record.image
     if ref is None:
         raise record.error("image", "no image")
     path = image_path(ref, image_folder)
-    field = image_field(record.raw) if record.raw else "image"
+    field = record_image_field(record)
     try:
         return _decode(path if path is not None else io.BytesIO(ref.data), verify)
     except FileNotFoundError:
@@ -100,16 +105,17 @@ def open_image(record: Record, image_folder: str | Path | None, *, verify: bool 
         raise record.error(field, f"unreadable image {ref.describe()} ({reason})")
 
 
+def missing_image(record: Record, image_folder: str | Path | None) -> DataProblem | None:
+    """The problem of a record whose image file does not exist (a stat, no decode), or ``None``."""
+    path = image_path(record.image, image_folder) if record.image is not None else None
+    if path is not None and not path.is_file():
+        return DataProblem(record.source, record.number, "image", f"image file not found: {path}", record.line)
+    return None
+
+
 def missing_images(records: list[Record], image_folder: str | Path | None) -> list[DataProblem]:
-    """Records whose image file does not exist (a cheap stat, run before training starts)."""
-    problems = []
-    for r in records:
-        if r.image is None:
-            continue
-        path = image_path(r.image, image_folder)
-        if path is not None and not path.is_file():
-            problems.append(DataProblem(r.source, r.number, "image", f"image file not found: {path}", r.line))
-    return problems
+    """Records whose image file does not exist."""
+    return [p for r in records if (p := missing_image(r, image_folder)) is not None]
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from llava.data.images import check_image_readable, image_path, outside_image_folder
-from llava.data.records import DataProblem, Record, image_field
-from llava.fileio import write_atomic
+from llava.data.images import check_image_readable, image_path, outside_image_folder, record_image_field
+from llava.data.records import DataProblem, Record
+from llava.fileio import iter_jsonl, write_atomic
 
 logger = logging.getLogger("llava.data")
 
@@ -126,16 +126,12 @@ class ImageCheck:
         return self.opened + self.cached
 
 
-def _field(record: Record) -> str:
-    return image_field(record.raw) if record.raw else "image"
-
-
 def refused_path(record: Record, image_folder) -> DataProblem | None:
     """The problem of a record whose image path leads outside the image folder, or ``None``."""
     why = outside_image_folder(record.image.path, image_folder) if record.image and record.image.path else None
     if why is None:
         return None
-    return DataProblem(record.source, record.number, _field(record), f"{why}: {OUTSIDE_HINT}", record.line)
+    return DataProblem(record.source, record.number, record_image_field(record), f"{why}: {OUTSIDE_HINT}", record.line)
 
 
 def verify_image(record: Record, image_folder, *, allow_outside: bool = False,
@@ -182,11 +178,16 @@ def verify_images(records: Sequence[Record], image_folder, workers: int = WORKER
             elif problem is None:
                 check.cached += 1
             if problem is not None:
-                check.problems += [replace(problem, file=r.source, record=r.number, line=r.line, field=_field(r))
-                                   for r in sharing]
-    order = {(r.source, r.number): i for i, r in enumerate(records)}
-    check.problems.sort(key=lambda p: order.get((p.file, p.record), -1))
+                check.problems += [replace(problem, file=r.source, record=r.number, line=r.line,
+                                           field=record_image_field(r)) for r in sharing]
+    check.problems = in_record_order(check.problems, records)
     return check
+
+
+def in_record_order(problems: Iterable[DataProblem], records: Sequence[Record]) -> list[DataProblem]:
+    """``problems`` in the order of the records they name (whole-file problems first)."""
+    order = {(r.source, r.number): i for i, r in enumerate(records)}
+    return sorted(problems, key=lambda p: order.get((p.file, p.record), -1))
 
 
 def verify_images_everywhere(records: Sequence[Record], image_folder, *, allow_outside: bool = False,
@@ -214,8 +215,7 @@ def verify_images_everywhere(records: Sequence[Record], image_folder, *, allow_o
                 cache.add(real, stamp)
         cache.save()
     dist.barrier()  # the cache is written when any process returns (its next verification reads it)
-    order = {(r.source, r.number): i for i, r in enumerate(records)}
-    problems = sorted((p for check, _ in parts for p in check.problems), key=lambda p: order.get((p.file, p.record), -1))
+    problems = in_record_order((p for check, _ in parts for p in check.problems), records)
     return ImageCheck(problems, sum(c.opened for c, _ in parts), sum(c.cached for c, _ in parts))
 
 
@@ -249,8 +249,6 @@ def write_skipped_records(path: str | Path, problems: Sequence[DataProblem], *, 
     path = Path(path)
     kept = []
     if replacing is not None and path.is_file():
-        from llava.fileio import iter_jsonl
-
         kept = [ln.value for ln in iter_jsonl(path.read_bytes()) if ln.is_object and ln.value.get("file") != str(replacing)]
     rows = kept + [skipped_line(p) for p in problems]
     if not rows:

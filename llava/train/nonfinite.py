@@ -54,10 +54,13 @@ class StepRecords:
         if not loss_finite:
             self.nonfinite += records
 
-    def blamed(self) -> list[int]:
+    def blamed(self, loss_nonfinite_anywhere: bool | None = None) -> list[int]:
         """The records to name: those of the micro-batches with a non-finite loss, else (a gradient
-        alone was non-finite) all of the step's."""
-        return self.nonfinite or self.seen
+        alone was non-finite) all of the step's. ``loss_nonfinite_anywhere``: whether any rank's loss
+        was not finite (a rank whose losses were all finite then names none); default: this rank's."""
+        if loss_nonfinite_anywhere is None:
+            loss_nonfinite_anywhere = bool(self.nonfinite)
+        return self.nonfinite if loss_nonfinite_anywhere else self.seen
 
     def clear(self) -> None:
         self.seen, self.nonfinite = [], []

@@ -39,12 +39,12 @@ from llava.train.arguments import DataArguments, ModelArguments, TrainingArgumen
 from llava.train.checkpoints import (AUTO, ReplayEpochOrder, SaveAtEpochEnd, check_output_dir_shared,
                                      copy_final_model, discard_final_model_marker, remove_unfinished_saves, resolve_resume,
                                      save_failure, steps_done)
+from llava.train.deepspeed_host import refuse_abandoned_build_locks, release_shared_memory_names
 from llava.train.errors import EXPECTED, error_line, exit_code, write_traceback
-from llava.train.pause_points import PauseMidStep
 from llava.train.model_card import CardFacts, release_generation_config, write_model_card
+from llava.train.pause_points import PauseMidStep
 from llava.train.params import Trainable, apply_lora, quantization, set_trainable
 from llava.train.policy import ResponseLogps
-from llava.train.deepspeed_host import refuse_abandoned_build_locks, release_shared_memory_names
 from llava.train.losses import DPOObjective, MCMObjective, SFTObjective
 from llava.train.projector_file import load_projector_file, trains_projector_only, write_projector_file
 from llava.train.reference import (AdaptersOffReference, CachedReference, LiveReference, file_fingerprint, images_fingerprint,
@@ -114,12 +114,13 @@ def build_data(records: list[Record], data_args: DataArguments, model_args: Mode
     return dataset, PreferenceCollator(conditions, tok.pad_token_id, image_token_id, packed=packed)
 
 
-def verified_records(data_args: DataArguments, args: TrainingArguments, task: str) -> list[Record]:
+def verified_records(data_args: DataArguments, args: TrainingArguments, task: str, *, held_out: bool = False) -> list[Record]:
     """The records of ``--data_path``, every image opened and verified before step 1 (``llava.data.verify``).
 
     A bad record (a field, or an image missing, unreadable or outside ``--image_folder``) stops the run
     naming file, record and field; with ``--skip_bad_records`` it is left out, counted in the log and
-    listed in ``<output_dir>/skipped_records.jsonl``. Every process gets the same verdict.
+    listed in ``<output_dir>/skipped_records.jsonl``. Every process gets the same verdict. ``held_out``:
+    the ``--eval_data_path`` records, verified after the training data (their lines join theirs).
     """
     records, problems = read_records_checked(data_args.data_path, task)
     hint = "--skip_bad_records leaves bad records out"
@@ -138,8 +139,7 @@ def verified_records(data_args: DataArguments, args: TrainingArguments, task: st
     problems += check.problems
     kept = leave_out(records, problems)
     skipped_list = Path(args.output_dir) / SKIPPED_RECORDS
-    if main_process:  # the held-out data come second (prepare): their lines join the training data's
-        held_out = data_args.eval_data_path is not None and str(data_args.data_path) == str(data_args.eval_data_path)
+    if main_process:
         write_skipped_records(skipped_list, problems, replacing=data_args.data_path if held_out else None)
     if problems:
         left_out = len(bad_records(problems))
@@ -231,9 +231,10 @@ def prepare(argv: list[str] | None = None, parsed=None) -> LlavaTrainer:
                                      unfreeze_mm_vision_tower=model_args.unfreeze_mm_vision_tower,
                                      freeze_mm_mlp_adapter=args.freeze_mm_mlp_adapter)
     # The data first: a bad record stops the run before a model spends minutes loading.
-    records = verified_records(data_args, args, task_of(args))
+    task = task_of(args)
+    records = verified_records(data_args, args, task)
     eval_data = dataclasses.replace(data_args, data_path=data_args.eval_data_path) if data_args.eval_data_path else None
-    eval_records = verified_records(eval_data, args, task_of(args)) if eval_data else None
+    eval_records = verified_records(eval_data, args, task, held_out=True) if eval_data else None
     llava, processor = build_model(model_args, args)
     # saved directories write the training prompt through apply_chat_template and decode as released
     set_chat_template(processor, get_template(model_args.version))

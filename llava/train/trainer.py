@@ -141,7 +141,13 @@ class LlavaTrainer(Trainer):
         Called before the optimizer steps; under DeepSpeed, after (its step runs in the backward of
         the last micro-batch, and skips an update whose gradients are not finite by itself).
         """
-        step, self._step_records = self._step_records, StepRecords()
+        step = self._step_records
+        try:
+            self._finish_step(step)
+        finally:
+            step.clear()  # the next optimizer step starts its own list
+
+    def _finish_step(self, step: StepRecords) -> None:
         if self.args.fp16:  # loss scaling skips an overflowing gradient (and lowers its scale): routine, not a fault
             grads_ok = True
         elif self.is_deepspeed_enabled:
@@ -159,7 +165,7 @@ class LlavaTrainer(Trainer):
                 self._drop_gradients()
             self._nan_skipped += 1
             return
-        blamed = gather_object(step.nonfinite if not loss_ok else step.seen)  # every rank's, in rank order
+        blamed = gather_object(step.blamed(loss_nonfinite_anywhere=not loss_ok))  # every rank's, in rank order
         records = describe_records(blamed, getattr(self.train_dataset, "records", None))
         message = stop_message(self.state.global_step + 1, "gradient" if loss_ok else "loss", records,
                                newest_complete_checkpoint(self.args.output_dir))
