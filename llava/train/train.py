@@ -329,6 +329,21 @@ def finish_without_training(trainer: LlavaTrainer, checkpoint: Path, total: int)
         copy_final_model(checkpoint, output_dir)
 
 
+def leave_process_group() -> None:
+    """Wait for every rank to finish (rank 0 saves last), then take the process group down.
+
+    Left to interpreter exit, gloo's worker threads can still hold work whose tensors reference Python
+    objects; freeing them during finalization aborts the rank ("terminate called without an active
+    exception", exit -6; pytorch/pytorch#190489), and the launcher then reports a finished run as
+    failed. Only on success: after an error the other ranks may be gone, and a barrier would hang.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train; any error ends this process with one line on stderr (``llava.train.errors``) and a non-zero
     exit, which makes the launcher stop the other ranks; the traceback goes to ``OUTPUT_DIR/error-rank{N}.log``."""
@@ -341,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
         trainer = prepare(argv, parsed)
         started = True
         train(trainer)
+        leave_process_group()
     except Exception as e:  # noqa: BLE001 -- every error becomes one line; the traceback goes to the log
         # an input error before the run began leaves no directory behind; once training, the run has one
         log = write_traceback(e, output_dir, create=started or not isinstance(e, EXPECTED))
