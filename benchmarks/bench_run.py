@@ -57,11 +57,11 @@ MAX_GRAD_NORM = 1.0  # TRL's default; the project's default is 0 (the released c
 def project_argv(variant: str, model_dir: Path, data_path: Path, out: Path, accumulation: int, epochs: int,
                  seed: int) -> list[str]:
     """The ``llava.train.train`` command line of a DPO / MCM-DPO run with TRL's settings where they differ."""
-    from bench_step import BETA, LEARNING_RATE
+    from bench_step import BETA, LEARNING_RATE, OPTIM
 
     return ["--model_name_or_path", str(model_dir), "--data_path", str(data_path), "--image_folder", str(data_path.parent),
             "--output_dir", str(out), "--task", "DPO", "--use_cross_modal_loss", str(variant == "mcm"),
-            "--version", "v1", "--image_aspect_ratio", "pad", "--attn_implementation", "sdpa",
+            "--version", "v1", "--image_aspect_ratio", "pad", "--attn_implementation", "auto", "--optim", OPTIM,
             "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", str(accumulation),
             "--num_train_epochs", str(epochs), "--learning_rate", str(LEARNING_RATE), "--beta", str(BETA),
             "--weight_decay", "0.0", "--max_grad_norm", str(MAX_GRAD_NORM), "--lr_scheduler_type", "linear",
@@ -102,7 +102,7 @@ def run_trl(variant: str, model_dir: Path, data_path: Path, out: Path, a) -> dic
     examples = B.Data(data_path, processor, a.seed).trl_examples()  # records read, images opened and padded
     args = DPOConfig(output_dir=str(out), beta=B.BETA, max_length=None, precompute_ref_log_probs=False,
                      per_device_train_batch_size=1, gradient_accumulation_steps=a.accumulation,
-                     num_train_epochs=a.epochs, learning_rate=B.LEARNING_RATE, weight_decay=0.0,
+                     num_train_epochs=a.epochs, learning_rate=B.LEARNING_RATE, weight_decay=0.0, optim=B.OPTIM,
                      max_grad_norm=MAX_GRAD_NORM, lr_scheduler_type="linear", gradient_checkpointing=False,
                      bf16=False, use_cpu=True, seed=a.seed, save_strategy="no", report_to="none", logging_steps=1,
                      dataloader_num_workers=0, disable_tqdm=True)

@@ -13,7 +13,7 @@ What runs (all through the project's own code, from files on disk):
 * preference records shaped like the published data (context 60-120 tokens, answers 10-40 tokens,
   chosen and rejected of different lengths, 400x300 random images) are written in format A and read
   with ``read_records`` -> ``PreferenceDataset`` -> ``PreferenceCollator``;
-* the variants, each with its own copy of the model and its own optimizer (AdamW, the Trainer's default):
+* the variants, each with its own copy of the model and its own optimizer (fused AdamW for all, ``OPTIM``):
 
   - ``naive_mcm``: MCM-DPO, eight full sequences per record (the published computation:
     ``response_logps_naive``), cached reference log-probs (no reference forward);
@@ -32,7 +32,10 @@ What runs (all through the project's own code, from files on disk):
   projector train (the project's default), in TRL's model too; no activation checkpointing anywhere.
 
 Timing: one process, the variants alternate round-robin (the order rotates each round) so machine
-noise hits all alike; median and minimum seconds per step after ``--warmup`` rounds.
+noise hits all alike; median and minimum seconds per step after ``--warmup`` rounds, and the median
+of the optimizer update alone. Beside each ratio the run prints the ratio of ``step_flops`` (the
+arithmetic each step needs), on this model and at LLaVA-1.5-7B's shapes: how far a target is from
+what the work allows.
 
 Memory: one fresh process per variant (forked from a preloaded fork server, so it does not re-import
 the libraries), which builds its batches, loads its model(s) and optimizer and runs
@@ -94,6 +97,9 @@ RATIOS = {
 REL_TOL = 1e-4  # equal-work checks in fp32
 BF16_REL_TOL = 1e-2  # in bf16 the packed and naive layouts round differently (different kernels and shapes)
 LEARNING_RATE = 1e-5
+# One optimizer for every variant: the Trainer's (and TRL's) default. The project trains with
+# adamw_torch unless told otherwise (the released default, --optim), the same update done slower.
+OPTIM = "adamw_torch_fused"
 BETA = 0.1
 MiB = 1 << 20
 
@@ -137,8 +143,8 @@ def write_checkpoint(out: Path, p: TinySize, seed: int, device: str, dtype) -> d
 
 
 def param_counts(model) -> dict:
-    """Parameters by part: vision tower, projector, input embeddings, rest of the language model (with the head)."""
-    out = {"vision": 0, "projector": 0, "embeddings": 0, "language": 0}
+    """Parameters by part: vision tower, projector, input embeddings, head, rest of the language model (its layers)."""
+    out = {"vision": 0, "projector": 0, "embeddings": 0, "head": 0, "language": 0}
     for name, prm in model.named_parameters():
         if "vision_tower" in name:
             out["vision"] += prm.numel()
@@ -146,6 +152,8 @@ def param_counts(model) -> dict:
             out["projector"] += prm.numel()
         elif "embed_tokens" in name:
             out["embeddings"] += prm.numel()
+        elif "lm_head" in name:
+            out["head"] += prm.numel()
         else:
             out["language"] += prm.numel()
     out["total"] = sum(out.values())
@@ -333,6 +341,7 @@ class Runner:
         self.params = [p for p in trainer.model.parameters() if p.requires_grad]
         self.max_grad_norm = trainer.args.max_grad_norm
         self.batches: list[dict] = []
+        self.update_seconds: list[float] = []  # of each step: clipping, optimizer.step() and zero_grad
         self.device = trainer.args.device
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
@@ -353,12 +362,16 @@ class Runner:
         self._sync()
         t0 = time.perf_counter()
         loss = self.trainer.training_step(self.trainer.model_wrapped, batch)
+        self._sync()
+        t_update = time.perf_counter()
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.trainer.optimizer.step()
         self.trainer.optimizer.zero_grad(set_to_none=True)
         self._sync()
-        seconds = time.perf_counter() - t0
+        t_end = time.perf_counter()
+        seconds = t_end - t0
+        self.update_seconds.append(t_end - t_update)
         _TRL_COMPACT["on"] = False
         return seconds, float(loss)
 
@@ -367,7 +380,7 @@ def _trainer_common(device: str, dtype, seed: int, out: Path) -> dict:
     import torch
 
     return dict(output_dir=str(out), per_device_train_batch_size=1, per_device_eval_batch_size=1,
-                learning_rate=LEARNING_RATE, weight_decay=0.0, max_grad_norm=1.0, use_cpu=device == "cpu",
+                learning_rate=LEARNING_RATE, weight_decay=0.0, max_grad_norm=1.0, optim=OPTIM, use_cpu=device == "cpu",
                 bf16=dtype == torch.bfloat16, report_to="none", save_strategy="no", seed=seed,
                 gradient_checkpointing=False, remove_unused_columns=False, dataloader_num_workers=0,
                 disable_tqdm=True)
@@ -551,9 +564,18 @@ def token_counts(runners: dict, data: Data, packed_attention: str = "sdpa_tree")
     ds2 = data.dataset(objective_of("dpo").conditions)
     naive2 = [int(coll2([ds2[i]])["attention_mask"].sum()) for i in range(len(data.records))]
     for v, r in runners.items():
-        per, dense, needed = [], [], []
+        per, dense, needed, scored = [], [], [], []
         for b in r.batches:
             m = b["attention_mask"]
+            # where the head runs: every position in the naive layout (the published full-vocabulary
+            # log-softmax) and in TRL's stock CPU path; the packed rows' answer positions; TRL's
+            # completions in its compact (GPU) mode
+            if v in ("naive_mcm", "trl_dpo_stock"):
+                scored.append(int(m.sum()))
+            elif v == "trl_dpo":
+                scored.append(int(b["completion_mask"].sum()))
+            else:
+                scored.append(int(b["logp_mask"].sum()))
             if m.dim() == 4:  # packed: every position of the (single, unpadded) row is a distinct token
                 per.append(int(b["input_ids"].numel()))
                 # the dense masked kernel (sdpa) computes every (query, key) pair; sdpa_tree only its chains
@@ -568,21 +590,52 @@ def token_counts(runners: dict, data: Data, packed_attention: str = "sdpa_tree")
         n_img = [int(b["pixel_values"].shape[0]) for b in r.batches]
         counts[v] = {"tokens": statistics.mean(per), "naive_equivalent_tokens": statistics.mean(equiv),
                      "images": statistics.mean(n_img), "reference_forward": v in TRL_VARIANTS,
+                     "scored_positions": statistics.mean(scored),
                      "attention_pairs_computed": statistics.mean(dense), "attention_pairs_needed": statistics.mean(needed)}
     return counts
 
 
-def step_flops(params: dict, count: dict, image_tokens: int) -> float:
-    """~6 x params x tokens for the trained forward and backward (language model with head and projector,
-    input embeddings excluded), ~2 x params x tokens for forward-only work (the frozen vision tower on
-    each image, and TRL's reference forward)."""
-    p_lm = params["language"] + params["projector"]
-    p_vis = params["vision"]
-    t, n_img = count["tokens"], count["images"]
-    flops = 6 * p_lm * t + 2 * p_vis * (image_tokens + 1) * n_img
-    if count["reference_forward"]:
-        flops += 2 * p_lm * t + 2 * p_vis * (image_tokens + 1) * n_img
-    return flops
+def step_flops(params: dict, count: dict, image_tokens: int, hidden: int, layers: int) -> float:
+    """The arithmetic a variant's step cannot avoid (multiply-adds x 2), counted where each part runs.
+
+    Forward: the language model's layers on every token (``2 x params x tokens``), the head on the
+    positions it scores only (``2 x head x scored``: answer tokens for the packed and compact paths,
+    every token for the naive and stock ones), attention on the (query, key) pairs the layout needs
+    (``4 x hidden x pairs`` per layer: scores and the weighted sum), the projector on the image
+    tokens, the frozen vision tower on each image. The trained parts cost 3 forwards (backward is
+    two matmuls per forward one); TRL's reference adds one forward of everything. Input embeddings
+    are a lookup. Recomputation (the packed head's chunks, checkpointing) is not counted: it is a
+    choice of the implementation, not work the method needs.
+    """
+    t, n_img, scored = count["tokens"], count["images"], count["scored_positions"]
+    vision = 2 * params["vision"] * (image_tokens + 1) * n_img
+    language = (2 * params["language"] * t + 2 * params["head"] * scored + 4 * hidden * layers * count["attention_pairs_needed"]
+                + 2 * params["projector"] * image_tokens * n_img)
+    return 3 * language + vision + (language + vision if count["reference_forward"] else 0)
+
+
+# The same step's arithmetic at LLaVA-1.5-7B's shapes (Vicuna-7B, CLIP ViT-L/14-336, mlp2x_gelu), to
+# tell what the benchmark model's proportions (a 32000 x 256 head on a 3M-parameter trunk) do to the ratios.
+LLAVA_7B = {"params": {"language": 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008), "head": 32000 * 4096,
+                       "projector": 1024 * 4096 + 4096 ** 2 + 2 * 4096, "vision": 303_507_456},
+            "hidden": 4096, "layers": 32}
+
+
+RUN_RATIO = "mcm+reference/trl_dpo"
+
+
+def work_ratios(tokens: dict, params: dict, image_tokens: int, hidden: int, layers: int) -> dict:
+    """The timed ratios as the ratios of ``step_flops``: on the benchmark model, and on LLaVA-1.5-7B's shapes."""
+    out = {}
+    for label, (prm, d, n) in {"benchmark model": (params, hidden, layers),
+                               "LLaVA-1.5-7B shapes": (LLAVA_7B["params"], LLAVA_7B["hidden"], LLAVA_7B["layers"])}.items():
+        flops = {v: step_flops(prm, c, image_tokens, d, n) for v, c in tokens.items()}
+        out[label] = {name: flops[num] / flops[den] for name, (num, den, kind, _) in RATIOS.items()
+                      if kind == "seconds" and num in flops and den in flops}
+        if "mcm" in tokens and "trl_dpo" in tokens:  # a whole run (bench_run.py): the cached reference's forward too
+            with_reference = step_flops(prm, dict(tokens["mcm"], reference_forward=True), image_tokens, d, n)
+            out[label][RUN_RATIO] = with_reference / flops["trl_dpo"]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -768,11 +821,27 @@ def print_report(res: dict) -> None:
               f"{tps.get('distinct', 0):>9.0f} {tps.get('naive_equivalent', 0):>15.0f}{mfu}")
     print()
     paired, mins = res.get("ratios_paired_by_round", {}), res.get("ratios_of_minimums", {})
-    print(f"{'ratio':<24} {'of medians':>10}  {'target':<8} {'':<4}  {'paired/round':>12} {'of minimums':>11}")
+    bare, work = res.get("ratios_without_update", {}), res.get("work_ratios", {})
+    model_work, work_7b = work.get("benchmark model", {}), work.get("LLaVA-1.5-7B shapes", {})
+
+    def cell(table: dict, name: str, width: int) -> str:
+        value = table.get(name)
+        return f"{(value['value'] if isinstance(value, dict) else value):{width}.3f}" if value is not None else " " * width
+
+    print(f"{'ratio':<24} {'of medians':>10}  {'target':<8} {'':<4}  {'paired/round':>12} {'of minimums':>11} "
+          f"{'w/o update':>10} {'work':>6} {'work 7B':>8}")
     for name, r in res["ratios"].items():
-        p = f"{paired[name]['value']:12.3f}" if name in paired else f"{'':12}"
-        m = f"{mins[name]['value']:11.3f}" if name in mins and name in paired else ""
-        print(f"{name:<24} {r['value']:10.3f}  <= {r['target']:<5} {'PASS' if r['pass'] else 'MISS':<4}  {p} {m}")
+        print(f"{name:<24} {r['value']:10.3f}  <= {r['target']:<5} {'PASS' if r['pass'] else 'MISS':<4}  "
+              f"{cell(paired, name, 12)} {cell(mins if name in paired else {}, name, 11)} {cell(bare, name, 10)} {cell(model_work, name, 6)} "
+              f"{cell(work_7b, name, 8)}")
+    if RUN_RATIO in model_work:
+        print(f"{RUN_RATIO:<24} {'(bench_run.py: a whole run, its target <= 1.0)':<74} {model_work[RUN_RATIO]:6.3f} "
+              f"{work_7b.get(RUN_RATIO, float('nan')):8.3f}")
+    if update := res.get("update_seconds_per_step"):
+        print("w/o update: medians less each variant's optimizer update (clip, AdamW, zero_grad; median s: "
+              + ", ".join(f"{v} {s:.3f}" for v, s in update.items()) + ")")
+        print("work: the same ratio of step_flops (the arithmetic each step needs, head where it runs); work 7B: "
+              "the same tokens at LLaVA-1.5-7B's shapes")
     print()
     print("trl_dpo / trl_dpo_stock include TRL's reference forward (TRL refuses cached reference log-probs for image "
           "data); naive_mcm / mcm / dpo use cached reference log-probs (no reference forward).")
@@ -945,7 +1014,7 @@ def dry_run(a) -> dict:
     model, _ = build("llava", a.seed, p, device="meta")
     params = param_counts(model)
     bytes_per = 2 if a.dtype == "bf16" else 4
-    trainable = params["language"] + params["embeddings"] + params["projector"]
+    trainable = params["language"] + params["head"] + params["embeddings"] + params["projector"]
     weights_gb = params["total"] * bytes_per / 1e9
     # weights + gradients + AdamW's two moments (same dtype as the weights) per variant, plus TRL's reference copies
     train_gb = (params["total"] + 3 * trainable) * bytes_per / 1e9
@@ -1052,6 +1121,7 @@ def run(a, work: Path, ctx) -> dict:
         m = checks["mcm_vs_naive"]
         m["first_step_loss_rel"] = _rel(losses["naive_mcm"][0], losses["mcm"][0])
         m["passed"] = m["passed"] and m["first_step_loss_rel"] <= tol
+    update = {v: statistics.median(runners[v].update_seconds[a.warmup:]) for v in variants}
     any_runner = next(iter(runners.values()))
     optimizer = f"{type(any_runner.trainer.optimizer).__name__} (TrainingArguments.optim={any_runner.trainer.args.optim})"
     del runners, any_runner
@@ -1074,7 +1144,8 @@ def run(a, work: Path, ctx) -> dict:
     tps = {v: {"distinct": tokens[v]["tokens"] / seconds[v], "naive_equivalent": tokens[v]["naive_equivalent_tokens"] / seconds[v]}
            for v in variants}
     image_tokens = p.image_tokens
-    flops = {v: step_flops(facts["params"], tokens[v], image_tokens) for v in variants}
+    hidden, layers = p.text_hidden, p.text_layers
+    flops = {v: step_flops(facts["params"], tokens[v], image_tokens, hidden, layers) for v in variants}
     res = {
         "seconds_per_step": seconds,
         "seconds_per_step_min": {v: min(times[v]) for v in variants},
@@ -1086,6 +1157,12 @@ def run(a, work: Path, ctx) -> dict:
         "ratios": compute_ratios(seconds, peaks),
         "ratios_of_minimums": compute_ratios({v: min(times[v]) for v in variants}, peaks),
         "ratios_paired_by_round": paired_ratios(times),
+        # the part of a step every variant pays alike (AdamW over all trainable weights), and the
+        # ratios with it left out: what the step's own work costs
+        "update_seconds_per_step": update,
+        "ratios_without_update": compute_ratios({v: seconds[v] - update[v] for v in variants}, {}),
+        # the ratios the arithmetic alone would give (step_flops), here and at LLaVA-1.5-7B's shapes
+        "work_ratios": work_ratios({v: tokens[v] for v in variants}, facts["params"], image_tokens, hidden, layers),
         "checks": checks,
         "tokens": tokens,
         "tokens_per_second": tps,

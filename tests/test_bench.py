@@ -99,12 +99,24 @@ def test_gpu_preset_dry_run(tmp_path):
 def test_flops_and_ratios_accounting():
     """The FLOP count behind the MFU column and the ratio targets, on made-up numbers."""
     b = _bench_module()
-    params = {"language": 100, "projector": 10, "vision": 50, "embeddings": 1000}
-    ours = {"tokens": 1000, "images": 2, "reference_forward": False}
-    trl = {"tokens": 1000, "images": 2, "reference_forward": True}
-    assert b.step_flops(params, ours, 576) == 6 * 110 * 1000 + 2 * 50 * 577 * 2
+    params = {"language": 100, "head": 40, "projector": 10, "vision": 50, "embeddings": 1000}
+    ours = {"tokens": 1000, "images": 2, "scored_positions": 30, "attention_pairs_needed": 7000, "reference_forward": False}
+    trl = dict(ours, reference_forward=True)
+    # multiply-adds of one forward: layers on every token, head on the scored positions, attention
+    # (q.k and the weighted sum, hidden 8, 3 layers) on the pairs, projector on 576 image tokens per image
+    language_forward = 100 * 1000 + 40 * 30 + 2 * 8 * 3 * 7000 + 10 * 576 * 2
+    vision_forward = 50 * 577 * 2  # the frozen tower: forward only, 576 patches + the class token per image
+    assert b.step_flops(params, ours, 576, hidden=8, layers=3) == 2 * (3 * language_forward + vision_forward)
     # TRL adds a forward of the reference on the same tokens and images
-    assert b.step_flops(params, trl, 576) == 8 * 110 * 1000 + 4 * 50 * 577 * 2
+    assert b.step_flops(params, trl, 576, hidden=8, layers=3) == 2 * (4 * language_forward + 2 * vision_forward)
+    # the ratios of that count, on these parts and at LLaVA-1.5-7B's
+    tokens = {"mcm": ours, "trl_dpo": trl}
+    work = b.work_ratios(tokens, params, 576, hidden=8, layers=3)
+    assert work["benchmark model"] == {"mcm/trl_dpo": (3 * language_forward + vision_forward)
+                                       / (4 * language_forward + 2 * vision_forward),
+                                       # a whole run: the cached reference pass is one more forward of mcm's tokens
+                                       "mcm+reference/trl_dpo": 1.0}
+    assert 0 < work["LLaVA-1.5-7B shapes"]["mcm/trl_dpo"] < 1
     seconds = {"naive_mcm": 10.0, "mcm": 3.0, "dpo": 1.0, "trl_dpo": 4.0, "trl_dpo_stock": 8.0}
     peaks = {"naive_mcm": 900.0, "mcm": 300.0, "dpo": 200.0, "trl_dpo": 250.0, "trl_dpo_stock": 800.0}
     r = b.compute_ratios(seconds, peaks)

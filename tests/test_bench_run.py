@@ -34,7 +34,9 @@ def test_project_argv_is_the_run_described(variant, tmp_path):
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_train_epochs) == (1, 4, 1)
     assert args.max_grad_norm == 1.0 and args.gradient_checkpointing is False and args.weight_decay == 0.0
     assert not args.bf16 and args.use_cpu and args.beta == 0.1 and args.learning_rate == 1e-5
-    assert model_args.attn_implementation == "sdpa" and data_args.image_aspect_ratio == "pad"
+    # the project's default kernel (sdpa_tree for the packed rows) and TRL's default optimizer, on both sides
+    assert model_args.attn_implementation == "auto" and data_args.image_aspect_ratio == "pad"
+    assert args.optim == "adamw_torch_fused"
 
 
 @pytest.mark.slow
