@@ -6,29 +6,27 @@
 #   plus plain DPO, for reference.
 # One seed (0) for the grid; then seeds 1 and 2 for the default row (all seven terms) and for the
 # grid's best row by key facts. Every row starts from the same SFT checkpoint (one per SFT setting
-# of the paradigms: tower frozen for a/b, trained for c/d), built as `make demo` builds it; the
-# seed of a row sets its data order and negatives. Settings of the preference runs are the demo's.
+# of the paradigms: tower frozen for a/b, trained for c/d), built by the demo's own stages
+# (scripts/demo_stages.sh, seed 0); the seed of a row sets its data order and negatives. The
+# preference runs have the demo's settings.
 #
 #   bash scripts/ablate.sh                  # into outputs/ablate; table in outputs/ablate/table.md
+#   BASE_RUN=outputs/demo bash scripts/ablate.sh   # reuse a finished seed-0 demo run's stage-1 and
+#                                           # SFT checkpoints (they are the ones the grid would build)
 #   ROWS="terms2 only_image" bash scripts/ablate.sh   # a subset of rows
-#   ABLATE_SIZE=smoke ROWS="dpo terms2" bash scripts/ablate.sh   # tiny model, 2 steps a stage (tests)
+#   ABLATE_SIZE=smoke ROWS="dpo terms2" bash scripts/ablate.sh   # tiny model, 3 steps a stage (tests)
 #
-# Not yet run at full size: at about 4 minutes a row on 2 idle CPU cores, the 24 rows and 4
-# reruns take about 2 hours. tests/test_ablate.py runs it at smoke size.
+# tests/test_ablate.py runs it at smoke size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-outputs/ablate}
 DATA=${DATA:-data/sample}
 VISION_TOWER=${VISION_TOWER:-llava/model/assets/sample_clip}
-export NUM_GPUS=${NUM_GPUS:-2} ZERO=${ZERO:-zero2} REPORT_TO=${REPORT_TO:-none} PRECISION=fp32
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 WANDB_MODE=offline
-TRAIN=(--gradient_checkpointing False --save_strategy no --logging_steps 5)
-case "${ABLATE_SIZE:-full}" in
-  full)  MODEL_SIZE=small TEST_LIMIT=200 MAX_NEW_TOKENS=48 ;;
-  smoke) MODEL_SIZE=tiny TEST_LIMIT=4 MAX_NEW_TOKENS=8 TRAIN+=(--max_steps 2) ;;
-  *) echo "ABLATE_SIZE must be full or smoke (got $ABLATE_SIZE)" >&2; exit 2 ;;
-esac
+BASE_RUN=${BASE_RUN:-}
+export REPORT_TO=${REPORT_TO:-none}
+source scripts/demo_stages.sh
+demo_size "${ABLATE_SIZE:-full}"
 TERM_FLAG=(para_r1 para_r2 para_r3 para_r4 para_r5 para_r6 para_r7)
 TERM_NAME=(context image response context_response image_response context_image all)
 
@@ -56,16 +54,15 @@ ROWS=${ROWS:-$ALL_ROWS}
 # sft_for PARADIGM: the shared SFT checkpoint for that paradigm's SFT setting (built once).
 sft_for() {
   local tower_trains; case "$1" in a|b) tower_trains=frozen ;; *) tower_trains=trained ;; esac
-  local dir="$OUT/base/sft_tower_$tower_trains"
+  # The demo's SFT trains the tower (paradigm d, as released): a seed-0 demo run's is this one.
+  if [ -n "$BASE_RUN" ] && [ "$tower_trains" = trained ]; then echo "$BASE_RUN/sft"; return; fi
+  local dir="$OUT/base/sft_tower_$tower_trains" stage1="${BASE_RUN:-$OUT/base}/pretrain"
   if [ ! -f "$dir/config.json" ]; then
-    [ -f "$OUT/base/pretrain/config.json" ] || {
-      "$PYTHON" -m llava.model.tiny --out "$OUT/base/lm" --arch llama --size "$MODEL_SIZE" --seed 0 >&2
-      MODEL_PATH="$OUT/base/lm" VISION_TOWER="$VISION_TOWER" DATA_PATH="$DATA/pretrain.json" IMAGE_FOLDER="$DATA" \
-        OUTPUT_DIR="$OUT/base/pretrain" EPOCHS=1 LR=1e-3 BATCH_SIZE=8 GRAD_ACCUM=1 \
-        bash scripts/pretrain.sh --tune_mm_mlp_adapter False "${TRAIN[@]}" --seed 0 >&2
-    }
-    MODEL_PATH="$OUT/base/pretrain" DATA_PATH="$DATA/sft.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$dir" PARADIGM="$1" \
-      EPOCHS=2 LR=1e-3 BATCH_SIZE=8 GRAD_ACCUM=1 bash scripts/sft.sh "${TRAIN[@]}" --seed 0 >&2
+    if [ ! -f "$stage1/config.json" ]; then
+      demo_lm "$OUT/base/lm" 0 >&2
+      demo_stage1 "$OUT/base/lm" "$stage1" 0 >&2
+    fi
+    PARADIGM="$1" demo_sft "$stage1" "$dir" 0 >&2
   fi
   echo "$dir"
 }
@@ -79,12 +76,9 @@ run_row() {
   local sft; sft=$(sft_for "$paradigm")
   echo "==> $name (seed $seed, paradigm $paradigm) -> $dir"
   # shellcheck disable=SC2086  # extra holds several flags
-  MODEL_PATH="$sft" DATA_PATH="$DATA/preference.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$dir/model" PARADIGM="$paradigm" \
-    EPOCHS=1 LR=1e-5 BATCH_SIZE=4 GRAD_ACCUM=1 BETA=0.1 IMAGE_TYPE="$image" TERMS="$terms" \
-    bash "scripts/$script.sh" "${TRAIN[@]}" --lr_scheduler_type constant --seed "$seed" $extra
+  PARADIGM="$paradigm" IMAGE_TYPE="$image" TERMS="$terms" demo_preference "$script" "$sft" "$dir/model" "$seed" $extra
   mkdir -p "$dir/eval"
-  "$PYTHON" mcmdpo_inference.py --model_name "$dir/model" --test_datasets "$OUT/test.jsonl" --image_folder "$DATA" \
-    --eval_output "$dir/eval/$script.jsonl" --batch_size 16 --num_beams 1 --max_new_tokens "$MAX_NEW_TOKENS"
+  demo_infer "$dir/model" "$dir/eval/$script.jsonl" "$OUT/test.jsonl"
   "$PYTHON" get_score.py --file "$dir/eval/$script.jsonl" --out_dir "$dir" > /dev/null
   "$PYTHON" -m llava.eval.grounding "$dir/eval/$script.jsonl" --json "$dir/grounding.json" > /dev/null
 }
