@@ -93,3 +93,17 @@ def test_inference_reads_the_zero3_model_and_scores_its_output(dry):
     assert infer[1] == str(REPO / "mcmdpo_inference.py") and score[1] == str(REPO / "get_score.py")
     assert flag(infer, "--model_name") == str(caller / "smoke" / "mcmdpo_zero3")
     assert flag(score, "--file") == flag(infer, "--eval_output")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU path")
+def test_gpu_checks_runs_every_part_and_reports_each_failure(tmp_path):
+    """benchmarks/gpu_checks.sh on a machine without CUDA: each of its three parts still runs (one failing
+    does not stop the next), each says why it failed in its own log, and the script exits 1."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    result = subprocess.run(["bash", str(REPO / "benchmarks/gpu_checks.sh")], capture_output=True, text=True, timeout=300,
+                            env={**env, "PYTHON": sys.executable, "RESULTS": str(tmp_path)})
+    assert result.returncode == 1, result.stdout + result.stderr
+    for part, why in [("smoke", "FAIL cuda no CUDA device"), ("step", "no CUDA device"), ("infer", "--device cuda: no CUDA")]:
+        assert f"== {part}: exit " in result.stdout, result.stdout
+        assert why in (tmp_path / f"{part}.log").read_text(), part
+    assert "torch " in (tmp_path / "gpu.txt").read_text()
