@@ -10,7 +10,7 @@
 # (scripts/demo_stages.sh, seed 0); the seed of a row sets its data order and negatives. The
 # preference runs have the demo's settings.
 #
-#   bash scripts/ablate.sh                  # into outputs/ablate; table in outputs/ablate/table.md
+#   bash scripts/ablate.sh                  # into outputs/ablate; table.md and ablation.png there
 #   BASE_RUN=outputs/demo bash scripts/ablate.sh   # reuse a finished seed-0 demo run's stage-1 and
 #                                           # SFT checkpoints (they are the ones the grid would build)
 #   ROWS="terms2 only_image" bash scripts/ablate.sh   # a subset of rows
@@ -89,5 +89,5 @@ head -n "$TEST_LIMIT" "$DATA/test.jsonl" > "$OUT/test.jsonl"
 for row in $ROWS; do run_row "$row" 0; done
 best=$("$PYTHON" scripts/summarize_ablation.py "$OUT" --best)
 for row in terms7 "$best"; do for seed in ${RERUN_SEEDS:-1 2}; do run_row "$row" "$seed"; done; done
-"$PYTHON" scripts/summarize_ablation.py "$OUT" --md "$OUT/table.md"
+"$PYTHON" scripts/summarize_ablation.py "$OUT" --md "$OUT/table.md" --png "$OUT/ablation.png"
 echo "wall time: $(( $(date +%s) - start )) s; table: $OUT/table.md"

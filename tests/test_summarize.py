@@ -80,3 +80,15 @@ def test_ablation_table_rows_seeds_and_best(tmp_path):
     assert markdown(rows).splitlines()[2:] == ["| terms2 | 1 | 40.00 | 100.00 |", "| terms7 | 2 | 55.00 ± 7.07 | 115.00 ± 7.07 |"]
     with pytest.raises(ValueError, match="no finished run"):
         collect(tmp_path / "terms2" / "seed0")
+
+
+def test_ablation_figure_groups_rows_as_the_paper(tmp_path):
+    from PIL import Image
+    from summarize_ablation import figure, group_of
+
+    assert [group_of(n) for n in ["dpo", "terms2", "only_context", "image_rotate", "paradigm_c", "other"]] == [0, 1, 2, 3, 4, 5]
+    metrics = {"key_fact": 50.0, "coco_CIDEr": 300.0}
+    rows = {"dpo": [metrics], "terms7": [metrics, {"key_fact": 40.0, "coco_CIDEr": 250.0}], "image_black": [metrics]}
+    figure(rows, tmp_path / "ablation.png")
+    with Image.open(tmp_path / "ablation.png") as im:
+        assert im.format == "PNG" and im.width > 500
