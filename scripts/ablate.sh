@@ -76,7 +76,7 @@ run_row() {
   local sft; sft=$(sft_for "$paradigm")
   echo "==> $name (seed $seed, paradigm $paradigm) -> $dir"
   # shellcheck disable=SC2086  # extra holds several flags
-  PARADIGM="$paradigm" IMAGE_TYPE="$image" TERMS="$terms" demo_preference "$script" "$sft" "$dir/model" "$seed" $extra
+  PARADIGM="$paradigm" IMAGE_TYPE="$image" CL_REWARD_NUM="$terms" demo_preference "$script" "$sft" "$dir/model" "$seed" $extra
   mkdir -p "$dir/eval"
   demo_infer "$dir/model" "$dir/eval/$script.jsonl" "$OUT/test.jsonl"
   "$PYTHON" get_score.py --file "$dir/eval/$script.jsonl" --out_dir "$dir" > /dev/null
