@@ -175,7 +175,21 @@ def test_modality_grouped_sampler():
     sampler.set_epoch(1)
     assert list(sampler) != order
     full = 9 // 4 + 3 // 4  # 9 records with images, 3 without, megabatches of batch * world = 4
-    for k in range(full):  # a full megabatch holds one modality, longest first; the partial ones come last
+    for k in range(full):  # a full megabatch holds one modality; the partial ones come last
         mb = order[4 * k: 4 * k + 4]
         assert len({lengths[i] > 0 for i in mb}) == 1
-        assert [abs(lengths[i]) for i in mb] == sorted((abs(lengths[i]) for i in mb), reverse=True)
+        # dealt into 2 batches of 2 by length: longest and shortest in the first, the middle two in the second
+        desc = sorted(mb, key=lambda i: abs(lengths[i]), reverse=True)
+        assert mb == [desc[0], desc[3], desc[1], desc[2]]
+
+
+def test_even_batches_balances_each_device_batch_as_released():
+    from llava.data.sampler import even_batches
+
+    # lengths 80..10, longest first, into 2 batches of 4 (worked by hand): 80->A, 70->B, 60->B (70 < 80),
+    # 50->A (80 < 130), 40->A (tie: the first), 30->B (130 < 170), 20->B, which is then full, 10->A
+    lengths = [80, 70, 60, 50, 40, 30, 20, 10]
+    assert even_batches(list(range(8)), lengths, 2) == [0, 3, 4, 7, 1, 2, 5, 6]
+    assert sum(lengths[i] for i in [0, 3, 4, 7]) == sum(lengths[i] for i in [1, 2, 5, 6]) == 180
+    assert even_batches([0, 1, 2, 3, 4], lengths, 2) == [0, 2, 4, 1, 3]  # 5 into 2: every other one
+    assert even_batches([4, 2, 0], lengths, 1) == [4, 2, 0]  # one batch: the order stays

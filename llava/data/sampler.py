@@ -2,7 +2,10 @@
 
 Lengths are positive for records with an image and negative for text-only ones (as LLaVA's
 datasets report them). Indices are shuffled, split into megabatches of ``batch_size * world``,
-each sorted by length, so a step's per-device batches hold similar lengths of one modality.
+each sorted by length, so a step's batches hold similar lengths of one modality. As in the released
+trainer, a megabatch is then dealt into ``world`` batches of equal total length (``even_batches``),
+one per device: without that the longest batch of every step went to device 0 and the others waited
+for it (15-35% of two CPU processes idle in the demo's SFT).
 The order is a function of ``(seed, epoch)``: a resumed run replays it exactly.
 """
 
@@ -12,14 +15,31 @@ import torch
 from torch.utils.data import Sampler
 
 
-def modality_grouped_indices(lengths: list[int], megabatch: int, generator: torch.Generator) -> list[int]:
+def even_batches(longest_first: list[int], lengths: list[int], batches: int) -> list[int]:
+    """``longest_first`` dealt into ``batches`` equal-sized batches of about equal total length, then
+    concatenated: each index goes to the open batch with the smallest total so far, and a batch takes
+    no more once full. When the indices do not divide evenly, every ``batches``-th index instead."""
+    if len(longest_first) % batches:
+        dealt = [longest_first[k::batches] for k in range(batches)]
+    else:
+        size = len(longest_first) // batches
+        dealt, totals = [[] for _ in range(batches)], [0.0] * batches
+        for i in longest_first:
+            k = totals.index(min(totals))
+            dealt[k].append(i)
+            totals[k] = float("inf") if len(dealt[k]) == size else totals[k] + abs(lengths[i])
+    return [i for batch in dealt for i in batch]
+
+
+def modality_grouped_indices(lengths: list[int], megabatch: int, generator: torch.Generator,
+                             batches: int = 1) -> list[int]:
     image = [i for i, n in enumerate(lengths) if n > 0]
     text = [i for i, n in enumerate(lengths) if n <= 0]
 
     def megabatches(indices: list[int]) -> list[list[int]]:
         order = [indices[j] for j in torch.randperm(len(indices), generator=generator).tolist()]
         chunks = [order[k:k + megabatch] for k in range(0, len(order), megabatch)]
-        return [sorted(c, key=lambda i: abs(lengths[i]), reverse=True) for c in chunks]
+        return [even_batches(sorted(c, key=lambda i: abs(lengths[i]), reverse=True), lengths, batches) for c in chunks]
 
     groups = megabatches(image) + megabatches(text)
     full = [g for g in groups if len(g) == megabatch]
@@ -30,7 +50,9 @@ def modality_grouped_indices(lengths: list[int], megabatch: int, generator: torc
 
 class ModalityLengthGroupedSampler(Sampler[int]):
     def __init__(self, lengths: list[int], batch_size: int, world_size: int, seed: int = 0):
+        """``world_size``: the batches of one optimizer step (processes x gradient accumulation steps)."""
         self.lengths, self.megabatch, self.seed, self.epoch = list(lengths), batch_size * world_size, seed, 0
+        self.batches = world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -40,4 +62,4 @@ class ModalityLengthGroupedSampler(Sampler[int]):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(modality_grouped_indices(self.lengths, self.megabatch, g))
+        return iter(modality_grouped_indices(self.lengths, self.megabatch, g, self.batches))
