@@ -6,8 +6,8 @@
 #   stage 1 on captions (scripts/pretrain.sh) -> SFT -> DPO and MCM-DPO from the SFT checkpoint
 #   (DeepSpeed, 2 CPU processes) -> inference on the test records -> scores, HTML report, curves
 #
-# DEMO_SIZE=full (default; 985 s measured on 2 CPU cores from a fresh clone, 944 s in an earlier
-# run; see README) or smoke (a few steps, for CI).
+# DEMO_SIZE=full (default; 905 to 985 s measured on 2 CPU cores, see README) or smoke (a few
+# steps, for CI).
 # Everything lands under $OUT (default outputs/demo). Settings: the variables below, and every
 # stage's in scripts/demo_stages.sh (shared with scripts/ablate.sh).
 set -euo pipefail

@@ -26,7 +26,7 @@ demo_size() {
   # Seed 0, SFT key facts (stage-1 + SFT epochs): 1+2 12%, 5+3 36.5%, 3+5 40%, 4+5 50% (README,
   # "What `make demo` shows"). SFT gets the larger share: after 5 stage-1 epochs the captions already
   # state the focus thing's facts for 89% of the test images; SFT has to learn them again under the
-  # chat template and the post. 4+5 took 944 s and 985 s on 2 cores (README: over the 15 minutes aimed at).
+  # chat template and the post. 4+5 took 905 to 985 s on 2 cores (README: over the 15 minutes aimed at).
   PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-${epochs[0]}} SFT_EPOCHS=${SFT_EPOCHS:-${epochs[1]}} PREF_EPOCHS=${PREF_EPOCHS:-${epochs[2]}}
 }
 
