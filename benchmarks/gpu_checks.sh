@@ -10,7 +10,7 @@
 #   bash benchmarks/gpu_checks.sh                      # all three
 #   RESULTS=/scratch/gpu bash benchmarks/gpu_checks.sh
 #   SMOKE_S=300 STEP_S=240 INFER_S=120 bash benchmarks/gpu_checks.sh   # each part's time limit (seconds)
-#   PEAK_TFLOPS=989 bash benchmarks/gpu_checks.sh      # the GPU's dense bf16 peak for MFU (H100/H200 SXM: 989)
+#   PEAK_TFLOPS=989 bash benchmarks/gpu_checks.sh      # the GPU's dense bf16 peak for MFU (gpu_step.sh's default: 989)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -42,7 +42,7 @@ part() {
 part smoke "${SMOKE_S:-280}" env SMOKE_DIR="$RESULTS/smoke" bash scripts/gpu_smoke.sh
 grep -E '^(PASS|FAIL|INFO|time)' "$RESULTS/smoke.log"
 part step "${STEP_S:-190}" bash benchmarks/gpu_step.sh --steps 5 --warmup 2 --memory_steps 2 \
-  --peak_tflops "${PEAK_TFLOPS:-989}" --json "$RESULTS/gpu_step.json"
+  ${PEAK_TFLOPS:+--peak_tflops "$PEAK_TFLOPS"} --json "$RESULTS/gpu_step.json"
 tail -n 25 "$RESULTS/step.log"
 part infer "${INFER_S:-100}" "$PYTHON" benchmarks/bench_infer.py --device cuda --json "$RESULTS/gpu_infer.json"
 tail -n 20 "$RESULTS/infer.log"

@@ -31,8 +31,9 @@ def even_batches(longest_first: list[int], lengths: list[int], batches: int) -> 
     return [i for batch in dealt for i in batch]
 
 
-def modality_grouped_indices(lengths: list[int], megabatch: int, generator: torch.Generator,
-                             batches: int = 1) -> list[int]:
+def modality_grouped_indices(lengths: list[int], batch_size: int, batches: int, generator: torch.Generator) -> list[int]:
+    """The epoch's order: megabatches of ``batches`` batches of ``batch_size``, one modality each."""
+    megabatch = batch_size * batches
     image = [i for i, n in enumerate(lengths) if n > 0]
     text = [i for i, n in enumerate(lengths) if n <= 0]
 
@@ -51,8 +52,8 @@ def modality_grouped_indices(lengths: list[int], megabatch: int, generator: torc
 class ModalityLengthGroupedSampler(Sampler[int]):
     def __init__(self, lengths: list[int], batch_size: int, world_size: int, seed: int = 0):
         """``world_size``: the batches of one optimizer step (processes x gradient accumulation steps)."""
-        self.lengths, self.megabatch, self.seed, self.epoch = list(lengths), batch_size * world_size, seed, 0
-        self.batches = world_size
+        self.lengths, self.batch_size, self.batches = list(lengths), batch_size, world_size
+        self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -62,4 +63,4 @@ class ModalityLengthGroupedSampler(Sampler[int]):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(modality_grouped_indices(self.lengths, self.megabatch, g, self.batches))
+        return iter(modality_grouped_indices(self.lengths, self.batch_size, self.batches, g))
