@@ -6,7 +6,7 @@
 #   stage 1 on captions (scripts/pretrain.sh) -> SFT -> DPO and MCM-DPO from the SFT checkpoint
 #   (DeepSpeed, 2 CPU processes) -> inference on the test records -> scores, HTML report, curves
 #
-# DEMO_SIZE=full (default; 905 to 985 s measured on 2 CPU cores, see README) or smoke (a few
+# DEMO_SIZE=full (default; 720 s measured on 2 CPU cores, see README) or smoke (a few
 # steps, for CI).
 # Everything lands under $OUT (default outputs/demo). Settings: the variables below, and every
 # stage's in scripts/demo_stages.sh (shared with scripts/ablate.sh).
@@ -57,7 +57,7 @@ step "8/8 scores, report and training curves"
 "$PYTHON" -m llava.eval.grounding "$OUT/eval/sft.jsonl" "$OUT/eval/dpo.jsonl" "$OUT/eval/mcmdpo.jsonl" \
   --json "$OUT/grounding.json" > "$OUT/grounding.md"
 "$PYTHON" -m llava.eval.report --files "$OUT/eval/sft.jsonl" "$OUT/eval/dpo.jsonl" "$OUT/eval/mcmdpo.jsonl" \
-  --names SFT DPO MCM-DPO --image_folder "$DATA" --out "$OUT/report.html"
+  --names SFT DPO MCM-DPO --image_folder "$DATA" --scores_dir "$OUT" --out "$OUT/report.html"
 "$PYTHON" -m llava.eval.curves --runs stage-1="$OUT/pretrain" SFT="$OUT/sft" DPO="$OUT/dpo" MCM-DPO="$OUT/mcmdpo" --out "$OUT/curves.png"
 
 step "done in $(( $(date +%s) - start )) s"

@@ -175,6 +175,21 @@ def test_report_reads_the_scores_get_score_wrote_beside_the_file(tmp_path, monke
     assert f"{file}: using the scores get_score.py wrote ({tmp_path / 'sft_score.jsonl'})" in capsys.readouterr().err
 
 
+def test_report_reads_the_scores_from_the_folder_named_by_scores_dir(tmp_path, monkeypatch, capsys):
+    # the demo's layout: inference outputs in eval/, get_score.py --out_dir one folder up
+    file = tmp_path / "eval" / "sft.jsonl"
+    file.parent.mkdir()
+    shutil.copy(FIX / "sft.jsonl", file)
+    write_saved_scores(tmp_path, file, str(file), cider=321.5)
+    monkeypatch.setattr(S, "score_files", refuse_to_score)
+    out = tmp_path / "r.html"
+    with pytest.raises(AssertionError, match="scored again"):  # not beside the file: it would score again
+        R.main(["--files", str(file), "--out", str(out)])
+    assert R.main(["--files", str(file), "--out", str(out), "--scores_dir", str(tmp_path)]) == 0
+    assert '<td class="num">321.50</td>' in out.read_text()
+    assert f"{file}: using the scores get_score.py wrote ({tmp_path / 'sft_score.jsonl'})" in capsys.readouterr().err
+
+
 def test_saved_scores_in_a_given_folder_and_when_they_are_stale(tmp_path, monkeypatch):
     files = [tmp_path / name for name in FILES[:2]]
     for f in files:

@@ -432,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show images whose paths lead outside --image_folder (absolute, or climbing out with ..)")
     parser.add_argument("--output", "--out", dest="out", required=True, metavar="HTML", help="where the page goes")
     parser.add_argument("--names", nargs="+", metavar="NAME", help="column names (default: file names)")
+    parser.add_argument("--scores_dir", metavar="DIR", help="where get_score.py wrote its scores (its --out_dir; "
+                        "default: beside the files); files without saved scores there are scored now")
     parser.add_argument("--limit", type=int, metavar="N", help="show only the first N records")
     return parser
 
@@ -447,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for f in args.files:
             if not Path(f).is_file():
                 raise S.InputError(f"{f}: no such file")
-        rows, samples = scores_for(args.files)
+        rows, samples = scores_for(args.files, args.scores_dir)
         names = args.names or [S.display_name(r["file"]) for r in rows]
         page = render(
             rows,
