@@ -5,6 +5,10 @@ PIP       := $(PY) -m pip
 # CPU build of torch for machines without CUDA; a torch already in .venv (say a CUDA build) is kept.
 TORCH_CPU ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# Offline machines with a local wheel mirror: pip retries an unreachable index five times, with
+# back-off, for torch and each of its dependencies (75 s measured), so it is asked only when a
+# connection to it opens within 5 s (or a proxy is set, which a direct probe cannot judge).
+REACHABLE := import socket, sys, urllib.parse as u; socket.create_connection((u.urlsplit(sys.argv[1]).hostname, 443), timeout=5).close()
 PYTEST_ARGS ?=
 DEMO_SIZE ?= full
 
@@ -21,7 +25,12 @@ $(VENV)/.installed: pyproject.toml
 	    $(PIP) install -q torch; \
 	else \
 	    echo "setup: no CUDA: installing the CPU build $(TORCH_CPU)"; \
-	    $(PIP) install -q $(TORCH_CPU) --extra-index-url $(TORCH_CPU_INDEX); \
+	    if [ -n "$$HTTPS_PROXY$$https_proxy" ] || $(PY) -c "$(REACHABLE)" $(TORCH_CPU_INDEX) 2>/dev/null; then \
+	        $(PIP) install -q $(TORCH_CPU) --extra-index-url $(TORCH_CPU_INDEX); \
+	    else \
+	        echo "setup: $(TORCH_CPU_INDEX) cannot be reached: taking $(TORCH_CPU) from pip's own indexes"; \
+	        $(PIP) install -q $(TORCH_CPU); \
+	    fi; \
 	fi
 	$(PIP) install -q -e ".[dev]"
 	@$(MAKE) --no-print-directory browser
