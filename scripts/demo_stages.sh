@@ -42,20 +42,16 @@ demo_lm() {
 # model learns from scratch here, so the rates are far above the published ones, which are for 7B
 # checkpoints.
 demo_stage1() {
-  MODEL_PATH="$1" VISION_TOWER="$VISION_TOWER" DATA_PATH="$DATA/pretrain.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$2" \
-    EPOCHS=$PRETRAIN_EPOCHS LR=1e-3 BATCH_SIZE=8 GRAD_ACCUM=1 \
-    bash scripts/pretrain.sh --tune_mm_mlp_adapter False --gradient_checkpointing False --save_strategy no \
-    --logging_steps "$LOG_STEPS" --seed "$3" "${STAGE_EXTRA[@]}"
+  MODEL_PATH="$1" VISION_TOWER="$VISION_TOWER" DATA_PATH="$DATA/pretrain.json" OUTPUT_DIR="$2" \
+    EPOCHS=$PRETRAIN_EPOCHS LR=1e-3 BATCH_SIZE=8 demo_run pretrain.sh "$3" --tune_mm_mlp_adapter False
 }
 
 # The tower trains in SFT as released (paradigm d), but at the released SFT rate (2e-5), not the
 # language model's 1e-3, which undoes what it learned: with 1e-3 for all, 36.5% key facts after 3
 # SFT epochs; with the tower frozen or at 1e-5, 42.5%.
 demo_sft() {
-  MODEL_PATH="$1" DATA_PATH="$DATA/sft.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$2" \
-    EPOCHS=$SFT_EPOCHS LR=1e-3 BATCH_SIZE=8 GRAD_ACCUM=1 \
-    bash scripts/sft.sh --mm_vision_tower_lr 2e-5 --gradient_checkpointing False --save_strategy no \
-    --logging_steps "$LOG_STEPS" --seed "$3" "${STAGE_EXTRA[@]}"
+  MODEL_PATH="$1" DATA_PATH="$DATA/sft.json" OUTPUT_DIR="$2" EPOCHS=$SFT_EPOCHS LR=1e-3 BATCH_SIZE=8 \
+    demo_run sft.sh "$3" --mm_vision_tower_lr 2e-5
 }
 
 # The preference rate (1e-5; 5e-5 and above degenerate) and one epoch for both DPO and MCM-DPO (a
@@ -67,10 +63,19 @@ demo_sft() {
 demo_preference() {
   local method=$1 model=$2 out=$3 seed=$4
   shift 4
-  MODEL_PATH="$model" DATA_PATH="$DATA/preference.json" IMAGE_FOLDER="$DATA" OUTPUT_DIR="$out" \
-    EPOCHS=$PREF_EPOCHS LR=1e-5 BATCH_SIZE=4 GRAD_ACCUM=1 BETA=0.1 \
-    bash "scripts/$method.sh" --mm_vision_tower_lr 5e-7 --gradient_checkpointing False --save_strategy no --logging_steps "$LOG_STEPS" \
-    --lr_scheduler_type constant --seed "$seed" "${STAGE_EXTRA[@]}" "$@"
+  MODEL_PATH="$model" DATA_PATH="$DATA/preference.json" OUTPUT_DIR="$out" EPOCHS=$PREF_EPOCHS LR=1e-5 BATCH_SIZE=4 BETA=0.1 \
+    demo_run "$method.sh" "$seed" --mm_vision_tower_lr 5e-7 --lr_scheduler_type constant "$@"
+}
+
+# demo_run SCRIPT SEED FLAGS...: one stage script (the caller sets its paths and rates) with what every
+# demo stage shares: the sample images, no gradient accumulation, no activation checkpointing (the
+# model is small), no checkpoints on the way (the demo keeps only the final model), LOG_STEPS, SEED
+# and STAGE_EXTRA.
+demo_run() {
+  local script=$1 seed=$2
+  shift 2
+  IMAGE_FOLDER="$DATA" GRAD_ACCUM=1 bash "scripts/$script" "$@" --gradient_checkpointing False --save_strategy no \
+    --logging_steps "$LOG_STEPS" --seed "$seed" "${STAGE_EXTRA[@]}"
 }
 
 demo_infer() {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Small-scale reproduction of SFT < DPO < MCM-DPO: the demo pipeline over 3 seeds, then a table
-# of mean and spread (BLEU-4, METEOR, ROUGE-L, CIDEr, key facts stated, context reflected), the
-# per-term margins at the end of MCM-DPO per seed, and a bar chart. One seed takes what `make demo`
-# takes (720 s measured on 2 CPU cores).
+# The paper's comparison of SFT, DPO and MCM-DPO at small scale (which way it comes out is measured, not
+# assumed): the demo pipeline over 3 seeds, then a table of mean and spread (BLEU-4, METEOR, ROUGE-L,
+# CIDEr, key facts stated, context reflected), the per-term margins at the end of MCM-DPO per seed,
+# and a bar chart. One seed takes what `make demo` takes (720 s measured on 2 CPU cores).
 #
 #   bash scripts/reproduce_small.sh            # seeds 0 1 2 into outputs/repro, one after another
 #   PARALLEL=1 bash scripts/reproduce_small.sh # the seeds side by side (each on its own port; each
