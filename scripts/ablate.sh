@@ -68,11 +68,23 @@ sft_for() {
 }
 
 # run_row NAME SEED: one preference run, its inference, scores and grounding, in $OUT/NAME/seedSEED.
+# Rows that name the same run (terms7, image_diffusion and paradigm_d are all the default) run it once:
+# the later ones link to the first one's folder.
+declare -A RUN_OF_SPEC
 run_row() {
   local name=$1 seed=$2 dir="$OUT/$1/seed$2"
+  local row; row=$(row_spec "$name")
+  local spec="$row|$seed" same=${RUN_OF_SPEC["$row|$seed"]:-}
+  if [ -z "$same" ]; then RUN_OF_SPEC[$spec]=$dir; fi
   [ -f "$dir/grounding.json" ] && return 0
+  if [ -n "$same" ]; then
+    echo "==> $name (seed $seed) is the run of $same: linked"
+    mkdir -p "$OUT/$name"
+    ln -sfn "$(cd "$same" && pwd)" "$dir"
+    return 0
+  fi
   local paradigm script image terms extra
-  IFS='|' read -r paradigm script image terms extra <<< "$(row_spec "$name")"
+  IFS='|' read -r paradigm script image terms extra <<< "$row"
   local sft; sft=$(sft_for "$paradigm")
   echo "==> $name (seed $seed, paradigm $paradigm) -> $dir"
   # shellcheck disable=SC2086  # extra holds several flags
