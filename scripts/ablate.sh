@@ -74,7 +74,8 @@ declare -A RUN_OF_SPEC
 run_row() {
   local name=$1 seed=$2 dir="$OUT/$1/seed$2"
   local row; row=$(row_spec "$name")
-  local spec="$row|$seed" same=${RUN_OF_SPEC["$row|$seed"]:-}
+  local spec="$row|$seed"
+  local same=${RUN_OF_SPEC[$spec]:-}
   if [ -z "$same" ]; then RUN_OF_SPEC[$spec]=$dir; fi
   [ -f "$dir/grounding.json" ] && return 0
   if [ -n "$same" ]; then
