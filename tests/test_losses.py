@@ -83,7 +83,7 @@ def test_mcm_gradient_matches_float64_autograd_of_the_formula():
     losses.sum().backward()
     # d loss / d pi(cw_mw_yw) = -beta * sigmoid(-beta z) * sum_k w_k / norm
     for b in range(2):
-        r = {c: float(policy[c][b]) - float(reference[c][b]) for c in CONDITIONS}
+        r = {c: policy[c][b].item() - reference[c][b].item() for c in CONDITIONS}
         z = sum((r["cw_mw_yw"] - r[loser]) / 7.0 for _, loser, _ in TABLE)
         s = 1 / (1 + math.exp(0.1 * z))
         assert policy["cw_mw_yw"].grad[b].item() == pytest.approx(-0.1 * s * 7 / 7.0, rel=1e-10)
