@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from llava.train.reference import reference_pass  # noqa: E402
-from llava.train.train import prepare  # noqa: E402
+from llava.train.train import leave_process_group, prepare  # noqa: E402
 
 
 class Probe(TrainerCallback):
@@ -59,3 +59,4 @@ if __name__ == "__main__":
     trainer = prepare(argv)
     trainer.add_callback(Probe(trainer))
     trainer.train()
+    leave_process_group()  # as llava.train.train.main does: gloo's teardown at interpreter exit can abort a rank
