@@ -54,6 +54,20 @@ def shorten_to_fit(fits: Callable[[str], bool], text: str, record: Record, field
     return " ".join(words[:lo])
 
 
+def check_image_fits(images: ImageProcessor, tokenizer, template: Template, max_length: int) -> None:
+    """Refuse, before step 1, a ``--model_max_length`` that cannot hold the largest image with an empty
+    question and answer (LLaVA-1.6's anyres tiling takes up to ~2,900 tokens): each record would
+    otherwise fail on its own, blamed on its answer."""
+    prompt, _ = encode_conversation(tokenizer, template, [(image_question(""), "x")], record="the prompt template")
+    needed = images.most_tokens + len(prompt) - 1  # the <image> placeholder becomes the image's tokens
+    if needed >= max_length:
+        raise ValueError(
+            f"--image_aspect_ratio {images.aspect_ratio}: one image can take {images.most_tokens} tokens, which with the "
+            f"prompt leaves no room for text in --model_max_length {max_length}; set --model_max_length to at least "
+            f"{needed} plus the longest question and answer (say {-(-(needed + 512) // 256) * 256}), or use "
+            f"--image_aspect_ratio pad ({images.flat_tokens} tokens an image)")
+
+
 # ---------------------------------------------------------------------------------------------
 # SFT
 
@@ -74,6 +88,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self.records, self.tokenizer, self.template = records, tokenizer, template
         self.images, self.image_folder, self.max_length = images, image_folder, max_length
         self.image_token_id = tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
+        check_image_fits(images, tokenizer, template, max_length)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -147,6 +162,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.image_folder, self.max_length, self.conditions = image_folder, max_length, tuple(conditions)
         self.image_type, self.diffusion_step, self.seed = image_type, diffusion_step, seed
         self.image_token_id = tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
+        check_image_fits(images, tokenizer, template, max_length)
         factors = [condition(name) for name in self.conditions]
         self.needs_context_l = any(f.context == "l" for f in factors)
         self.needs_image_l = any(f.image == "l" for f in factors)

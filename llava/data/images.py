@@ -180,6 +180,16 @@ class ImageProcessor:
         pixels = self._single_view(images=[image], return_tensors="pt")["pixel_values"][0]
         return ProcessedImage(pixels, (image.size[1], image.size[0]), self.flat_tokens)
 
+    @property
+    def most_tokens(self) -> int:
+        """The most ``<image>`` tokens one image can take: one view's, or under ``anyres`` those of an image
+        shaped as the largest tile grid (the grid that needs no unpadding)."""
+        if self.aspect_ratio != "anyres":
+            return self.flat_tokens
+        grids = self.processor.image_processor.image_grid_pinpoints
+        counts = self.processor._get_num_multimodal_tokens(image_sizes=[tuple(g) for g in grids])["num_image_tokens"]
+        return max(int(n) for n in counts)
+
     def black(self, like: ProcessedImage) -> ProcessedImage:
         """An all-zero normalised tensor: the processor's mean colour everywhere."""
         return ProcessedImage(torch.zeros_like(like.pixel_values), like.image_size, like.num_tokens)

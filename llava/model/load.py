@@ -158,17 +158,6 @@ def grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([weight, mean.expand(extra, -1)], dim=0)
 
 
-def _grow_embeddings(model, size: int) -> None:
-    """Resize input/output embeddings to ``size`` rows, new rows = mean of the old (``grow_rows``)."""
-    old = model.get_input_embeddings().weight.shape[0]
-    if size <= old:
-        return
-    model.resize_token_embeddings(size, mean_resizing=False)
-    with torch.no_grad():
-        for emb in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
-            emb.copy_(grow_rows(emb[:old], size))
-
-
 def parse_dtype(dtype) -> torch.dtype | None:
     """A torch dtype from a dtype or its name (``float16``, ``torch.bfloat16``, ``bf16``, ``half``...); None
     for None or ``auto`` (the checkpoint's own)."""
@@ -243,11 +232,18 @@ def compose(language_model: str | Path, vision_tower: str | Path, *, projector_t
             dtype: torch.dtype | None = None, seed: int = 0):
     """A new LLaVA from a CLIP vision tower and a causal LM (directories or hub names), projector freshly initialised.
 
+    The parts' tensors are read from their files and renamed into one LLaVA state dict, which
+    ``from_state_dict`` loads (ZeRO-3 aware): no part is instantiated on its own, so under ZeRO-3 no
+    partitioned (empty) parameter is ever read. The projector is drawn from ``seed`` alone
+    (``fresh_projector``), so every launch (ZeRO-2, ZeRO-3, one process) composes the same model.
     ``linear`` (a single linear projector) is written exactly in the native two-layer projector:
     ``projector_hidden_act="linear"`` and an identity second layer, which ``llava.train`` keeps frozen.
     """
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration)
+    from transformers import (AutoConfig, AutoTokenizer, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaNextConfig, LlavaNextForConditionalGeneration)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from llava.model.weights import clip_vision_weights, from_state_dict, read_weights, weight_files
 
     if projector_type not in PROJECTOR_TYPES:
         raise ModelLoadError(f"--mm_projector_type must be one of {PROJECTOR_TYPES}, got {projector_type!r}")
@@ -258,51 +254,79 @@ def compose(language_model: str | Path, vision_tower: str | Path, *, projector_t
     tower_cfg = vision_tower / "config.json"
     if not tower_cfg.is_file() or _read_json(tower_cfg).get("model_type") not in ("clip", "clip_vision_model"):
         raise ModelLoadError(f"--vision_tower {vision_tower}: not a local CLIP model directory")
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    lm = AutoModelForCausalLM.from_pretrained(language_model, **kwargs)
-    tower = CLIPVisionModel.from_pretrained(vision_tower, **kwargs)
+    lm_config = AutoConfig.from_pretrained(language_model)
+    tower_config = CLIPVisionConfig.from_pretrained(vision_tower)
     tokenizer = AutoTokenizer.from_pretrained(language_model)
     keep_legacy_on_save(tokenizer)
     add_llava_tokens(tokenizer)
+
+    files = weight_files(language_model)
+    if not files:
+        raise ModelLoadError(f"{language_model}: no model weights (*.safetensors / pytorch_model*.bin)")
+    lm_weights = read_weights(files)
+    # the causal LM's base model (``model.*`` for Llama, Vicuna, Mistral) is LLaVA's ``model.language_model``
+    prefix = MODEL_FOR_CAUSAL_LM_MAPPING[type(lm_config)].base_model_prefix + "."
+    sd = {("model.language_model." + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in lm_weights.items()}
+    embed = "model.language_model.embed_tokens.weight"
+    if "lm_head.weight" not in sd and lm_config.tie_word_embeddings:
+        sd["lm_head.weight"] = sd[embed]
+    vocab = max(sd[embed].shape[0], len(tokenizer))
+    for name in (embed, "lm_head.weight"):
+        sd[name] = grow_rows(sd[name], vocab)
+    lm_config.vocab_size = vocab
+    sd.update(clip_vision_weights(vision_tower, "model.vision_tower."))
+    sd.update(fresh_projector(tower_config.hidden_size, lm_config.hidden_size, projector_type,
+                              std=getattr(lm_config, "initializer_range", 0.02), seed=seed))
+
     common = dict(
-        vision_config=tower.config, text_config=lm.config, image_token_id=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN),
+        vision_config=tower_config, text_config=lm_config, image_token_id=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN),
         projector_hidden_act="gelu" if projector_type == "mlp2x_gelu" else "linear",
         vision_feature_select_strategy="default" if select_feature == "patch" else "full",
-        vision_feature_layer=select_layer, tie_word_embeddings=lm.config.tie_word_embeddings,
+        vision_feature_layer=select_layer, tie_word_embeddings=lm_config.tie_word_embeddings,
     )
-    pinpoints = default_pinpoints(tower.config.image_size) if next_arch else None
-    processor = llava_processor(tokenizer, clip_image_settings(vision_tower, tower.config.image_size),
-                                patch_size=tower.config.patch_size, strategy=common["vision_feature_select_strategy"],
+    pinpoints = default_pinpoints(tower_config.image_size) if next_arch else None
+    processor = llava_processor(tokenizer, clip_image_settings(vision_tower, tower_config.image_size),
+                                patch_size=tower_config.patch_size, strategy=common["vision_feature_select_strategy"],
                                 pinpoints=pinpoints)
-    torch.manual_seed(seed)
     if next_arch:
-        config = LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
-        model = LlavaNextForConditionalGeneration(config)
+        config, cls = LlavaNextConfig(image_grid_pinpoints=pinpoints, **common), LlavaNextForConditionalGeneration
+        # the row LLaVA-NeXT appends after each row of tiles: drawn like the original code's (randn / sqrt(hidden))
+        generator = torch.Generator().manual_seed(seed + 1)
+        sd["model.image_newline"] = torch.randn(lm_config.hidden_size, generator=generator) / lm_config.hidden_size ** 0.5
     else:
-        config = LlavaConfig(**common)
-        model = LlavaForConditionalGeneration(config)
+        config, cls = LlavaConfig(**common), LlavaForConditionalGeneration
     config.mm_projector_type = projector_type
-    if dtype is not None:
-        model.to(dtype)
-    model.model.vision_tower.load_state_dict(tower.state_dict())
-    missing = model.model.language_model.load_state_dict(lm.model.state_dict(), strict=False)
-    if missing.missing_keys or missing.unexpected_keys:
-        raise ModelLoadError(f"{language_model}: language model weights do not fit ({missing})")
-    model.lm_head.load_state_dict(lm.lm_head.state_dict())
-    if projector_type == "linear":
-        with torch.no_grad():
-            model.model.multi_modal_projector.linear_2.weight.copy_(torch.eye(lm.config.hidden_size))
-            model.model.multi_modal_projector.linear_2.bias.zero_()
-    _grow_embeddings(model, len(tokenizer))
+    dtype = dtype or sd[embed].dtype
+    model = from_state_dict(cls, config, sd, dtype, f"composing {language_model} with {vision_tower}")
     set_generation_tokens(model, tokenizer)
     return model, processor
 
 
+def fresh_projector(vision_hidden: int, text_hidden: int, projector_type: str, *, std: float, seed: int) -> dict[str, torch.Tensor]:
+    """The HF projector's tensors for a new LLaVA: normal(0, ``std``) weights and zero biases (transformers'
+    own initialisation of a Linear), drawn from ``seed``; for ``linear`` the second layer is the identity."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {
+        "model.multi_modal_projector.linear_1.weight": torch.randn(text_hidden, vision_hidden, generator=generator) * std,
+        "model.multi_modal_projector.linear_1.bias": torch.zeros(text_hidden),
+        "model.multi_modal_projector.linear_2.weight": torch.randn(text_hidden, text_hidden, generator=generator) * std,
+        "model.multi_modal_projector.linear_2.bias": torch.zeros(text_hidden),
+    }
+    if projector_type == "linear":
+        out["model.multi_modal_projector.linear_2.weight"] = torch.eye(text_hidden)
+    return out
+
+
 def save_model(model, processor, out_dir: str | Path) -> Path:
-    """Save in HF format (safetensors, config, processor) so plain transformers loads it."""
+    """Save in HF format (safetensors under the llava-hf names, config, processor) so plain transformers loads it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    from llava.model.weights import save_llava_weights
+
+    if hasattr(model, "peft_config"):  # a LoRA adapter: peft writes the adapter's own files
+        model.save_pretrained(out, safe_serialization=True)
+    else:
+        save_llava_weights(model, out)
     processor.save_pretrained(out)
     return out
 

@@ -18,6 +18,7 @@ import torch
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.model.hub import HubError, is_repo_id, local_dir, snapshot
+from llava.model.weights import clip_vision_weights, from_state_dict, read_weights, weight_files
 from llava.model.load import (add_llava_tokens, clip_image_settings, grow_rows, llava_processor, parse_dtype, save_model,
                               set_generation_tokens)
 
@@ -173,37 +174,8 @@ def _check_supported(cfg: dict, arch: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _weight_files(path: Path) -> list[Path]:
-    """The model weight files of an original/HF directory (index first, then the usual names)."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = path / index_name
-        if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [path / n for n in names]
-    for pattern in ("model.safetensors", "model-*-of-*.safetensors", "pytorch_model.bin", "pytorch_model-*-of-*.bin"):
-        files = sorted(path.glob(pattern))
-        if files:
-            return files
-    return []
-
-
-def _load_files(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            sd.update(load_file(str(f)))
-        else:
-            try:
-                sd.update(torch.load(str(f), map_location="cpu", weights_only=True, mmap=True))
-            except RuntimeError:  # a pre-zipfile torch.save cannot be memory-mapped
-                sd.update(torch.load(str(f), map_location="cpu", weights_only=True))
-    return sd
-
-
 def _load_original_weights(path: Path) -> dict[str, torch.Tensor]:
-    files = _weight_files(path)
+    files = weight_files(path)
     if not files:
         if (path / "adapter_config.json").is_file() or (path / "non_lora_trainables.bin").is_file():
             raise ValueError(
@@ -214,9 +186,7 @@ def _load_original_weights(path: Path) -> dict[str, torch.Tensor]:
                 f"{path} holds only a pre-trained projector (mm_projector.bin): it has no language model to convert"
             )
         raise FileNotFoundError(f"no model weights (*.safetensors / pytorch_model*.bin) in {path}")
-    sd = _load_files(files)
-    # Buffers older transformers saved: rotary inv_freq, CLIP position_ids. Both are rebuilt by the model.
-    return {k: v for k, v in sd.items() if not k.endswith((".inv_freq", ".position_ids"))}
+    return read_weights(files)
 
 
 # Files of a CLIP repository needed when the checkpoint carries the tower's weights itself (v1.6).
@@ -272,22 +242,6 @@ def _vision_config(clip_dir: Path | None, name: str | None, has_inside_weights: 
     )
 
 
-def _clip_vision_state_dict(clip_dir: Path) -> dict[str, torch.Tensor]:
-    """The vision weights of a CLIP directory (a CLIPModel or a CLIPVisionModel), in CLIPVisionModel's naming."""
-    from transformers import CLIPVisionModel
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a full CLIPModel directory has text weights: expected, not news
-    try:
-        tower, info = CLIPVisionModel.from_pretrained(str(clip_dir), dtype=torch.float32, output_loading_info=True)
-    finally:
-        hf_logging.set_verbosity(level)
-    if info["missing_keys"]:
-        raise ValueError(f"{clip_dir} lacks vision weights: {sorted(info['missing_keys'])[:8]}")
-    return dict(tower.state_dict())
-
-
 def _prepare_tokenizer(path: Path, cfg: dict):
     """Load the checkpoint's tokenizer; add <image> and a pad token when missing. Returns it."""
     from transformers import AutoTokenizer, LlamaConfig
@@ -317,27 +271,6 @@ def _text_config(cfg: dict, vocab_size: int, tok):
     kwargs.setdefault("eos_token_id", tok.eos_token_id)
     kwargs.setdefault("tie_word_embeddings", False)
     return LlamaConfig(**kwargs)
-
-
-def _expected_state_dict(cls, config) -> dict[str, torch.Size]:
-    with torch.device("meta"):
-        shell = cls(config)
-    return {k: v.shape for k, v in shell.state_dict().items()}
-
-
-def _check_against(expected: dict[str, torch.Size], sd: dict[str, torch.Tensor], what: str) -> None:
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = sorted(k for k in set(sd) & set(expected) if tuple(sd[k].shape) != tuple(expected[k]))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        if wrong:
-            parts.append("shape mismatch " + ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k])}" for k in wrong[:8]))
-        raise ValueError(f"{what}: " + "; ".join(parts))
 
 
 def load_original(
@@ -408,7 +341,6 @@ def load_original(
     else:
         config = LlavaConfig(**common)
     cls = getattr(transformers, arch)
-    expected = _expected_state_dict(cls, config)
 
     # Map the weights to the in-memory names of the HF class (KEY_MAP); the projector apart.
     embed = to_hf_key("model.embed_tokens.weight")
@@ -429,14 +361,8 @@ def load_original(
     if not inside:
         if clip_dir is None:  # unreachable: _vision_config raised already
             raise FileNotFoundError("no vision tower weights")
-        for key, value in _clip_vision_state_dict(clip_dir).items():
-            hf[HF_VISION + key] = value
-    _check_against(expected, hf, f"converting {path}")
-
-    hf = {k: (v.to(target_dtype) if v.is_floating_point() else v) for k, v in hf.items()}
-    model, info = cls.from_pretrained(None, config=config, state_dict=hf, dtype=target_dtype, output_loading_info=True)
-    if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
-        raise RuntimeError(f"transformers did not take the converted weights as they are: {info}")
+        hf.update(clip_vision_weights(clip_dir, HF_VISION))
+    model = from_state_dict(cls, config, hf, target_dtype, f"converting {path}")
     model.eval()
     set_generation_tokens(model, tok)
 

@@ -23,6 +23,7 @@ import torch
 from llava.constants import DEFAULT_IMAGE_TOKEN, PAD_TOKEN
 from llava.conversation import VICUNA_V1_CHAT_TEMPLATE
 from llava.model.load import clip_image_settings, default_pinpoints, llava_processor, set_generation_tokens
+from llava.model.weights import save_llava_weights
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,10 @@ def write(out: str | Path, arch: str = "llava", seed: int = 0, size: str = "tiny
     model, processor = build_language_model(seed, size) if arch == "llama" else build(arch, seed, size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    if arch == "llama":
+        model.save_pretrained(out)
+    else:
+        save_llava_weights(model, out)
     processor.save_pretrained(out)
     return out
 

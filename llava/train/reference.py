@@ -28,6 +28,7 @@ from llava.fileio import remove_stale_temporaries, write_atomic
 from llava.method import ConditionLogps
 from llava.train.checkpoints import SaveError
 from llava.train.pause_points import pause_at
+from llava.train.policy import policy_logps
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -110,7 +111,7 @@ def reference_pass(trainer, dataset=None) -> torch.Tensor:
     from tqdm.auto import tqdm
 
     for batch in tqdm(loader, desc="reference log-probs", disable=not acc.is_local_main_process):
-        logps = model(**trainer._prepare_inputs(batch))
+        logps = policy_logps(model, trainer._prepare_inputs(batch))
         if logps.names != tuple(trainer.objective.conditions):
             raise ValueError(f"the reference pass scored {logps.names}, the objective reads {trainer.objective.conditions}")
         rows.append(logps.values.float())
@@ -208,7 +209,7 @@ class LiveReference:
 
     @torch.no_grad()
     def logps(self, trainer, model, batch: dict) -> ConditionLogps:
-        return self.model(**batch)
+        return policy_logps(self.model, batch)
 
 
 class AdaptersOffReference:
@@ -219,4 +220,4 @@ class AdaptersOffReference:
     def logps(self, trainer, model, batch: dict) -> ConditionLogps:
         peft_model = trainer.accelerator.unwrap_model(model).llava
         with peft_model.disable_adapter():
-            return model(**batch)
+            return policy_logps(model, batch)

@@ -55,15 +55,30 @@ from llava.train.trainer import LlavaTrainer
 logger = logging.getLogger("llava.train")
 
 
-def model_dtype(args: TrainingArguments) -> torch.dtype:
+def compute_dtype(args: TrainingArguments) -> torch.dtype:
+    """The precision the matrix products run in: ``--bf16`` / ``--fp16``, else float32."""
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def weights_dtype(args: TrainingArguments) -> torch.dtype:
+    """The precision the weights are loaded in.
+
+    Under DeepSpeed the half-precision weights are the engine's working copy: it keeps float32 master
+    weights in the optimizer itself. Without DeepSpeed, ``--bf16``/``--fp16`` mean what they mean to the
+    Trainer, mixed precision: float32 weights under autocast (with a grad scaler for fp16). Loading
+    them in half precision instead would have AdamW update bf16 weights, where a step at the published
+    lr 5e-7 is below bf16's resolution and is lost. A quantized (QLoRA) base stays in its compute dtype.
+    """
+    if args.deepspeed or args.bits in (4, 8):
+        return compute_dtype(args)
+    return torch.float32
 
 
 def attention_for(model_args: ModelArguments, args: TrainingArguments) -> str:
     """The attention kernel of this run's models: flash-attention 2 only where the masks are ordinary
     (SFT, the naive preference forward), never for tree-packed preference rows (a 4-D mask)."""
     ordinary = args.task == "LM" or args.preference_forward == "naive"
-    return attention_here(model_args.attn_implementation, ordinary_masks=ordinary, dtype=model_dtype(args))
+    return attention_here(model_args.attn_implementation, ordinary_masks=ordinary, dtype=compute_dtype(args))
 
 
 def build_model(model_args: ModelArguments, args: TrainingArguments):
@@ -71,7 +86,7 @@ def build_model(model_args: ModelArguments, args: TrainingArguments):
     path = model_args.model_name_or_path
     attn = attention_for(model_args, args)
     kind = checkpoint_kind(path)
-    quantized = quantization(args.bits, quant_type=args.quant_type, double_quant=args.double_quant, compute_dtype=model_dtype(args),
+    quantized = quantization(args.bits, quant_type=args.quant_type, double_quant=args.double_quant, compute_dtype=compute_dtype(args),
                              device=args.device) if args.bits in (4, 8) else None
     if kind == "causal_lm":
         if not model_args.vision_tower:
@@ -80,11 +95,11 @@ def build_model(model_args: ModelArguments, args: TrainingArguments):
             raise ModelLoadError(f"--bits {args.bits}: quantized loading needs a LLaVA checkpoint, not one composed from parts")
         model, processor = compose(path, model_args.vision_tower, projector_type=model_args.mm_projector_type,
                                    select_layer=model_args.mm_vision_select_layer,
-                                   select_feature=model_args.mm_vision_select_feature, dtype=model_dtype(args), seed=args.seed)
+                                   select_feature=model_args.mm_vision_select_feature, dtype=weights_dtype(args), seed=args.seed)
     else:
         if model_args.vision_tower and kind == "hf":
             logger.info("%s has its own vision tower; --vision_tower %s is not used", path, model_args.vision_tower)
-        model, processor = load_model(path, dtype=model_dtype(args), attn_implementation=attn,
+        model, processor = load_model(path, dtype=weights_dtype(args), attn_implementation=attn,
                                       vision_tower=model_args.vision_tower if kind == "original" else None, quantization=quantized)
     use_attention(model, attn)  # composed and converted models are built with the default kernel
     if model_args.pretrain_mm_mlp_adapter:
@@ -202,7 +217,7 @@ def reference_key(model_args, data_args, args, conditions, processor, records) -
         "forward": [args.preference_forward, model_args.attn_implementation],
         "quantization": [args.bits, args.quant_type, args.double_quant] if args.bits in (4, 8) else None,
         "conditions": list(conditions),
-        "dtype": str(model_dtype(args)),
+        "dtype": [str(weights_dtype(args)), str(compute_dtype(args))],
     }
 
 
@@ -252,7 +267,8 @@ def prepare(argv: list[str] | None = None, parsed=None) -> LlavaTrainer:
         llava = prepare_model_for_kbit_training(llava, use_gradient_checkpointing=args.gradient_checkpointing)
     set_trainable(llava, trainable)
     if args.lora_enable:
-        llava = apply_lora(llava, trainable, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, bias=args.lora_bias)
+        llava = apply_lora(llava, trainable, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, bias=args.lora_bias,
+                           adapters_in_model_dtype=bool(args.deepspeed))
     reference = make_reference(model_args, data_args, args, conditions, processor, dataset.records) if objective.needs_reference else None
     eval_reference = None
     if eval_data and isinstance(reference, CachedReference):  # the held-out records get their own cache

@@ -33,11 +33,13 @@ from accelerate.utils import gather_object
 
 from llava.data.sampler import ModalityLengthGroupedSampler
 from llava.method import ConditionLogps
+from llava.model.weights import save_llava_weights
 from llava.train.checkpoints import newest_complete_checkpoint, publish, save_failure, staging_dir
 from llava.train.model_card import CardFacts, write_model_card
 from llava.train.nonfinite import NonFiniteStep, StepRecords, describe_records, gradients_finite, is_finite, stop_message, verdict
 from llava.train.params import parameter_groups
 from llava.train.pause_points import pause_at
+from llava.train.policy import policy_logps
 
 Metrics = dict[str, torch.Tensor]
 
@@ -99,7 +101,7 @@ class LlavaTrainer(Trainer):
     # -- the step ---------------------------------------------------------------------------
 
     def _objective(self, model, inputs, reference) -> tuple[torch.Tensor, ConditionLogps, Metrics]:
-        policy = model(**inputs)
+        policy = policy_logps(model, inputs)
         ref = reference.logps(self, model, inputs) if self.objective.needs_reference else None
         loss, metrics = self.objective(policy, ref, inputs)
         return loss, policy, metrics
@@ -295,9 +297,12 @@ class LlavaTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         llava = self.accelerator.unwrap_model(self.model).llava
-        if state_dict is not None:
+        if state_dict is not None:  # ZeRO-3's consolidated weights, named as the wrapper holds them
             state_dict = {k.removeprefix("llava."): v for k, v in state_dict.items()}
-        llava.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        if hasattr(llava, "peft_config"):  # LoRA: the adapter's own files
+            llava.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        else:
+            save_llava_weights(llava, output_dir, state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
