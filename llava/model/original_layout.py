@@ -290,10 +290,9 @@ def _clip_vision_state_dict(clip_dir: Path) -> dict[str, torch.Tensor]:
 
 def _prepare_tokenizer(path: Path, cfg: dict):
     """Load the checkpoint's tokenizer; add <image> and a pad token when missing. Returns it."""
-    from transformers import AutoTokenizer, LlamaConfig
+    from llava.model.tokenizer import load_tokenizer
 
-    # config=: the original config.json says model_type "llava", which AutoConfig would misread as HF's LlavaConfig.
-    tok = AutoTokenizer.from_pretrained(str(path), config=LlamaConfig())
+    tok = load_tokenizer(path)
     add_llava_tokens(tok)
     if cfg.get("tokenizer_padding_side") in ("left", "right"):
         tok.padding_side = cfg["tokenizer_padding_side"]
