@@ -15,9 +15,10 @@ adapters), so training, inference, ``llava.data.show`` and a saved checkpoint al
 
 One difference from the slow tokenizer is left: with ``legacy`` false, a text that *starts* with whitespace,
 tokenized on its own, gets one ``▁`` fewer (the slow tokenizer prefixes the whole text before it splits out
-special tokens; a ``tokenizers`` pipeline sees each piece between special tokens alone). LLaVA's
-preprocessing never tokenizes such a text: its pieces start with the system prompt, ``[INST]`` or the
-newline after ``<image>`` (docs/method.md, "Tokens").
+special tokens; a ``tokenizers`` pipeline sees each piece between special tokens alone). LLaVA's ``v1``,
+``llava_llama_2`` and ``mistral_instruct`` preprocessing never tokenizes such a text (its pieces start with
+the system prompt, ``[INST]`` or the newline after ``<image>``); ``plain`` does for a caption that starts
+with whitespace (docs/method.md, "Tokens").
 """
 
 from __future__ import annotations
