@@ -175,18 +175,22 @@ def test_llama_vectors_through_a_composed_model(llama, tmp_path):
     assert_vectors(composed.tokenizer, llama[1], "composed")
 
 
-def test_the_loader_splits_runs_of_spaces_as_sentencepiece(llama, mistral, tmp_path):
-    """Both vocabularies, both legacy modes, every text that does not start with whitespace (module docstring
-    of llava.model.tokenizer): the loader's ids equal the slow tokenizer's."""
+def test_the_loader_tokenizes_as_the_slow_tokenizer_in_both_legacy_modes(llama, mistral, tmp_path):
+    """Both vocabularies, both legacy modes: runs of spaces, text that starts with whitespace, text after
+    special tokens; and LLaMA's 12 vectors with legacy false too (one text, no special token: sentencepiece)."""
+    texts = HARD_TEXTS + ["a  b", "The alt-text:  a dog", "answer</s> USER:  next", "x<s> y  z", " grabbed", "<s>hi",
+                          " </s>x", "</s>  x", " "]
     for name, model in (("llama", llama[0]), ("mistral", mistral)):
         for legacy in (True, False):
             d = tmp_path / f"{name}_{legacy}"
             d.mkdir()
             ref, tok = SlowLlamaTokenizer(model, legacy), load_tokenizer(sentencepiece_files(model, legacy, d))
-            for text in HARD_TEXTS + ["a  b", "The alt-text:  a dog", "answer</s> USER:  next", "x<s> y  z"]:
-                if not legacy and text[0].isspace():
-                    continue  # the one difference left (llava.model.tokenizer's docstring)
-                assert tok(text).input_ids == ref(text), f"{name} legacy={legacy} {text!r}"
+            assert is_legacy(tok) is legacy
+            for text in texts:
+                got = tok(text).input_ids
+                assert got == ref(text), f"{name} legacy={legacy} {text!r}: {tok.convert_ids_to_tokens(got)} != {ref.tokenize(text)}"
+            if name == "llama":
+                assert_vectors(tok, llama[1], f"legacy={legacy}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,12 +13,11 @@ adapters), so training, inference, ``llava.data.show`` and a saved checkpoint al
   a LLaVA directory: a checkpoint this package saves reloads to the same tokens here and there.
 * Anything else goes to ``AutoTokenizer``.
 
-One difference from the slow tokenizer is left: with ``legacy`` false, a text that *starts* with whitespace,
-tokenized on its own, gets one ``▁`` fewer (the slow tokenizer prefixes the whole text before it splits out
-special tokens; a ``tokenizers`` pipeline sees each piece between special tokens alone). LLaVA's ``v1``,
-``llava_llama_2`` and ``mistral_instruct`` preprocessing never tokenizes such a text (its pieces start with
-the system prompt, ``[INST]`` or the newline after ``<image>``); ``plain`` does for a caption that starts
-with whitespace (docs/method.md, "Tokens").
+With ``legacy`` false the slow tokenizer puts one ``▁`` before the whole text, also where the text starts
+with a space, and none after a special token. ``tokenizers``' ``Metaspace`` skips its prefix where the text
+starts with a space; the pipeline is given a first ``Metaspace`` that prefixes a plain space to the first
+piece only (the normaliser has made every space ``▁`` already, so nothing makes it skip) and a second that
+turns it into ``▁`` (``_prefix_whole_text``).
 """
 
 from __future__ import annotations
@@ -99,7 +98,28 @@ def _from_sentencepiece(path: Path):
                 shutil.copyfile(path / name, Path(tmp) / name)
         tokenizer = TokenizersBackend.from_pretrained(tmp, **kwargs)
     tokenizer.name_or_path = str(path)
+    if not kwargs["legacy"]:
+        _prefix_whole_text(tokenizer.backend_tokenizer)
     return tokenizer
+
+
+# What transformers' SentencePiece conversion pre-tokenizes with for legacy false (and a model without
+# user-defined pieces): the dummy prefix on the first piece unless it starts with a space.
+_FIRST_PIECE_PREFIX = {"type": "Sequence", "pretokenizers": [
+    {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}]}
+
+
+def _prefix_whole_text(backend) -> None:
+    """Give the first piece its ``▁`` also where it starts with a space, as the slow tokenizer does (the
+    module docstring); any other pre-tokenizer is left as it is."""
+    from tokenizers import pre_tokenizers
+
+    if json.loads(backend.to_str()).get("pre_tokenizer") != _FIRST_PIECE_PREFIX:
+        return
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement=" ", prepend_scheme="first", split=False),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=False),
+    ])
 
 
 def load_processor(path: str | Path):
