@@ -240,8 +240,8 @@ def with_hard_texts(rows: list[dict], folder: Path, image: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=[("llama", True), ("llama", False), ("mistral", True)],
-                ids=["llama_legacy", "llama_non_legacy", "mistral_v1"])
+@pytest.fixture(scope="module", params=[("llama", True), ("llama", False), ("mistral", True), ("mistral", False)],
+                ids=["llama_legacy", "llama_non_legacy", "mistral_v1_legacy", "mistral_v1_non_legacy"])
 def real_model(request, llama, mistral, tmp_path_factory):
     """``(HF-format model directory whose processor saved the loader's tokenizer, reference, template)``."""
     name, legacy = request.param
