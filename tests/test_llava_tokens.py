@@ -193,7 +193,8 @@ def vicuna_like(request, sentencepiece_model, tiny_llava_dir, tmp_path_factory):
     processor.tokenizer = tok
     model_dir = tmp_path_factory.mktemp(f"vicuna_like_{legacy}")
     processor.save_pretrained(model_dir)
-    assert AutoProcessor.from_pretrained(model_dir).tokenizer.legacy is legacy
+    (model_dir / "config.json").write_bytes((tiny_llava_dir / "config.json").read_bytes())  # an HF-format model directory
+    assert is_legacy(AutoProcessor.from_pretrained(model_dir).tokenizer) is legacy
     return model_dir, SlowLlamaTokenizer(sentencepiece_model, legacy)
 
 

@@ -55,3 +55,26 @@ def test_bad_index_is_one_line_naming_the_file(tiny_llava_dir, preference_file):
     code, out, err = run(preference_file, "--model", tiny_llava_dir, "--index", 99)
     assert code == 2 and out == ""
     assert err.strip() == f"error: {preference_file}: --index 99 is out of range: the file has 6 records"
+
+
+def test_a_full_strategy_checkpoint_shows_what_training_fits(preference_file, tmp_path):
+    """``full`` keeps CLS: one image token more, which ``--model_max_length`` must leave room for. With room
+    for exactly the ``default`` count, show (as training) shortens the question of a ``full`` checkpoint."""
+    from llava.model.load import save_model
+    from llava.model.tiny import SIZES, build
+
+    dirs = {}
+    for strategy in ("default", "full"):
+        model, processor = build("llava", seed=0)
+        model.config.vision_feature_select_strategy = processor.vision_feature_select_strategy = strategy
+        dirs[strategy] = save_model(model, processor, tmp_path / strategy)
+    args = (preference_file, "--image_folder", preference_file.parent, "--task", "sft", "--index", 1, "--json")
+    _, out, _ = run(*args, "--model", dirs["default"])
+    fit = len(json.loads(out)["sft"]["input_ids"]) - 1 + SIZES["tiny"].image_tokens  # the image's tokens in place of -200
+    lengths = {}
+    for strategy, d in dirs.items():
+        code, out, err = run(*args, "--model", d, "--model_max_length", fit)
+        assert code == 0, err
+        lengths[strategy] = len(json.loads(out)["sft"]["input_ids"])
+    assert lengths["default"] == fit - SIZES["tiny"].image_tokens + 1
+    assert lengths["full"] < lengths["default"]  # a word of the question less: the CLS token took its place

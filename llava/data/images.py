@@ -160,6 +160,12 @@ class ImageProcessor:
         self.flat_tokens = (self.side // patch) ** 2 + extra
         self._single_view = self._clip_processor(ip)
 
+    @classmethod
+    def of(cls, processor, aspect_ratio: str = "pad") -> "ImageProcessor":
+        """The image processor a run uses with a model's ``processor``: the model's feature-select strategy
+        (``full`` keeps CLS: one image token more) read from the processor, as training and ``show`` both need."""
+        return cls(processor, aspect_ratio, getattr(processor, "vision_feature_select_strategy", None) or "default")
+
     def _clip_processor(self, ip):
         """A plain resize + centre-crop + normalise processor with ``ip``'s settings (one view)."""
         from transformers import CLIPImageProcessorPil

@@ -1,10 +1,10 @@
 """What the model is trained on (or prompted with) for one record, token by token.
 
-    python -m llava.data.show FILE --model DIR [--image_folder DIR] [--task sft|preference|test]
-        [--index N | --all] [--json] [--version v1] [--use_image_type diffusion] [--seed 42]
+    python -m llava.data.show FILE --model DIR [--vision_tower CLIP_DIR] [--image_folder DIR]
+        [--task sft|preference|test] [--index N | --all] [--json] [--version v1] [--use_image_type diffusion] [--seed 42]
 
-The ids come from the same datasets training and inference use, so what this prints is what a run
-sees. Text form: each condition's prompt and answer decoded, the trained part between ``[[`` and
+The ids come from the same datasets training and inference use, with the tokenizer and image processor
+training builds for ``--model`` (``training_processor``), so what this prints is what a run sees. Text form: each condition's prompt and answer decoded, the trained part between ``[[`` and
 ``]]``. ``--json``: ``{"<condition>": {"input_ids": [...], "labels": [...]}}`` with conditions ``sft``,
 the eight conditions of a preference record (``llava.method``), or ``prompt`` for a test record; the
 image is the single id -200 where LLaVA places it (``IMAGE_TOKEN_INDEX``) and masked labels are -100.
@@ -96,6 +96,31 @@ def render_text(tokenizer, sequences: Sequences) -> str:
     return "\n".join(lines)
 
 
+def training_processor(model: str, vision_tower: str | None = None, select_feature: str = "patch"):
+    """The processor (tokenizer and image settings) a run builds for ``--model_name_or_path``.
+
+    An HF-format directory (or a LoRA adapter over one) is read without its weights; an original-format
+    checkpoint and a language model composed with ``--vision_tower`` are built as training builds them
+    (``llava.model.load``), which reads the weights too.
+    """
+    from llava.model.load import checkpoint_kind, compose, load_model, lora_base, resolve
+    from llava.model.tokenizer import load_processor
+
+    path = resolve(model)
+    kind = checkpoint_kind(path)
+    if kind == "hf":
+        return load_processor(path)
+    if kind == "lora":
+        own = (path / "processor_config.json").is_file() or (path / "preprocessor_config.json").is_file()
+        return load_processor(path) if own else training_processor(str(lora_base(path)), vision_tower, select_feature)
+    if kind == "causal_lm":
+        if not vision_tower:
+            raise ValueError(f"{path} is a plain language model: give the CLIP directory training composes it with "
+                             "(--vision_tower)")
+        return compose(path, vision_tower, select_feature=select_feature)[1]
+    return load_model(path, vision_tower=vision_tower)[1]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Print what the model is trained on (or prompted with) for a record.")
     # Named as in training (--data_path, --model_name_or_path); the positional file and --model still work.
@@ -103,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_path", default=None, help="the data file, named as in training")
     p.add_argument("--model_name_or_path", "--model", dest="model", required=True,
                    help="model directory (its tokenizer and image processor are used)")
+    p.add_argument("--vision_tower", default=None,
+                   help="as in training: the CLIP directory of a composed model, or the tower of an original checkpoint")
+    p.add_argument("--mm_vision_select_feature", default="patch", choices=["patch", "cls_patch"],
+                   help="as in training, for a composed model (cls_patch: one image token more)")
     p.add_argument("--image_folder", default=None, help="folder image paths are relative to")
     p.add_argument("--task", default="preference", choices=["sft", "preference", "test"])
     which = p.add_mutually_exclusive_group()
@@ -126,11 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.file is None) == (args.data_path is None):
         parser.error("give the data file once: FILE or --data_path FILE")
     args.file = args.file or args.data_path
-    from transformers import AutoProcessor
-
     try:
         records = read_records(args.file, args.task)
-        processor = AutoProcessor.from_pretrained(args.model)
+        processor = training_processor(args.model, args.vision_tower, args.mm_vision_select_feature)
         tok = processor.tokenizer
         indices = range(len(records)) if args.all else [args.index]
         if not args.all and not 0 <= args.index < len(records):
@@ -141,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             build = lambda i: prompt_sequences(tok, version, records[i].question, args.prompt_newline == "True")  # noqa: E731
         else:
             template = get_template(args.version or "v1")
-            images = ImageProcessor(processor, args.image_aspect_ratio)
+            images = ImageProcessor.of(processor, args.image_aspect_ratio)
             if args.task == "sft":
                 dataset = SFTDataset(records, tok, template, images, args.image_folder, args.model_max_length)
             else:

@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 def _load_hf(path: Path):
     import transformers
-    from transformers import AutoProcessor
+
+    from llava.model.tokenizer import load_processor
 
     path = local_dir(path, what="checkpoint")
     if is_original_format(path):
@@ -56,7 +57,7 @@ def _load_hf(path: Path):
     if arch is None:
         raise ValueError(f"{path} is not an HF LLaVA checkpoint (architectures {archs}); expected {LLAVA} or {LLAVA_NEXT}")
     model = getattr(transformers, arch).from_pretrained(str(path), dtype="auto")
-    return model.eval(), AutoProcessor.from_pretrained(str(path))
+    return model.eval(), load_processor(path)
 
 
 def _size_dict(value) -> dict:
@@ -193,10 +194,10 @@ def hf_to_original(
     if processor is None:
         name = getattr(model, "name_or_path", "") or ""
         if name and Path(name).is_dir():
-            from transformers import AutoProcessor
+            from llava.model.tokenizer import load_processor
 
             src_dir = Path(name)
-            processor = AutoProcessor.from_pretrained(name)
+            processor = load_processor(name)
         else:
             raise ValueError("hf_to_original needs the processor: pass processor=... or a saved HF directory")
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PAD_TOKEN
-from llava.conversation import VICUNA_V1_CHAT_TEMPLATE, keep_legacy_on_save
+from llava.conversation import VICUNA_V1_CHAT_TEMPLATE
 from llava.model.hub import HubError, local_dir, repo_of_snapshot
+from llava.model.tokenizer import load_processor, load_tokenizer
 
 LLAVA_MODEL_TYPES = ("llava", "llava_next")
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
@@ -95,7 +96,7 @@ def load_model(path: str | Path, model_base: str | Path | None = None, *, dtype:
     ``quantization``: ``from_pretrained``'s ``quantization_config`` and ``device_map`` (QLoRA), for
     HF-format checkpoints.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     path = resolve(path, revision)
     kind = checkpoint_kind(path)
@@ -107,12 +108,12 @@ def load_model(path: str | Path, model_base: str | Path | None = None, *, dtype:
     kwargs.update(quantization or {})
     if kind == "hf":
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-        return model, _keeping_legacy(AutoProcessor.from_pretrained(path))
+        return model, load_processor(path)
     if kind == "original":
         from llava.model.original_layout import load_original
 
         model, processor = load_original(path, vision_tower=vision_tower, dtype=dtype)
-        return model, _keeping_legacy(processor)
+        return model, processor
     if kind == "lora":
         from peft import PeftModel
 
@@ -123,17 +124,11 @@ def load_model(path: str | Path, model_base: str | Path | None = None, *, dtype:
         if merge_lora:
             model = model.merge_and_unload()
         if (Path(path) / "processor_config.json").is_file() or (Path(path) / "preprocessor_config.json").is_file():
-            processor = _keeping_legacy(AutoProcessor.from_pretrained(path))
+            processor = load_processor(path)
         return model, processor
     raise ModelLoadError(
         f"{path} is a plain language model, not a LLaVA: give a CLIP directory with --vision_tower to compose one"
     )
-
-
-def _keeping_legacy(processor):
-    """The processor, its tokenizer set to save its ``legacy`` setting (transformers 5 would drop it)."""
-    keep_legacy_on_save(processor.tokenizer)
-    return processor
 
 
 def add_llava_tokens(tokenizer) -> None:
@@ -239,8 +234,8 @@ def compose(language_model: str | Path, vision_tower: str | Path, *, projector_t
     ``linear`` (a single linear projector) is written exactly in the native two-layer projector:
     ``projector_hidden_act="linear"`` and an identity second layer, which ``llava.train`` keeps frozen.
     """
-    from transformers import (AutoConfig, AutoTokenizer, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaNextConfig, LlavaNextForConditionalGeneration)
+    from transformers import (AutoConfig, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from llava.model.weights import clip_vision_weights, from_state_dict, read_weights, weight_files
@@ -256,8 +251,7 @@ def compose(language_model: str | Path, vision_tower: str | Path, *, projector_t
         raise ModelLoadError(f"--vision_tower {vision_tower}: not a local CLIP model directory")
     lm_config = AutoConfig.from_pretrained(language_model)
     tower_config = CLIPVisionConfig.from_pretrained(vision_tower)
-    tokenizer = AutoTokenizer.from_pretrained(language_model)
-    keep_legacy_on_save(tokenizer)
+    tokenizer = load_tokenizer(language_model)
     add_llava_tokens(tokenizer)
 
     files = weight_files(language_model)

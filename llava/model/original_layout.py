@@ -244,10 +244,9 @@ def _vision_config(clip_dir: Path | None, name: str | None, has_inside_weights: 
 
 def _prepare_tokenizer(path: Path, cfg: dict):
     """Load the checkpoint's tokenizer; add <image> and a pad token when missing. Returns it."""
-    from transformers import AutoTokenizer, LlamaConfig
+    from llava.model.tokenizer import load_tokenizer
 
-    # config=: the original config.json says model_type "llava", which AutoConfig would misread as HF's LlavaConfig.
-    tok = AutoTokenizer.from_pretrained(str(path), config=LlamaConfig())
+    tok = load_tokenizer(path)
     add_llava_tokens(tok)
     if cfg.get("tokenizer_padding_side") in ("left", "right"):
         tok.padding_side = cfg["tokenizer_padding_side"]

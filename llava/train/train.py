@@ -115,8 +115,7 @@ def build_data(records: list[Record], data_args: DataArguments, model_args: Mode
                conditions):
     """The dataset and collator of already verified ``records`` (``verified_records``)."""
     task = task_of(args)
-    strategy = getattr(processor, "vision_feature_select_strategy", None) or "default"
-    images = ImageProcessor(processor, data_args.image_aspect_ratio, strategy)
+    images = ImageProcessor.of(processor, data_args.image_aspect_ratio)
     template = get_template(model_args.version)
     tok = processor.tokenizer
     image_token_id = tok.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
