@@ -32,13 +32,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_script(script, out, model, data, **env):
+def run_script(script, out, model, data, steps=3, extra=(), **env):
     full_env = {**os.environ, "MODEL_PATH": str(model), "DATA_PATH": str(data), "IMAGE_FOLDER": str(data.parent),
                 "OUTPUT_DIR": str(out), "NUM_GPUS": "2", "REPORT_TO": "none", "MASTER_PORT": str(free_port()),
                 "PYTHON": sys.executable, **env}
     full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset
-    result = subprocess.run(["bash", f"scripts/{script}", "--max_steps", "3", "--gradient_accumulation_steps", "1",
-                             "--save_strategy", "no"], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(["bash", f"scripts/{script}", "--max_steps", str(steps), "--gradient_accumulation_steps", "1",
+                             "--save_strategy", "no", *extra], cwd=REPO, env=full_env, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # DeepSpeed's CPU all-reduce makes a 67 MB /dev/shm file per rank and never unlinks it; the run does
     leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{full_env['MASTER_PORT']}_*"))
@@ -46,22 +47,9 @@ def run_script(script, out, model, data, **env):
     return result
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("script,zero,report_to", [
-    ("sft.sh", "zero3", "none"),
-    ("dpo.sh", "zero3", "tensorboard"),
-    ("mcmdpo.sh", "zero3", "none"),
-    ("mcmdpo.sh", "zero2", "wandb"),
-])
-def test_script_runs_under_deepspeed(script, zero, report_to, tiny_llava_dir, preference_file, tmp_path):
-    out = tmp_path / "out"
-    # wandb as on a compute node that was never logged in: no key, no netrc, WANDB_MODE unset
-    home = tmp_path / "home"
-    result = run_script(script, out, tiny_llava_dir, preference_file, ZERO=zero, REPORT_TO=report_to, HOME=str(home),
-                        NETRC=str(home / ".netrc"), WANDB_CONFIG_DIR=str(home / "wandb"), WANDB_CACHE_DIR=str(home / "cache"),
-                        WANDB_MODE=None, WANDB_API_KEY=None, WANDB_DIR=None)
+def check_run(out, script, result=None, report_to="none", steps=2):
     logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
-    assert [h["step"] for h in logs] == [1, 2, 3]
+    assert [h["step"] for h in logs] == list(range(1, steps + 1))
     assert all(math.isfinite(h["loss"]) for h in logs)
     if script != "sft.sh":
         assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(logs[0])
@@ -73,10 +61,72 @@ def test_script_runs_under_deepspeed(script, zero, report_to, tiny_llava_dir, pr
     if report_to == "wandb":
         assert f"wandb: no API key or login found, logging offline to {out}/wandb; " in result.stdout
         assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
-    loaded = subprocess.run([sys.executable, "-c", LOADS_IN_PLAIN_TRANSFORMERS, str(out)], cwd=tmp_path,
+    loaded = subprocess.run([sys.executable, "-c", LOADS_IN_PLAIN_TRANSFORMERS, str(out)], cwd=out.parent,
                             capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert "LlavaForConditionalGeneration LlavaProcessor" in loaded.stdout
+
+
+@pytest.mark.slow
+def test_the_published_pipeline_on_an_original_format_llava_16(preference_file, tmp_path):
+    """The released pipeline as a researcher runs it, on a tiny LLaVA-1.6 in LLaVA's original layout with the
+    tower beside it (liuhaotian's layout), ZeRO-3 and bf16 on 2 CPU processes: sft.sh, then mcmdpo.sh and
+    dpo.sh from the SFT and dpo.sh straight from the checkpoint; the released SFT command line verbatim
+    (deepspeed llava/train/train_mem.py, only paths changed); then inference and scoring with the
+    released flag names. Every step exits 0; each run logs finite losses and loads in plain transformers."""
+    from llava.model.convert import main as convert
+    from llava.model.tiny import write
+
+    orig = tmp_path / "orig"
+    convert(["to-original", "--src", str(write(tmp_path / "hf", arch="llava_next", seed=0)), "--out", str(orig),
+             "--separate_vision_tower"])
+    common = dict(ZERO="zero3", PRECISION="bf16")
+    run = lambda script, model, out, **env: run_script(script, out, model, preference_file, steps=2,  # noqa: E731
+                                                       extra=["--image_aspect_ratio", "pad"], **common, **env)
+    run("sft.sh", orig, tmp_path / "sft")
+    check_run(tmp_path / "sft", "sft.sh")
+    # wandb as on a compute node that was never logged in: no key, no netrc, WANDB_MODE unset
+    home = tmp_path / "home"
+    result = run("mcmdpo.sh", tmp_path / "sft", tmp_path / "mcmdpo", REPORT_TO="wandb", HOME=str(home),
+                 NETRC=str(home / ".netrc"), WANDB_CONFIG_DIR=str(home / "wandb"), WANDB_CACHE_DIR=str(home / "cache"),
+                 WANDB_MODE=None, WANDB_API_KEY=None, WANDB_DIR=None)
+    check_run(tmp_path / "mcmdpo", "mcmdpo.sh", result, "wandb")
+    run("dpo.sh", tmp_path / "sft", tmp_path / "dpo", REPORT_TO="tensorboard")
+    check_run(tmp_path / "dpo", "dpo.sh", report_to="tensorboard")
+    run("dpo.sh", orig, tmp_path / "dpo_from_orig")
+    check_run(tmp_path / "dpo_from_orig", "dpo.sh")
+
+    # the released SFT line (scripts/v1_5/finetune_task.sh's flags), with a checkpoint and data of ours
+    released = ["--deepspeed", "./scripts/zero3.json", "--model_name_or_path", str(orig), "--version", "v1",
+                "--data_path", str(preference_file), "--image_folder", str(preference_file.parent),
+                "--vision_tower", "openai/clip-vit-large-patch14-336", "--mm_projector_type", "mlp2x_gelu",
+                "--mm_vision_select_layer", "-2", "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
+                "--image_aspect_ratio", "pad", "--group_by_modality_length", "True", "--bf16", "True",
+                "--output_dir", str(tmp_path / "released"), "--num_train_epochs", "1", "--per_device_train_batch_size", "1",
+                "--gradient_accumulation_steps", "2", "--learning_rate", "2e-5", "--weight_decay", "0.",
+                "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--logging_steps", "1", "--tf32", "True",
+                "--model_max_length", "2048", "--gradient_checkpointing", "True", "--dataloader_num_workers", "0",
+                "--lazy_preprocess", "True", "--report_to", "none", "--task", "LM", "--save_strategy", "no"]
+    launcher = Path(sys.executable).parent / "deepspeed"
+    done = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "llava/train/train_mem.py",
+                           *released], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    check_run(tmp_path / "released", "sft.sh", steps=3)  # 6 records, 2 processes x accumulation 2
+
+    fixtures = REPO / "tests" / "fixtures" / "inference"
+    infer = subprocess.run([sys.executable, "mcmdpo_inference.py", "--model_name", str(tmp_path / "mcmdpo"),
+                            "--test_datasets", str(fixtures / "test.jsonl"), "--image_folder", str(fixtures / "images"),
+                            "--eval_output", str(tmp_path / "answers.jsonl"), "--max_new_tokens", "8", "--no_progress"],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert infer.returncode == 0, infer.stderr[-3000:]
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    answers = [a for a in answers if "response" in a]
+    assert len(answers) == 7 and all(a["response"].strip() for a in answers)
+    score = subprocess.run([sys.executable, "get_score.py", "--file", str(tmp_path / "answers.jsonl"), "--out_dir",
+                            str(tmp_path / "scores")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert score.returncode == 0, score.stderr[-3000:]
+    assert list((tmp_path / "scores").glob("*.json"))
 
 
 def test_scripts_reject_a_bad_paradigm(tmp_path):

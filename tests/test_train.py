@@ -297,3 +297,28 @@ def test_abandoned_build_locks_are_old_locks_in_either_layout(tmp_path, monkeypa
     assert abandoned_build_locks(10) == sorted([flat, nested])
     assert abandoned_build_locks(20) == [flat]
     assert abandoned_build_locks(60) == []
+
+
+@pytest.mark.slow
+def test_bf16_without_deepspeed_trains_float32_master_weights(tiny_llava_dir, preference_file, tmp_path):
+    """The README's no-DeepSpeed form at the published MCM-DPO learning rate: --bf16 is mixed precision
+    (float32 weights under autocast), so 8 steps at 5e-7 move the weights; bf16 weights would round
+    most such updates away."""
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "mcmdpo.yaml"
+    trainer = prepare([str(config), *argv(tiny_llava_dir, preference_file, tmp_path, "--bf16", "True", "--max_steps", "8",
+                                          "--learning_rate", "5e-7", "--per_device_train_batch_size", "1",
+                                          "--gradient_accumulation_steps", "1", "--warmup_ratio", "0")])
+    assert {p.dtype for p in trainer.model.llava.parameters()} == {torch.float32}
+    before = snapshot(trainer)
+    trainer.train()
+    after = snapshot(trainer)
+    changed = sum(int((before[n] != after[n]).sum()) for n in before)
+    total = sum(t.numel() for t in before.values())
+    assert changed / total > 0.5, changed / total
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in log_history_of(trainer))
+
+
+def log_history_of(trainer):
+    return [h for h in trainer.state.log_history if "loss" in h]

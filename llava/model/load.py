@@ -339,8 +339,14 @@ def resolve_hub_arguments(model_args) -> None:
             model_args.vision_tower = str(resolve(model_args.vision_tower, what="--vision_tower"))
         except (HubError, ModelLoadError):
             # an HF-format LLaVA brings its own tower and never reads this flag (the released scripts
-            # name the CLIP hub id anyway): only a run that needs the tower must find it
-            if checkpoint_kind(model_args.model_name_or_path) != "hf":
+            # name the CLIP hub id anyway); an original-format one that names the same tower finds it as
+            # it would without the flag (its weights inside, or a vision_tower/ beside): only a run
+            # that needs the tower must find it
+            kind = checkpoint_kind(model_args.model_name_or_path)
+            own = _read_json(Path(model_args.model_name_or_path) / "config.json").get("mm_vision_tower") if kind == "original" else None
+            if kind == "original" and own == model_args.vision_tower:
+                model_args.vision_tower = None
+            elif kind != "hf":
                 raise
     if model_args.pretrain_mm_mlp_adapter:
         try:
