@@ -176,5 +176,8 @@ def test_support_matrix_and_zero2_equals_zero3(layouts, preference_file, tmp_pat
         assert any(k.startswith("language_model.model.layers.") for k in w2) and "language_model.lm_head.weight" in w2
         assert any(k.startswith("vision_tower.vision_model.") for k in w2)
         assert any(k.startswith("multi_modal_projector.") for k in w2)
+        # within 1e-5 where a step moves a weight by ~1e-3: ZeRO-2 and ZeRO-3 reduce in other orders, and Adam
+        # turns the rounding noise of a gradient that is zero in exact arithmetic (the tower's key biases,
+        # which softmax cancels) into steps of that size
         for k in w2:
-            torch.testing.assert_close(w3[k], w2[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{layout} {k}: {m}")
+            torch.testing.assert_close(w3[k], w2[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{layout} {k}: {m}")
