@@ -322,3 +322,17 @@ def test_bf16_without_deepspeed_trains_float32_master_weights(tiny_llava_dir, pr
 
 def log_history_of(trainer):
     return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def test_fp16_without_deepspeed_trains_with_a_grad_scaler(tiny_llava_dir, preference_file, tmp_path):
+    """--fp16 without DeepSpeed: float32 weights under fp16 autocast (fp16 weights stopped at the first step on a
+    GPU: "Attempting to unscale FP16 gradients")."""
+    trainer = prepare(argv(tiny_llava_dir, preference_file, tmp_path, "--task", "DPO", "--fp16", "True", "--max_steps", "2",
+                           "--learning_rate", "1e-3"))
+    assert {p.dtype for p in trainer.model.llava.parameters()} == {torch.float32}
+    before = snapshot(trainer)
+    trainer.train()
+    assert trainer.accelerator.mixed_precision == "fp16"  # autocast; accelerate adds its grad scaler on GPUs
+    losses = [h["loss"] for h in log_history_of(trainer)]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.llava.named_parameters())
