@@ -153,8 +153,24 @@ def test_long_context_is_shortened_never_the_image(processor, tmp_path):
             assert len(e.prefix) + e.image_w.num_tokens + len(q) + len(y) <= 160
     assert e.image_w.num_tokens == 16
     assert processor.tokenizer.decode(e.question_w).startswith("\nGiven an image")
+    # room for the prompt and the image (74 tokens) but not for the answers: the answer is blamed
     with pytest.raises(DataError, match="record 0, field 'question'.*answer is too long"):
-        dataset(processor, path, max_length=30)[0]
+        dataset(processor, path, max_length=80)[0]
+
+
+def test_a_budget_that_cannot_hold_the_image_is_refused_before_any_record(tiny_next_dir, preference_file):
+    """anyres tiles an image into up to 88 tokens on the tiny LLaVA-NeXT (LLaVA-1.6-7B: ~2,900): a
+    --model_max_length below that and the prompt stops at once, naming the count and what is needed."""
+    next_processor = load_model(tiny_next_dir)[1]
+    images = ImageProcessor(next_processor, "anyres")
+    grids = next_processor.image_processor.image_grid_pinpoints
+    each = next_processor._get_num_multimodal_tokens(image_sizes=[tuple(g) for g in grids])["num_image_tokens"]
+    assert images.most_tokens == max(each) == 88
+    prompt = len(llava_sequence(next_processor.tokenizer, "", "x")[0]) - 1  # the <image> placeholder aside
+    with pytest.raises(ValueError, match=rf"^--image_aspect_ratio anyres: one image can take 88 tokens, .* "
+                                         rf"--model_max_length 120; set --model_max_length to at least {88 + prompt} "):
+        dataset(next_processor, preference_file, aspect="anyres", max_length=120)
+    assert len(dataset(next_processor, preference_file, aspect="pad", max_length=120)[0].response_w) > 0
 
 
 def test_sft_dataset_from_alt_text_records(processor, preference_file):
