@@ -19,7 +19,7 @@ import torch
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.model.hub import HubError, is_repo_id, local_dir, snapshot
 from llava.model.weights import clip_vision_weights, from_state_dict, read_weights, weight_files
-from llava.model.load import (add_llava_tokens, clip_image_settings, grow_rows, llava_processor, parse_dtype, save_model,
+from llava.model.parts import (add_llava_tokens, clip_image_settings, grow_rows, llava_processor, parse_dtype, save_model,
                               set_generation_tokens)
 
 logger = logging.getLogger(__name__)

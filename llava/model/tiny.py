@@ -22,7 +22,7 @@ import torch
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, PAD_TOKEN
 from llava.conversation import VICUNA_V1_CHAT_TEMPLATE
-from llava.model.load import clip_image_settings, default_pinpoints, llava_processor, set_generation_tokens
+from llava.model.parts import clip_image_settings, default_pinpoints, llava_processor, set_generation_tokens
 from llava.model.weights import save_llava_weights
 
 
