@@ -12,7 +12,7 @@ REACHABLE := import socket, sys, urllib.parse as u; socket.create_connection((u.
 PYTEST_ARGS ?=
 DEMO_SIZE ?= full
 
-.PHONY: setup test test-fast demo browser wordnet nltk-data clean
+.PHONY: setup test test-fast docs docs-check demo browser wordnet nltk-data clean
 
 setup: $(VENV)/.installed nltk-data
 
@@ -60,15 +60,23 @@ wordnet:
 	      || echo "setup: WordNet could not be installed"; \
 	else echo "setup: no WordNet and no root apt-get: install wordnet-base and wordnet-sense-index"; fi
 
-test: setup
+test: setup docs-check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The docs site (mkdocs.yml): docs/ and the README, into site/. The strict build turns every warning
+# (a link to a missing page, file or heading; a page left out of the nav) into a failure.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+docs-check: setup
+	@d=$$(mktemp -d); NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir $$d; rc=$$?; rm -rf $$d; exit $$rc
+
 # Everything but the slow end-to-end runs.
-test-fast: setup
+test-fast: setup docs-check
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
 	DEMO_SIZE=$(DEMO_SIZE) PYTHON=$(PY) bash scripts/demo.sh
 
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs .pytest_cache site

@@ -10,7 +10,7 @@ from llava.train.checkpoints import spans_nodes
 from tests.test_scripts import REPO, free_port
 
 NOT_SHARED = "is not shared between the nodes"
-NEEDS = "multi-node runs need a shared file system (docs/README)"
+NEEDS = "multi-node runs need a shared file system (docs/training.md#on-a-cluster)"
 
 
 @pytest.mark.parametrize("env, expect", [

@@ -302,7 +302,7 @@ def check_output_dir_shared(output_dir: str | Path) -> None:
     blind = [f"rank {rank} on {host}" for rank, (ok, host) in enumerate(views) if not ok]
     if blind:
         raise FileNotFoundError(f"OUTPUT_DIR {directory} is not shared between the nodes ({', '.join(blind)} cannot see "
-                                "the file rank 0 wrote there): multi-node runs need a shared file system (docs/README)")
+                                "the file rank 0 wrote there): multi-node runs need a shared file system (docs/training.md#on-a-cluster)")
 
 
 def _reads(marker: Path, token: str) -> bool:
