@@ -111,9 +111,9 @@ def test_a_file_after_deepspeeds_local_rank_is_read():
 
 def test_values_become_flag_words(tmp_path):
     f = tmp_path / "s.yaml"
-    f.write_text("bf16: true\nlearning_rate: 1.0e-5\nreport_to: [wandb, tensorboard]\nversion: v1\n")
-    assert config_argv(str(f)) == ["--bf16", "True", "--learning_rate", "1e-05", "--report_to", "wandb", "tensorboard",
-                                   "--version", "v1"]
+    f.write_text("bf16: true\nlearning_rate: 1.0e-5\nlabel_names: [labels, ids]\nreport_to: [wandb]\nversion: v1\n")
+    assert config_argv(str(f)) == ["--bf16", "True", "--learning_rate", "1e-05", "--label_names", "labels", "ids",
+                                   "--report_to", "wandb", "--version", "v1"]
     f.write_text("")
     assert config_argv(str(f)) == []
 
@@ -139,7 +139,8 @@ def test_train_reports_a_bad_file_in_one_line(tmp_path, capsys):
     f = tmp_path / "bad.yaml"
     f.write_text("learning_rat: 1\n")
     code, out = run_cli(["train", str(f)], capsys)
-    assert code == 2 and out.strip().splitlines()[-1] == f"error: {f}: 'learning_rat' is not a training flag (see --help)"
+    assert code == 2 and out.strip().splitlines()[-1] == \
+        f"error: {f}: 'learning_rat' is not a training flag; did you mean 'learning_rate'? (see --help)"
 
 
 # -- the scripts run the files' settings -------------------------------------------------------------
@@ -205,7 +206,7 @@ def test_the_scripts_say_no_released_number():
             assert value not in code, (script, value)
         named = set(re.findall(r"(?<![=\w-])--(\w+)", code))
         assert named & keys <= {"model_name_or_path", "data_path", "image_folder", "output_dir",
-                                "unfreeze_mm_vision_tower"}, script
+                                "unfreeze_mm_vision_tower", "resume_from_checkpoint"}, script  # the last: RESUME's, in the plan
 
 
 def test_variables_override_the_file(tmp_path):
@@ -224,13 +225,13 @@ def test_variables_override_the_file(tmp_path):
     (tmp_path / "mine.yaml").write_text("beta: 0.5\ntask: DPO\n")
     result = subprocess.run(["bash", str(REPO / "scripts/dpo.sh")], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "CONFIG": "mine.yaml",
-                                 "MODEL_PATH": "m"})
+                                 "MODEL_PATH": "m", "SAMPLE_DATA": "1"})
     assert result.returncode == 0, result.stderr
     assert shlex.split(result.stdout)[shlex.split(result.stdout).index(str(REPO / "llava/train/train.py")) + 1] == \
         str(tmp_path / "mine.yaml")
     missing = subprocess.run(["bash", str(REPO / "scripts/dpo.sh")], cwd=tmp_path, capture_output=True, text=True,
                              timeout=120, env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable,
-                                               "CONFIG": "none.yaml", "MODEL_PATH": "m"})
+                                               "CONFIG": "none.yaml", "MODEL_PATH": "m", "SAMPLE_DATA": "1"})
     assert missing.returncode == 2 and missing.stderr.strip() == f"no settings file {tmp_path}/none.yaml (CONFIG)"
 
 

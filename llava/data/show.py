@@ -97,7 +97,7 @@ def render_text(tokenizer, sequences: Sequences) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Print what the model is trained on (or prompted with) for a record.")
+    p = argparse.ArgumentParser(allow_abbrev=False, description="Print what the model is trained on (or prompted with) for a record.")
     # Named as in training (--data_path, --model_name_or_path); the positional file and --model still work.
     p.add_argument("file", nargs="?", help="data file (any format llava.data.records reads)")
     p.add_argument("--data_path", default=None, help="the data file, named as in training")

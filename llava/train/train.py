@@ -130,8 +130,7 @@ def verified_records(data_args: DataArguments, args: TrainingArguments, task: st
     check = verify_images_everywhere(records, data_args.image_folder, allow_outside=data_args.allow_outside_image_folder)
     main_process = args.process_index == 0
     if main_process:
-        logger.info("%s: %d images verified in %.1f s (%d opened, %d unchanged since verified before)",
-                    data_args.data_path, check.images, time.time() - start, check.opened, check.cached)
+        logger.info("%s: %s", data_args.data_path, check.summary(time.time() - start))
     if check.problems and not data_args.skip_bad_records:
         raise DataError(check.problems, hint=hint)
     if not data_args.skip_bad_records:
