@@ -345,6 +345,7 @@ launch() {
     return 0
   fi
   cd "$CALLER_DIR"
+  export LLAVA_MCMDPO_PLAN_SHOWN=1  # the trainer's own plan then goes to OUTPUT_DIR/train.log only
   set -x
   env "${env[@]}" "${cmd[@]}"
   { set +x; } 2>/dev/null
