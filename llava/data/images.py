@@ -45,7 +45,8 @@ def not_found(record: Record, path: Path, image_folder: str | Path | None) -> st
     """The message for ``record``'s missing image file at ``path``: the absolute path tried, the folder it
     was taken relative to and, when the file is beside the data file or in a sibling ``image/`` (or
     ``images/``) folder, the ``--image_folder`` that finds it."""
-    message = f"image file not found: {os.path.abspath(path)} (relative to {folder_name(image_folder)})"
+    where = f"under --image_folder {image_folder}" if image_folder is not None else "no --image_folder: from the current directory"
+    message = f"image file not found: {os.path.abspath(path)} ({where})"
     written = record.image.path if record.image is not None else None
     if written is None or Path(written).is_absolute() or not record.source:
         return message
