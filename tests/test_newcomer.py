@@ -144,6 +144,7 @@ def run_cli(argv, capsys):
 def test_train_help_shows_the_settings_file_and_grouped_flags_and_help_all_the_rest(capsys):
     code, short = run_cli(["train", "--help"], capsys)
     assert code == 0
+    short = short[short.index("usage: "):]  # after any line an earlier test's wandb set-up prints on import
     assert short.startswith("usage: llava-mcmdpo train [SETTINGS.yaml] [--flag value ...]\n\nSETTINGS.yaml (optional, first)")
     groups = [line for line in short.splitlines() if line.endswith(" flags:")]
     assert groups == ["model flags:", "data flags:", "method flags:", "run flags:"]
@@ -205,3 +206,25 @@ def test_inference_without_image_folder_names_the_path_tried_and_the_folder_that
     assert (f"{fixtures}/test.jsonl, record 0, line 1, field 'image_path': image file not found: {tmp_path}/img0.png "
             f"(no --image_folder: from the current directory); it is in {fixtures}/images: "
             f"pass --image_folder {fixtures}/images") in err
+
+
+# -- 6. a line before DeepSpeed's first CPU-op build -------------------------------------------------
+
+
+def test_a_deepspeed_cpu_op_build_is_announced_unless_this_installation_built_it(tmp_path, monkeypatch):
+    import deepspeed
+
+    from llava.train.deepspeed_host import SHM_OP, cpu_op_build_note
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert cpu_op_build_note().startswith("building DeepSpeed's CPU op once, about a minute")  # nothing built
+    build = tmp_path / SHM_OP
+    build.mkdir()
+    (build / f"{SHM_OP}.so").write_bytes(b"")
+    sources = Path(deepspeed.__file__).parent / "ops" / "csrc" / "cpu" / "comm" / "shm.cpp"
+    (build / "build.ninja").write_text("build shm.o: compile /another/env/site-packages/deepspeed/ops/csrc/cpu/comm/shm.cpp\n")
+    assert cpu_op_build_note() is not None  # another environment's build: ninja rebuilds it for this one
+    (build / "build.ninja").write_text(f"build shm.o: compile {sources}\n")
+    assert cpu_op_build_note() is None
+    setup = subprocess.run(["make", "-n", "setup"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert "-m llava.train.deepspeed_host" in setup.stdout  # make setup builds it ahead

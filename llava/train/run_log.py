@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TRAIN_LOG = "train.log"
@@ -58,23 +60,29 @@ class OncePerRun(logging.Filter):
         return True
 
 
-def quiet_frameworks(rank: int) -> OncePerRun:
-    """Install the filters (once, at the start of the process); returns the logging filter for handlers made later."""
-    for message in NOISE:
-        warnings.filterwarnings("ignore", message=message)
-    if rank != 0:
-        warnings.simplefilter("ignore")  # rank 0 shows them
-    once = OncePerRun(rank)
-    # DeepSpeed logs to its own "DeepSpeed" logger, which does not propagate: filtered at the logger, which
-    # exists (and keeps its filters) before DeepSpeed adds its handler on import.
-    logging.getLogger("DeepSpeed").addFilter(once)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(once)
+@contextmanager
+def quiet_frameworks(rank: int) -> Iterator[OncePerRun]:
+    """The filters, for the length of a run (``main`` may run more than once in a process: tests, notebooks);
+    yields the logging filter, for handlers made later."""
     from transformers.utils import logging as hf_logging
 
-    for handler in hf_logging.get_logger().handlers:  # transformers' library logger does not propagate either
-        handler.addFilter(once)
-    return once
+    once = OncePerRun(rank)
+    # DeepSpeed logs to its own "DeepSpeed" logger, which does not propagate: filtered at the logger, which
+    # exists (and keeps its filters) before DeepSpeed adds its handler on import; transformers' library
+    # logger does not propagate either.
+    targets = [logging.getLogger("DeepSpeed"), *logging.getLogger().handlers, *hf_logging.get_logger().handlers]
+    with warnings.catch_warnings():
+        for message in NOISE:
+            warnings.filterwarnings("ignore", message=message)
+        if rank != 0:
+            warnings.simplefilter("ignore")  # rank 0 shows them
+        for target in targets:
+            target.addFilter(once)
+        try:
+            yield once
+        finally:
+            for target in targets:
+                target.removeFilter(once)
 
 
 class TrainLog(logging.Handler):
@@ -87,12 +95,14 @@ class TrainLog(logging.Handler):
             self.addFilter(once)
         self.pending: list[logging.LogRecord] = []
         self.file: logging.FileHandler | None = None
+        self.loggers: list[logging.Logger] = []
 
     def attach(self) -> TrainLog:
         """Receive the records of the root logger and of transformers' and DeepSpeed's (which do not propagate)."""
         from transformers.utils import logging as hf_logging
 
-        for logger in (logging.getLogger(), hf_logging.get_logger(), logging.getLogger("DeepSpeed"), metrics_logger()):
+        self.loggers = [logging.getLogger(), hf_logging.get_logger(), logging.getLogger("DeepSpeed"), metrics_logger()]
+        for logger in self.loggers:
             logger.addHandler(self)
         return self
 
@@ -113,6 +123,9 @@ class TrainLog(logging.Handler):
         return path
 
     def close(self) -> None:
+        """Leave the loggers and close the file."""
+        for logger in self.loggers:
+            logger.removeHandler(self)
         if self.file is not None:
             self.file.close()
         super().close()

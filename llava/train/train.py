@@ -358,8 +358,16 @@ def main(argv: list[str] | None = None) -> None:
     exit, which makes the launcher stop the other ranks; the traceback goes to ``OUTPUT_DIR/error-rank{N}.log``."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     argv = sys.argv[1:] if argv is None else list(argv)
-    once = quiet_frameworks(rank())
-    run_log = TrainLog(once).attach() if rank() == 0 else None  # OUTPUT_DIR/train.log, once the run has begun
+    with quiet_frameworks(rank()) as once:
+        run_log = TrainLog(once).attach() if rank() == 0 else None  # OUTPUT_DIR/train.log, once the run has begun
+        try:
+            run(argv, run_log)
+        finally:
+            if run_log:
+                run_log.close()
+
+
+def run(argv: list[str], run_log: TrainLog | None) -> None:
     output_dir, started = None, False
     try:
         parsed = parse_args(argv)
@@ -382,9 +390,6 @@ def main(argv: list[str] | None = None) -> None:
                 run_log.open(output_dir)
             metrics_logger().error(error_line(e, log))
         sys.exit(exit_code(e))
-    finally:
-        if run_log:
-            run_log.close()
 
 
 if __name__ == "__main__":
