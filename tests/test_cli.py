@@ -236,9 +236,13 @@ def test_variables_override_the_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_from_a_file_with_overrides(tiny_llava_dir, preference_file, tmp_path, capsys):
+def test_train_from_a_file_with_overrides(tiny_llava_dir, preference_file, tmp_path, capsys, caplog):
     """``llava-mcmdpo train configs/mcmdpo.yaml --flag value ...`` trains: MCM-DPO's seven terms logged,
-    the overrides in the saved arguments."""
+    the overrides in the saved arguments; train.log holds the plan, the command and the steps, and the
+    model card's command is the one that ran, settings file first."""
+    import logging
+
+    caplog.set_level(logging.INFO)  # as the command's own logging set-up does
     out = tmp_path / "out"
     code, log = run_cli(["train", "configs/mcmdpo.yaml", "--model_name_or_path", str(tiny_llava_dir),
                          "--data_path", str(preference_file), "--image_folder", str(preference_file.parent),
@@ -250,6 +254,12 @@ def test_train_from_a_file_with_overrides(tiny_llava_dir, preference_file, tmp_p
     assert [h["step"] for h in logs] == [1] and "mcm/all/margin" in logs[0]
     saved = torch.load(out / "training_args.bin", weights_only=False)
     assert (saved.learning_rate, saved.num_train_epochs, saved.use_cl_reward_num, saved.diffusion_step) == (5e-7, 2, 7, 700)
+    train_log = (out / "train.log").read_text()
+    assert "plan of this run:\n" in train_log and "\n  task          MCM-DPO, settings configs/mcmdpo.yaml\n" in train_log
+    assert "\n  ZeRO config   none (no DeepSpeed)\n" in train_log and "\n  resume        afresh (" in train_log
+    assert train_log.count(" llava.train.log: step 1: ") == 2  # the step, and the run's summary
+    card = (out / "README.md").read_text()
+    assert "```bash\npython -m llava.train.train \\\n    configs/mcmdpo.yaml \\\n    --model_name_or_path " in card
 
 
 # -- merge ---------------------------------------------------------------------------------------------
