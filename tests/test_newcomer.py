@@ -201,7 +201,7 @@ def test_inference_without_image_folder_names_the_path_tried_and_the_folder_that
     assert e.value.code == 2
     err = capsys.readouterr().err
     n = len((fixtures / "test.jsonl").read_text().splitlines())
-    assert f"0 images verified in " in err and f"(0 opened, 0 unchanged since verified before); {n} records with a " \
+    assert "0 images verified in " in err and f"(0 opened, 0 unchanged since verified before); {n} records with a " \
         "missing, unreadable or refused image" in err
     assert (f"{fixtures}/test.jsonl, record 0, line 1, field 'image_path': image file not found: {tmp_path}/img0.png "
             f"(no --image_folder: from the current directory); it is in {fixtures}/images: "

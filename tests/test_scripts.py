@@ -111,7 +111,7 @@ def what_a_run_says(script, zero, out, result):
     assert "FutureWarning" not in console and "Gradient accumulation steps mismatch" not in console
     assert console.count("no complete checkpoint in") == 1  # rank 0 only
     log = (out / "train.log").read_text()
-    assert f"plan of this run:\n  model" in log and f"\n  output dir    {out}\n" in log
+    assert "plan of this run:\n  model" in log and f"\n  output dir    {out}\n" in log
     assert f"\n  ZeRO config   {REPO}/scripts/{zero}.json\n" in log and "\n  processes     2 per node, 1 node(s) (CPU)" in log
     steps = [json.loads(line.split(": ", 2)[2]) for line in log.splitlines() if " llava.train.log: step " in line]
     assert [s["loss"] for s in steps if "loss" in s] == \
