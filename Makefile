@@ -12,9 +12,9 @@ REACHABLE := import socket, sys, urllib.parse as u; socket.create_connection((u.
 PYTEST_ARGS ?=
 DEMO_SIZE ?= full
 
-.PHONY: setup test test-fast docs docs-check demo browser wordnet nltk-data clean
+.PHONY: setup test test-fast docs docs-check demo browser wordnet nltk-data deepspeed-op clean
 
-setup: $(VENV)/.installed nltk-data
+setup: $(VENV)/.installed nltk-data deepspeed-op
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -51,6 +51,12 @@ browser:
 # Rebuilt only when its sources change; without WordNet the published metrics stop with a message.
 nltk-data: $(VENV)/.installed wordnet
 	@$(PY) -m llava.eval.nltk_data $(VENV)/nltk_data || echo "setup: get_score.py --metrics published/all will stop until this is fixed"
+
+# DeepSpeed compiles its CPU all-reduce op on the first launch without CUDA (60-110 s, no output), once per
+# environment: built here ahead, saying so. Nothing on a CUDA host. SKIP_DEEPSPEED_OP=1 leaves it to the first launch.
+deepspeed-op: $(VENV)/.installed
+	@[ -n "$(SKIP_DEEPSPEED_OP)" ] || $(PY) -m llava.train.deepspeed_host \
+	  || echo "setup: DeepSpeed's CPU op could not be built ahead; the first launch builds it"
 
 wordnet:
 	@if [ -f /usr/share/wordnet/index.sense ] && [ -f /usr/share/man/man5/lexnames.5WN.gz ]; then :; \

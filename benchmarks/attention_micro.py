@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 
     from llava.model.tree_attention import tree_layout, tree_sdpa_attention
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--context", type=int, default=100)
     ap.add_argument("--image", type=int, default=576)

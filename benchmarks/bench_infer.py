@@ -293,7 +293,7 @@ def print_report(res: dict) -> None:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--records", type=int, default=16)
     ap.add_argument("--max_new_tokens", type=int, default=32)

@@ -218,7 +218,7 @@ def print_report(res: dict) -> None:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--records", type=int, default=64, help="preference records (one epoch over them)")
     ap.add_argument("--accumulation", type=int, default=4, help="gradient accumulation steps (batch size is 1)")

@@ -38,7 +38,7 @@ def write_unsynced(path: Path, gigabytes: float) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default=None, help="a directory on the disk to measure (default: the temp dir)")
     ap.add_argument("--dirty_gb", type=float, default=3.0)
     ap.add_argument("--fsyncs", type=int, default=8)

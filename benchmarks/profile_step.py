@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", nargs="+", default=["mcm", "trl_dpo"], choices=b.VARIANTS)
     ap.add_argument("--packed_attention", nargs="+", choices=["sdpa_tree", "sdpa"], default=["sdpa_tree"])
     ap.add_argument("--rounds", type=int, default=3)

@@ -39,6 +39,7 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="llava-mcmdpo",
         description="Train LLaVA models to write context-aware alt-text (SFT, DPO, MCM-DPO), and run, score "
                     "and inspect them.",

@@ -178,7 +178,7 @@ def train_tower(out: str | Path, *, seed: int = 0, steps: int = 400, pairs: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="directory to write the CLIPModel to")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=400)

@@ -30,9 +30,112 @@
 #   OMP_NUM_THREADS  threads per process on a host without CUDA (default: cores / NUM_GPUS)
 #   PYTHON        interpreter (default: the repository's .venv/bin/python if present, else python3)
 #   DRY_RUN       1: print the launch command (shell-quoted) instead of running it
+#   SAMPLE_DATA   1: train a model of yours (MODEL_PATH) on the bundled sample data on purpose; without it
+#                 a model of yours needs DATA_PATH, IMAGE_FOLDER and OUTPUT_DIR
+#
+# The published flags --model_name_or_path, --data_path, --image_folder, --output_dir, --vision_tower and
+# --deepspeed, given as arguments, take the place of MODEL_PATH, DATA_PATH, IMAGE_FOLDER, OUTPUT_DIR,
+# VISION_TOWER and ZERO. Before it launches, a script prints its plan (model, data, images, output, task,
+# ZeRO config, precision, processes, resume) on stderr; a variable in the environment whose name looks
+# like a misspelling of one above stops it. --help prints the variables and an example, starting nothing.
 
 CALLER_DIR=$PWD
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SCRIPT_NAME=$(basename "$0")
+
+# script_default VAR: the default the stage script writes for VAR (its line VAR=${VAR:-default}).
+script_default() { sed -n "s/^$1=\${$1:-\([^}]*\)}.*/\1/p" "$0" | head -n 1; }
+
+# --help: the script's own notes and variables, these shared ones and an example; nothing starts.
+script_help() {
+  echo "bash scripts/$SCRIPT_NAME [--flag value ...]"
+  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}/  /p}' "$0"
+  echo
+  echo "Variables of $SCRIPT_NAME (environment; paths relative to your directory):"
+  grep -E '^[A-Z_]+=\$\{[A-Z_]+:-[^$]' "$0" |
+    sed -E 's/^([A-Z_]+)=\$\{[A-Z_]+:-([^}]*)\}[[:space:]]*(# )?(.*)$/  \1  (default: \2)  \4/; s/[[:space:]]+$//'
+  awk '!/^#/ { code = 1 } code && /^# [A-Z_][A-Z_0-9]+ / { print "  " substr($0, 3); more = 1; next }
+       code && more && /^#   / { print "  " substr($0, 3); next } { more = 0 }' "$0"
+  echo
+  echo "Variables of every stage script (scripts/common.sh):"
+  sed -n '/^#   CONFIG /,/^#   SAMPLE_DATA/{s/^#//;p}' "$REPO_ROOT/scripts/common.sh"
+  sed -n '/^#   SAMPLE_DATA/,/^#$/{/^#   SAMPLE_DATA/d;/^#$/d;s/^#//;p}' "$REPO_ROOT/scripts/common.sh"
+  echo
+  sed -n '/^# The published flags/,/^# like a misspelling/{s/^# //;p}' "$REPO_ROOT/scripts/common.sh"
+  local model=outputs/my_sft data=data/my_posts/preference.json out=outputs/my_${SCRIPT_NAME%.sh}
+  case "$SCRIPT_NAME" in
+    sft.sh) model=models/llava-v1.6-vicuna-7b data=data/my_posts/sft.json ;;
+    pretrain.sh) model=models/vicuna-7b-v1.5 data=data/my_captions/pretrain.json ;;
+  esac
+  echo
+  echo "Example: your model on your data, two steps to try it (DRY_RUN=1 prints the plan and command only):"
+  echo "  MODEL_PATH=$model DATA_PATH=$data IMAGE_FOLDER=${data%/*}/images \\"
+  echo "    OUTPUT_DIR=$out bash scripts/$SCRIPT_NAME --max_steps 2"
+  echo "The same with the published flags:"
+  echo "  bash scripts/$SCRIPT_NAME --model_name_or_path $model --data_path $data \\"
+  echo "    --image_folder ${data%/*}/images --output_dir $out --max_steps 2"
+}
+for _arg in "$@"; do
+  case "$_arg" in -h|--help) script_help; exit 0 ;; esac
+done
+
+# The published path flags given as arguments set the variables (and leave the arguments), so that the
+# plan, the paths' resolution and the default-model check see them.
+_rest=()
+while [ $# -gt 0 ]; do
+  case "${1%%=*}" in
+    --model_name_or_path) _var=MODEL_PATH ;; --data_path) _var=DATA_PATH ;; --image_folder) _var=IMAGE_FOLDER ;;
+    --output_dir) _var=OUTPUT_DIR ;; --vision_tower) _var=VISION_TOWER ;; --deepspeed) _var=ZERO ;;
+    *) _rest+=("$1"); shift; continue ;;
+  esac
+  if [[ "$1" == *=* ]]; then printf -v "$_var" '%s' "${1#*=}"; shift
+  elif [ $# -ge 2 ]; then printf -v "$_var" '%s' "$2"; shift 2
+  else echo "$1 needs a value" >&2; exit 2; fi
+done
+set -- ${_rest[@]+"${_rest[@]}"}
+SCRIPT_ARGS=("$@")  # the arguments the trainer gets on top of the stage's flags, for the plan
+unset _rest _var _arg
+
+# Names of the variables the scripts read; one in the environment that is close to one of them (edit
+# distance 1 for names of 4-5 letters, 2 for longer ones; any case) or an unknown MODEL_*/DATA_* name is a
+# misspelling that would silently leave the default in place (the bundled sample data): stop.
+SCRIPT_VARIABLES="CONFIG MODEL_PATH DATA_PATH IMAGE_FOLDER OUTPUT_DIR HOSTFILE VISION_TOWER EPOCHS LR BATCH_SIZE
+  GRAD_ACCUM GLOBAL_BATCH NUM_GPUS CUDA_VISIBLE_DEVICES NODE_RANK MASTER_ADDR MASTER_PORT ZERO PRECISION PARADIGM
+  SAVE_STEPS SAVE_TOTAL_LIMIT RESUME NAN_POLICY REPORT_TO WANDB_PROJECT NUM_WORKERS OMP_NUM_THREADS PYTHON DRY_RUN
+  SAMPLE_DATA BETA IMAGE_TYPE CL_REWARD_NUM TERMS STALE_LOCK_MINUTES"
+# the shell's and launchers' own names, close to ours by chance
+OTHER_VARIABLES="TERM HOME PATH SHELL USER LANG PWD OLDPWD HOSTNAME LOGNAME MAIL RANK LOCAL_RANK WORLD_SIZE"
+check_variable_names() {
+  local found
+  found=$(compgen -e | awk -v known="$SCRIPT_VARIABLES" -v other="$OTHER_VARIABLES" '
+    function lev(a, b,   i, j, x, d) {
+      for (i = 0; i <= length(a); i++) d[i, 0] = i
+      for (j = 0; j <= length(b); j++) d[0, j] = j
+      for (i = 1; i <= length(a); i++) for (j = 1; j <= length(b); j++) {
+        x = d[i-1, j-1] + (substr(a, i, 1) != substr(b, j, 1))
+        if (d[i-1, j] + 1 < x) x = d[i-1, j] + 1
+        if (d[i, j-1] + 1 < x) x = d[i, j-1] + 1
+        d[i, j] = x
+      }
+      return d[length(a), length(b)]
+    }
+    BEGIN { n = split(known, K); split(other, O); for (i in K) ours[K[i]] = 1; for (i in O) ours[O[i]] = 1 }
+    !($0 in ours) {
+      best = ""; bestd = 99
+      for (i = 1; i <= n; i++) {
+        k = K[i]; lim = length(k) >= 6 ? 2 : length(k) >= 4 ? 1 : 0
+        d = toupper($0) == k ? 0 : lim ? lev($0, k) : 99
+        if (d <= lim && d < bestd) { best = k; bestd = d }
+      }
+      if (best == "" && $0 ~ /^MODEL_/) best = "MODEL_PATH"
+      if (best == "" && $0 ~ /^DATA_/) best = "DATA_PATH"
+      if (best != "") { print $0 " " best; exit }
+    }')
+  [ -n "$found" ] || return 0
+  echo "${found% *} is not a variable of scripts/$SCRIPT_NAME: did you mean ${found#* }? (unset ${found% *} if it is meant for something else; --help lists the variables)" >&2
+  exit 2
+}
+check_variable_names
 
 # The path variables the caller set, made absolute against the caller's directory. A model, data
 # set or tower that does not exist here may be a hub name: it is left as given (the trainer runs in
@@ -109,6 +212,66 @@ require_default_model() {
   fi
 }
 
+# own_model: did the caller name a model other than the stage script's default (MODEL_PATH or --model_name_or_path)?
+own_model() {
+  local default
+  default=$(script_default MODEL_PATH)
+  caller_set MODEL_PATH && [ "$MODEL_PATH" != "$default" ] && [ "$MODEL_PATH" != "$REPO_ROOT/$default" ]
+}
+
+# require_own_data: a model of yours is not trained on the bundled sample's data or into its output folder by
+# default: DATA_PATH, IMAGE_FOLDER and OUTPUT_DIR must be given, or SAMPLE_DATA=1 says the sample is meant.
+require_own_data() {
+  own_model || return 0
+  [ "${SAMPLE_DATA:-0}" = 1 ] && return 0
+  local var missing=""
+  for var in DATA_PATH IMAGE_FOLDER OUTPUT_DIR; do caller_set "$var" || missing+="${missing:+, }$var (default $(script_default $var))"; done
+  [ -z "$missing" ] && return 0
+  echo "MODEL_PATH is a model of yours ($MODEL_PATH), but these are unset and would be the bundled sample's:" \
+       "$missing. Set them (or pass --data_path, --image_folder, --output_dir), or SAMPLE_DATA=1 to train on the sample on purpose" >&2
+  exit 2
+}
+
+# plan_value VAR: the variable's value, marked when it is the script's default (loudly for a model of yours).
+plan_value() {
+  if caller_set "$1"; then echo "${!1}"
+  elif own_model; then echo "${!1}   <- THE BUNDLED SAMPLE'S DEFAULT, not your data (SAMPLE_DATA=1)"
+  else echo "${!1}   (default)"; fi
+}
+
+# print_plan SETTINGS ZERO_CONFIG ARGS...: what the run is about to use, before anything heavy starts.
+print_plan() {
+  local settings=$1 config=$2; shift 2
+  local task resume=${RESUME:-auto} arg prev="" nodes=1 newest
+  case "$SCRIPT_NAME" in
+    sft.sh) task=SFT ;; dpo.sh) task=DPO ;; mcmdpo.sh) task=MCM-DPO ;; pretrain.sh) task="projector alignment (stage 1)" ;;
+  esac
+  for arg in "$@"; do  # RESUME's flag given as an argument wins
+    if [ "$prev" = --resume_from_checkpoint ]; then resume=$arg; fi
+    prev=$arg
+  done
+  if [ -n "${HOSTFILE:-}" ]; then nodes=$(grep -c '[^[:space:]]' "$HOSTFILE" 2>/dev/null || echo "?"); fi
+  case "$resume" in
+    never|none|false|no) resume="afresh (RESUME=never)" ;;
+    auto|true|latest|newest|yes)
+      newest=$(printf '%s\n' "$OUTPUT_DIR"/checkpoint-*/trainer_state.json | sort -V | tail -n 1)
+      if [ -f "$newest" ]; then resume="continues from ${newest%/trainer_state.json} (RESUME=auto; RESUME=never starts afresh)"
+      else resume="afresh: no checkpoint in OUTPUT_DIR (RESUME=auto)"; fi ;;
+    *) resume="from $resume" ;;
+  esac
+  echo "plan of scripts/$SCRIPT_NAME:"
+  echo "  model         $(plan_value MODEL_PATH)"
+  echo "  data          $(plan_value DATA_PATH)"
+  echo "  image folder  $(plan_value IMAGE_FOLDER)"
+  echo "  output dir    $(plan_value OUTPUT_DIR)"
+  echo "  task          ${task:-see the settings}${settings:+, settings $settings}"
+  echo "  ZeRO config   $config"
+  echo "  precision     $PRECISION"
+  echo "  processes     $NUM_GPUS $([ "$HAS_CUDA" = 1 ] && echo GPU || echo CPU) process(es) per node, $nodes node(s)"
+  echo "  resume        $resume"
+  [ ${#SCRIPT_ARGS[@]} = 0 ] || echo "  arguments     ${SCRIPT_ARGS[*]}"
+}
+
 # set_flags VAR=--flag ...: STAGE_FLAGS+=(--flag "$VAR") for each VAR that is set, so that it
 # overrides the YAML's value; unset, the YAML's stands.
 set_flags() {
@@ -175,11 +338,14 @@ launch() {
   case "${1:-}" in *.yaml|*.yml) settings=("$1"); shift ;; esac
   local cmd=("${launcher[@]}" --master_port "$MASTER_PORT" "$REPO_ROOT/llava/train/train.py" "${settings[@]}"
              --deepspeed "$config" "${PRECISION_FLAGS[@]}" --dataloader_num_workers "$NUM_WORKERS" "$@")
+  require_own_data
+  print_plan "${settings[0]:-}" "$config" "$@" >&2
   if [ "${DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "${env[@]}" "${cmd[@]}"; echo
     return 0
   fi
   cd "$CALLER_DIR"
+  export LLAVA_MCMDPO_PLAN_SHOWN=1  # the trainer's own plan then goes to OUTPUT_DIR/train.log only
   set -x
   env "${env[@]}" "${cmd[@]}"
   { set +x; } 2>/dev/null

@@ -375,7 +375,7 @@ def draw_training_curves(path: Path, demo_dir: Path | None, synthetic: bool = Fa
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "images", help="folder for the PNGs (default images/)")
     parser.add_argument("--demo-dir", type=Path, default=REPO / "outputs" / "demo",
                         help="where real runs sft/ dpo/ mcmdpo/ are looked for (default outputs/demo)")

@@ -89,7 +89,7 @@ def probe(tower_dir: str | Path, n_train: int = 2000, layer: int = -2, seed: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("tower", help="a CLIPModel or CLIPVisionModel directory")
     p.add_argument("--n_train", type=int, default=2000, help="stage-1 scenes the probes are fitted on")
     p.add_argument("--layer", type=int, default=-2, help="hidden layer (LLaVA's mm_vision_select_layer)")

@@ -91,7 +91,7 @@ def figure(rows: dict[str, list[dict[str, float]]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
     p.add_argument("--md", type=Path, help="write the Markdown table here")
     p.add_argument("--best", action="store_true", help="print only the name of the best row")

@@ -120,7 +120,7 @@ def bar_chart(table, out: Path, n_runs: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--md", type=Path, help="write the Markdown table here")
     p.add_argument("--png", type=Path, help="write the bar chart here")

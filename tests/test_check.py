@@ -222,7 +222,9 @@ def test_image_folder_that_is_not_a_directory_is_a_usage_error(tmp_path, capsys)
 def test_without_image_folder_a_hint_is_given(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     code, out = run(capsys, FIXTURES / "test.jsonl")
-    assert code == 1 and "field 'image_path': image file not found: red.png" in out
+    images = FIXTURES / "images"  # where the records' images are: the data file's images/ folder
+    assert code == 1 and (f"field 'image_path': image file not found: {tmp_path}/red.png (no --image_folder: from the "
+                          f"current directory); it is in {images}: pass --image_folder {images}") in out
     assert "hint: image paths were looked up from the current directory; pass --image_folder DIR" in out
 
 

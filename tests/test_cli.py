@@ -111,9 +111,9 @@ def test_a_file_after_deepspeeds_local_rank_is_read():
 
 def test_values_become_flag_words(tmp_path):
     f = tmp_path / "s.yaml"
-    f.write_text("bf16: true\nlearning_rate: 1.0e-5\nreport_to: [wandb, tensorboard]\nversion: v1\n")
-    assert config_argv(str(f)) == ["--bf16", "True", "--learning_rate", "1e-05", "--report_to", "wandb", "tensorboard",
-                                   "--version", "v1"]
+    f.write_text("bf16: true\nlearning_rate: 1.0e-5\nlabel_names: [labels, ids]\nreport_to: [wandb]\nversion: v1\n")
+    assert config_argv(str(f)) == ["--bf16", "True", "--learning_rate", "1e-05", "--label_names", "labels", "ids",
+                                   "--report_to", "wandb", "--version", "v1"]
     f.write_text("")
     assert config_argv(str(f)) == []
 
@@ -139,7 +139,8 @@ def test_train_reports_a_bad_file_in_one_line(tmp_path, capsys):
     f = tmp_path / "bad.yaml"
     f.write_text("learning_rat: 1\n")
     code, out = run_cli(["train", str(f)], capsys)
-    assert code == 2 and out.strip().splitlines()[-1] == f"error: {f}: 'learning_rat' is not a training flag (see --help)"
+    assert code == 2 and out.strip().splitlines()[-1] == \
+        f"error: {f}: 'learning_rat' is not a training flag; did you mean 'learning_rate'? (see --help)"
 
 
 # -- the scripts run the files' settings -------------------------------------------------------------
@@ -205,7 +206,7 @@ def test_the_scripts_say_no_released_number():
             assert value not in code, (script, value)
         named = set(re.findall(r"(?<![=\w-])--(\w+)", code))
         assert named & keys <= {"model_name_or_path", "data_path", "image_folder", "output_dir",
-                                "unfreeze_mm_vision_tower"}, script
+                                "unfreeze_mm_vision_tower", "resume_from_checkpoint"}, script  # the last: RESUME's, in the plan
 
 
 def test_variables_override_the_file(tmp_path):
@@ -224,20 +225,24 @@ def test_variables_override_the_file(tmp_path):
     (tmp_path / "mine.yaml").write_text("beta: 0.5\ntask: DPO\n")
     result = subprocess.run(["bash", str(REPO / "scripts/dpo.sh")], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "CONFIG": "mine.yaml",
-                                 "MODEL_PATH": "m"})
+                                 "MODEL_PATH": "m", "SAMPLE_DATA": "1"})
     assert result.returncode == 0, result.stderr
     assert shlex.split(result.stdout)[shlex.split(result.stdout).index(str(REPO / "llava/train/train.py")) + 1] == \
         str(tmp_path / "mine.yaml")
     missing = subprocess.run(["bash", str(REPO / "scripts/dpo.sh")], cwd=tmp_path, capture_output=True, text=True,
                              timeout=120, env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable,
-                                               "CONFIG": "none.yaml", "MODEL_PATH": "m"})
+                                               "CONFIG": "none.yaml", "MODEL_PATH": "m", "SAMPLE_DATA": "1"})
     assert missing.returncode == 2 and missing.stderr.strip() == f"no settings file {tmp_path}/none.yaml (CONFIG)"
 
 
 @pytest.mark.slow
-def test_train_from_a_file_with_overrides(tiny_llava_dir, preference_file, tmp_path, capsys):
+def test_train_from_a_file_with_overrides(tiny_llava_dir, preference_file, tmp_path, capsys, caplog):
     """``llava-mcmdpo train configs/mcmdpo.yaml --flag value ...`` trains: MCM-DPO's seven terms logged,
-    the overrides in the saved arguments."""
+    the overrides in the saved arguments; train.log holds the plan, the command and the steps, and the
+    model card's command is the one that ran, settings file first."""
+    import logging
+
+    caplog.set_level(logging.INFO)  # as the command's own logging set-up does
     out = tmp_path / "out"
     code, log = run_cli(["train", "configs/mcmdpo.yaml", "--model_name_or_path", str(tiny_llava_dir),
                          "--data_path", str(preference_file), "--image_folder", str(preference_file.parent),
@@ -249,6 +254,12 @@ def test_train_from_a_file_with_overrides(tiny_llava_dir, preference_file, tmp_p
     assert [h["step"] for h in logs] == [1] and "mcm/all/margin" in logs[0]
     saved = torch.load(out / "training_args.bin", weights_only=False)
     assert (saved.learning_rate, saved.num_train_epochs, saved.use_cl_reward_num, saved.diffusion_step) == (5e-7, 2, 7, 700)
+    train_log = (out / "train.log").read_text()
+    assert "plan of this run:\n" in train_log and "\n  task          MCM-DPO, settings configs/mcmdpo.yaml\n" in train_log
+    assert "\n  ZeRO config   none (no DeepSpeed)\n" in train_log and "\n  resume        afresh (" in train_log
+    assert train_log.count(" llava.train.log: step 1: ") == 2  # the step, and the run's summary
+    card = (out / "README.md").read_text()
+    assert "```bash\npython -m llava.train.train \\\n    configs/mcmdpo.yaml \\\n    --model_name_or_path " in card
 
 
 # -- merge ---------------------------------------------------------------------------------------------

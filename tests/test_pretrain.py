@@ -100,7 +100,8 @@ def test_pretrain_script_aligns_the_projector_only(language_model, tmp_path):
     projector moves, and mm_projector.bin holds the saved projector."""
     out = tmp_path / "stage1"
     env = {**os.environ, "MODEL_PATH": str(language_model), "OUTPUT_DIR": str(out), "NUM_GPUS": "2",
-           "REPORT_TO": "none", "MASTER_PORT": str(_free_port()), "PYTHON": sys.executable}
+           "REPORT_TO": "none", "MASTER_PORT": str(_free_port()), "PYTHON": sys.executable,
+           "SAMPLE_DATA": "1"}  # a model of its own on the bundled captions, on purpose
     result = subprocess.run(["bash", "scripts/pretrain.sh", "--max_steps", "2", "--per_device_train_batch_size", "4",
                              "--gradient_accumulation_steps", "1", "--save_strategy", "no"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -1,8 +1,10 @@
 """The shipped scripts end to end: DeepSpeed on 2 CPU processes, checkpoints plain transformers loads."""
 
+import contextlib
 import json
 import math
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -51,6 +53,7 @@ def check_run(out, script, result=None, report_to="none", steps=2):
     logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
     assert [h["step"] for h in logs] == list(range(1, steps + 1))
     assert all(math.isfinite(h["loss"]) for h in logs)
+    what_a_run_says(script, zero, out, result)
     if script != "sft.sh":
         assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(logs[0])
     if script == "mcmdpo.sh":
@@ -145,10 +148,39 @@ def test_scripts_refuse_an_abandoned_build_lock(tmp_path):
     os.utime(lock, (old, old))
     result = subprocess.run(["bash", "scripts/sft.sh"], cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHON": sys.executable,
-                                 "MODEL_PATH": str(tmp_path)})  # the trainer stops on the lock before it reads the model
+                                 "MODEL_PATH": str(tmp_path), "SAMPLE_DATA": "1"})  # the trainer stops on the lock before it reads the model
     assert result.returncode == 2, result.stderr[-2000:]
     assert "build lock older than 10 minutes" in result.stderr and str(lock) in result.stderr
     assert lock.exists(), "the script must not delete a lock it did not create"
+
+
+def what_a_run_says(script, zero, out, result):
+    """The script's plan on the console, the trainer's in train.log (rank 0's log, with each step's metrics),
+    no framework deprecation noise, and a model card whose command reproduces the run's arguments."""
+    console = result.stdout + result.stderr
+    assert f"plan of scripts/{script}:\n  model         " in result.stderr and f"\n  output dir    {out}\n" in result.stderr
+    assert "plan of this run:" not in console  # the script printed one: the trainer's goes to the file
+    assert "FutureWarning" not in console and "Gradient accumulation steps mismatch" not in console
+    assert console.count("no complete checkpoint in") == 1  # rank 0 only
+    log = (out / "train.log").read_text()
+    assert "plan of this run:\n  model" in log and f"\n  output dir    {out}\n" in log
+    assert f"\n  ZeRO config   {REPO}/scripts/{zero}.json\n" in log and "\n  processes     2 per node, 1 node(s) (CPU)" in log
+    steps = [json.loads(line.split(": ", 2)[2]) for line in log.splitlines() if " llava.train.log: step " in line]
+    assert [s["loss"] for s in steps if "loss" in s] == \
+        [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert log.count(" llava.train.log: command: ") == 1 and log.rstrip().endswith(" llava.train.log: finished")
+    card = (out / "README.md").read_text()
+    command = card.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    assert command.startswith(f"deepspeed --num_gpus 2 --module llava.train.train \\\n    configs/{script[:-3]}.yaml \\\n"
+                              f"    --deepspeed scripts/{zero}.json \\\n")  # relative: the run's directory is the repository
+    words = shlex.split(command.replace("\\\n", " "))
+    import torch
+
+    ran = torch.load(out / "training_args.bin", weights_only=False)
+    with contextlib.chdir(REPO):  # the card's paths are relative to the run's directory
+        _, _, again = parsed(words[words.index("llava.train.train") + 1:])
+    for name in ("max_steps", "learning_rate", "gradient_accumulation_steps", "output_dir", "task", "report_to", "beta"):
+        assert getattr(again, name) == getattr(ran, name), name
 
 
 # -- preemption: kill, run the same command again -------------------------------------------------
@@ -199,6 +231,11 @@ def test_killed_run_resumes_to_the_uninterrupted_losses_and_weights(tiny_llava_d
     again = subprocess.run(**command("run"), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming from" in again.stderr
+    # accumulation 2 under DeepSpeed: Accelerate and DeepSpeed agree from the start
+    assert "Gradient accumulation steps mismatch" not in full.stdout + full.stderr + again.stdout + again.stderr
+    log = (tmp_path / "run" / "train.log").read_text()  # appended across the kill and the resume
+    assert log.count(" llava.train.log: command: ") == 2 and " llava.train: resuming from " in log
+    assert "resume        afresh" in log and "resume        continues from " in log
     expected, resumed = step_losses(tmp_path / "full"), step_losses(tmp_path / "run")
     assert sorted(resumed) == sorted(expected) == list(range(1, 9))
     for step in expected:

@@ -73,7 +73,8 @@ def test_every_bad_image_is_named_with_file_record_and_field(tmp_path):
         (4, "image_path", "unreadable image images/img_1.png"),
     ]
     assert all(p.file == str(data) for p in check.problems)
-    assert (check.opened, check.cached) == (4, 0)  # img_1.png opened once for records 1 and 4
+    # img_1.png opened once for records 1 and 4, img_3.png missing: not opened; img_0 and img_2 verified
+    assert (check.opened, check.cached, check.unreadable, check.images) == (3, 0, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -203,6 +203,7 @@ def print_report(report: FileReport, out=None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="python -m llava.data.check",
         description="Check alt-text data files (JSON, JSON Lines, Parquet, datasets directories) and list every "
                     "problem with its file, record number (0-based), line (JSON Lines) and field.",

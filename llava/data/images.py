@@ -41,6 +41,22 @@ def folder_name(image_folder: str | Path | None) -> str:
     return f"--image_folder {image_folder}" if image_folder is not None else "the current directory (no --image_folder given)"
 
 
+def not_found(record: Record, path: Path, image_folder: str | Path | None) -> str:
+    """The message for ``record``'s missing image file at ``path``: the absolute path tried, the folder it
+    was taken relative to and, when the file is beside the data file or in a sibling ``image/`` (or
+    ``images/``) folder, the ``--image_folder`` that finds it."""
+    where = f"under --image_folder {image_folder}" if image_folder is not None else "no --image_folder: from the current directory"
+    message = f"image file not found: {os.path.abspath(path)} ({where})"
+    written = record.image.path if record.image is not None else None
+    if written is None or Path(written).is_absolute() or not record.source:
+        return message
+    here = Path(record.source).parent
+    for folder in (here, here / "image", here / "images"):
+        if folder != Path(image_folder or ".") and (folder / written).is_file():
+            return f"{message}; it is in {folder}: pass --image_folder {folder}"
+    return message
+
+
 def outside_image_folder(written: str, image_folder: str | Path | None) -> str | None:
     """Why the image path ``written`` in a record reaches outside the image folder, or ``None`` when it stays in.
 
@@ -99,7 +115,7 @@ def open_image(record: Record, image_folder: str | Path | None, *, verify: bool 
     try:
         return _decode(path if path is not None else io.BytesIO(ref.data), verify)
     except FileNotFoundError:
-        raise record.error(field, f"image file not found: {path}")
+        raise record.error(field, not_found(record, path, image_folder))
     except BAD_IMAGE_ERRORS as e:
         reason = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever the plugin wrote
         raise record.error(field, f"unreadable image {ref.describe()} ({reason})")
@@ -109,7 +125,7 @@ def missing_image(record: Record, image_folder: str | Path | None) -> DataProble
     """The problem of a record whose image file does not exist (a stat, no decode), or ``None``."""
     path = image_path(record.image, image_folder) if record.image is not None else None
     if path is not None and not path.is_file():
-        return DataProblem(record.source, record.number, "image", f"image file not found: {path}", record.line)
+        return DataProblem(record.source, record.number, "image", not_found(record, path, image_folder), record.line)
     return None
 
 

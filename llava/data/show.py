@@ -122,7 +122,7 @@ def training_processor(model: str, vision_tower: str | None = None, select_featu
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Print what the model is trained on (or prompted with) for a record.")
+    p = argparse.ArgumentParser(allow_abbrev=False, description="Print what the model is trained on (or prompted with) for a record.")
     # Named as in training (--data_path, --model_name_or_path); the positional file and --model still work.
     p.add_argument("file", nargs="?", help="data file (any format llava.data.records reads)")
     p.add_argument("--data_path", default=None, help="the data file, named as in training")

@@ -114,16 +114,27 @@ def _read_cache(path: Path, quiet: bool = False) -> dict[str, list[int]]:
 
 @dataclass
 class ImageCheck:
-    """What verifying a run's images found: the problems, and how many files were opened or taken
-    from the cache (unchanged since they were verified)."""
+    """What verifying a run's images found: the problems, how many files were opened (found on disk and
+    decoded, well or not) or taken from the cache (unchanged since they were verified), and how many of the
+    opened ones failed (unreadable)."""
 
     problems: list[DataProblem] = field(default_factory=list)
     opened: int = 0
     cached: int = 0
+    unreadable: int = 0
 
     @property
     def images(self) -> int:
-        return self.opened + self.cached
+        """Images found and verified: a missing, refused or unreadable one is not counted."""
+        return self.opened - self.unreadable + self.cached
+
+    def summary(self, seconds: float) -> str:
+        """One line for the log: what was verified, and what was not."""
+        line = (f"{self.images} images verified in {seconds:.1f} s ({self.opened} opened, "
+                f"{self.cached} unchanged since verified before)")
+        if self.problems:
+            line += f"; {len({(p.file, p.record) for p in self.problems})} records with a missing, unreadable or refused image"
+        return line
 
 
 def refused_path(record: Record, image_folder) -> DataProblem | None:
@@ -137,8 +148,8 @@ def refused_path(record: Record, image_folder) -> DataProblem | None:
 def verify_image(record: Record, image_folder, *, allow_outside: bool = False,
                  cache: VerifiedImages | None = None) -> tuple[DataProblem | None, bool]:
     """``(problem or None, opened)`` for the image of ``record``: refused outside the image folder (unless
-    ``allow_outside``), else taken from ``cache`` when its file is unchanged, else opened (``opened``),
-    verified and decoded; a file that passes joins ``cache``."""
+    ``allow_outside``), else taken from ``cache`` when its file is unchanged, else opened (``opened``: the
+    file exists, or the image is bytes), verified and decoded; a file that passes joins ``cache``."""
     if not allow_outside and (refused := refused_path(record, image_folder)) is not None:
         return refused, False
     path = image_path(record.image, image_folder)
@@ -154,7 +165,7 @@ def verify_image(record: Record, image_folder, *, allow_outside: bool = False,
     problem = check_image_readable(record, image_folder)
     if problem is None and real is not None and cache is not None:
         cache.add(real, stamp)
-    return problem, True
+    return problem, path is None or real is not None
 
 
 def verify_images(records: Sequence[Record], image_folder, workers: int = WORKERS, *, allow_outside: bool = False,
@@ -175,6 +186,7 @@ def verify_images(records: Sequence[Record], image_folder, workers: int = WORKER
         for sharing, (problem, opened) in zip(jobs.values(), verdicts):
             if opened:
                 check.opened += 1
+                check.unreadable += problem is not None
             elif problem is None:
                 check.cached += 1
             if problem is not None:
@@ -216,7 +228,8 @@ def verify_images_everywhere(records: Sequence[Record], image_folder, *, allow_o
         cache.save()
     dist.barrier()  # the cache is written when any process returns (its next verification reads it)
     problems = in_record_order((p for check, _ in parts for p in check.problems), records)
-    return ImageCheck(problems, sum(c.opened for c, _ in parts), sum(c.cached for c, _ in parts))
+    return ImageCheck(problems, sum(c.opened for c, _ in parts), sum(c.cached for c, _ in parts),
+                      sum(c.unreadable for c, _ in parts))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def question_for(context: str, template: str = QUESTION_TEMPLATE) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Print the alt-text a LLaVA model writes for one image and its post.")
+    p = argparse.ArgumentParser(allow_abbrev=False, description="Print the alt-text a LLaVA model writes for one image and its post.")
     add_model_args(p)
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--context", default="", help="the text of the post the image appears in")

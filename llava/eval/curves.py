@@ -344,7 +344,7 @@ def parse_run(spec: str) -> tuple[str, Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llava.eval.curves", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m llava.eval.curves", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", required=True, type=parse_run, metavar="NAME=DIR",
                         help="runs to draw: NAME=run directory (or its trainer_state.json)")
     parser.add_argument("--output", "--out", dest="out", type=Path, required=True, help="PNG to write")

@@ -54,7 +54,7 @@ def grounding(path: str | Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Key-fact and context grounding of alt-text responses (x100).")
+    p = argparse.ArgumentParser(allow_abbrev=False, description="Key-fact and context grounding of alt-text responses (x100).")
     p.add_argument("files", nargs="+")
     p.add_argument("--json", help="also write the rows, with their file names, to this JSON file")
     a = p.parse_args(argv)

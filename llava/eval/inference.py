@@ -82,7 +82,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate alt-text (or yes/no answers) for test records with a LLaVA model.")
+    p = argparse.ArgumentParser(allow_abbrev=False, description="Generate alt-text (or yes/no answers) for test records with a LLaVA model.")
     # Each flag is named as in training (llava-mcmdpo's one vocabulary); the released script's names still work.
     add_model_args(p)
     p.add_argument("--model_revision", default=None, help="branch, tag or commit of a hub --model_name_or_path")
@@ -334,8 +334,7 @@ def verify_test_images(args, dist: Dist, todo: list[Item], out: Path, log) -> di
     start = time.time()
     check = verify_images_everywhere([it.record for it in todo], args.image_folder,
                                      allow_outside=args.allow_outside_image_folder)
-    log(f"{check.images} images verified in {time.time() - start:.1f} s ({check.opened} opened, "
-        f"{check.cached} unchanged since verified before)")
+    log(check.summary(time.time() - start))
     bad: dict = {}
     for p in check.problems:
         bad.setdefault((p.file, p.record), p)

@@ -421,6 +421,7 @@ Flags: <span class="flag long">over 125 chars</span> <span class="flag empty">EM
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="python -m llava.eval.report",
         description="Write a self-contained HTML page comparing systems' alt-text on the same records.",
     )

@@ -333,6 +333,7 @@ def _warn(message: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="get_score.py",
         description="Score alt-text inference outputs (JSON Lines with 'response' and 'chosen', "
         "or 'label' for yes/no benchmarks) with BLEU, METEOR, ROUGE-L, CIDEr and more, "

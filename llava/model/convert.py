@@ -323,9 +323,9 @@ def _original_text_config(text_cfg) -> dict:
 def main(argv: list[str] | None = None) -> None:
     from llava.constants import DTYPES
 
-    p = argparse.ArgumentParser(prog="python -m llava.model.convert", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m llava.model.convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    to_hf = sub.add_parser("to-hf", help="original LLaVA layout -> transformers LlavaForConditionalGeneration / LlavaNext")
+    to_hf = sub.add_parser("to-hf", allow_abbrev=False, help="original LLaVA layout -> transformers LlavaForConditionalGeneration / LlavaNext")
     to_hf.add_argument("--model_name_or_path", "--src", dest="src", required=True, metavar="DIR",
                        help="original-format checkpoint directory or hub name")
     to_hf.add_argument("--output_dir", "--out", dest="out", required=True, metavar="DIR", help="directory to write the HF checkpoint to")
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     to_hf.add_argument("--dtype", default="auto", choices=DTYPES, help="precision to write (default auto: as stored)")
     to_hf.add_argument("--image_aspect_ratio", default=None, choices=["pad", "square", "anyres"],
                        help="override the config's image_aspect_ratio (e.g. pad for LLaVA-1.6 with one view)")
-    to_orig = sub.add_parser("to-original", help="HF LLaVA / LLaVA-NeXT directory -> original LLaVA layout")
+    to_orig = sub.add_parser("to-original", allow_abbrev=False, help="HF LLaVA / LLaVA-NeXT directory -> original LLaVA layout")
     to_orig.add_argument("--model_name_or_path", "--src", dest="src", required=True, metavar="DIR",
                          help="HF-format checkpoint directory or hub name")
     to_orig.add_argument("--output_dir", "--out", dest="out", required=True, metavar="DIR",

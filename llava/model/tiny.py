@@ -170,7 +170,7 @@ def write(out: str | Path, arch: str = "llava", seed: int = 0, size: str = "tiny
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="directory to write the checkpoint to")
     p.add_argument("--arch", choices=["llava", "llava_next", "llama"], default="llava",
                    help="llama: a plain language model, to compose with a vision tower (llava.model.load.compose)")

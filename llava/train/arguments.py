@@ -232,15 +232,95 @@ class _OneLineErrors(transformers.HfArgumentParser):
         raise SystemExit(2)
 
 
+USAGE = "llava-mcmdpo train [SETTINGS.yaml] [--flag value ...]"
+SETTINGS_HELP = ("SETTINGS.yaml (optional, first): a settings file, such as configs/sft.yaml, configs/dpo.yaml or "
+                 "configs/mcmdpo.yaml, whose keys are the flags below; flags given after it win over the file.")
+# The toolkit's own flags, grouped for --help; --help-all adds every field of transformers' TrainingArguments.
+METHOD_FLAGS = ("task", "use_cross_modal_loss", "use_cl_reward_num", "para_norm", *(f"para_r{i}" for i in range(1, 8)),
+                "beta", "mcm_aggregate", "use_image_type", "diffusion_step", "negatives_seed", "reference_mode",
+                "offline_ref_logits", "preference_forward")
+# transformers' own fields that every run sets, shown with the run group
+RUN_FLAGS_FROM_TRANSFORMERS = ("output_dir", "num_train_epochs", "max_steps", "learning_rate", "lr_scheduler_type",
+                               "per_device_train_batch_size", "gradient_accumulation_steps", "save_strategy", "save_steps",
+                               "save_total_limit", "resume_from_checkpoint", "logging_steps", "report_to", "seed", "bf16",
+                               "fp16", "deepspeed", "gradient_checkpointing", "dataloader_num_workers")
+
+
+def build_parser() -> _OneLineErrors:
+    """The trainer's parser: no prefix matching (``--max_step`` is not ``--max_steps``), help handled by ``parse_args``."""
+    return _OneLineErrors((ModelArguments, DataArguments, TrainingArguments), prog="llava-mcmdpo train", usage=USAGE,
+                          allow_abbrev=False, add_help=False)
+
+
+def help_groups() -> dict[str, list[str]]:
+    """The flags ``--help`` shows, group by group: model, data, method, run."""
+    from dataclasses import fields
+
+    own = [f.name for f in fields(TrainingArguments) if f.name in TrainingArguments.__annotations__]
+    run = [n for n in own if n not in METHOD_FLAGS and n not in NO_EFFECT]
+    return {"model": [f.name for f in fields(ModelArguments) if f.name not in NO_EFFECT],
+            "data": [f.name for f in fields(DataArguments) if f.name not in NO_EFFECT],
+            "method": list(METHOD_FLAGS),
+            "run": list(RUN_FLAGS_FROM_TRANSFORMERS) + [n for n in run if n not in RUN_FLAGS_FROM_TRANSFORMERS]}
+
+
+def short_help(parser: _OneLineErrors) -> str:
+    """``--help``: the settings file and the toolkit's flags, grouped; the rest with ``--help-all``."""
+    import argparse
+    import copy
+
+    def compact(action):  # one spelling a flag (the underscore one), its choices or a short metavar
+        shown = copy.copy(action)
+        shown.option_strings = action.option_strings[:1]
+        if action.choices is None:
+            shown.metavar = "[True|False]" if action.nargs == "?" else "X"
+        return shown
+
+    actions = {a.dest: a for a in parser._actions}
+    shown = argparse.ArgumentParser(prog=parser.prog, usage=USAGE, add_help=False, description=SETTINGS_HELP,
+                                    formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(
+                                        prog, max_help_position=34, width=120),
+                                    epilog=f"Accepted without effect (released flags): {', '.join(NO_EFFECT)}. "
+                                           "--help-all lists every flag, transformers' TrainingArguments included.")
+    for name, dests in help_groups().items():
+        group = shown.add_argument_group(f"{name} flags")
+        for dest in dests:
+            group._group_actions.append(compact(actions[dest]))
+    return shown.format_help()
+
+
+def check_flag_names(argv: list[str], parser: _OneLineErrors, source: str = "") -> None:
+    """Stop, before anything loads, on a flag no dataclass has, naming the closest ones (difflib)."""
+    import difflib
+
+    known = [s for s in parser._option_string_actions if s.startswith("--") and "-" not in s[2:]]
+    for word in argv:
+        if not word.startswith("--"):
+            continue
+        name = word.split("=", 1)[0]
+        if name not in parser._option_string_actions:
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ValueError(f"{source}unknown flag {name}{hint} (see --help)")
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if "--help-all" in argv:
+        sys.stdout.write(parser.format_help())
+        raise SystemExit(0)
+    if "-h" in argv or "--help" in argv:
+        sys.stdout.write(short_help(parser))
+        raise SystemExit(0)
+    check_flag_names(argv, parser)
+    argv = expand_config(argv, parser)
     import torch
 
-    argv = expand_config(list(sys.argv[1:] if argv is None else argv))
     if not torch.cuda.is_available() and not any(a.startswith("--use_cpu") for a in argv):
         # A host without CUDA trains on the CPU; said up front, the launchers' processes agree on
         # the world size (gloo), which DeepSpeed on the CPU needs.
         argv += ["--use_cpu", "True"]
-    parser = _OneLineErrors((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if model_args.tune_mm_mlp_adapter and training_args.lora_enable:
         raise ValueError("--tune_mm_mlp_adapter trains only the projector: it cannot be combined with --lora_enable")
@@ -277,20 +357,41 @@ def is_config(arg: str) -> bool:
     return not arg.startswith("-") and arg.lower().endswith(CONFIG_SUFFIXES)
 
 
-def config_argv(path: str) -> list[str]:
+def _unique_key_loader():
+    """A YAML SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last, silently)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})")
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeys
+
+
+def config_argv(path: str, parser: _OneLineErrors | None = None) -> list[str]:
     """The flags a YAML settings file says, as ``--key value`` words.
 
     A mapping of flag names to values: a scalar becomes one value (booleans ``True``/``False``, as the
-    flags are written), a list becomes several (``report_to: [wandb, tensorboard]``).
+    flags are written), a list several, for the flags that take several (``label_names: [labels, ids]``;
+    ``report_to`` takes one, since transformers' parser reads one word for it).
+    A key given twice, a key no flag has (the closest named) or a list for a one-value flag stops here.
     """
-    from dataclasses import fields
+    import difflib
 
     import yaml
 
-    known = {f.name for cls in (ModelArguments, DataArguments, TrainingArguments) for f in fields(cls)}
+    parser = parser or build_parser()
+    actions = {a.dest: a for a in parser._actions}
     try:
         with open(path, encoding="utf-8") as f:
-            settings = yaml.safe_load(f)
+            settings = yaml.load(f, Loader=_unique_key_loader())  # noqa: S506 -- a SafeLoader subclass
     except FileNotFoundError:
         raise ValueError(f"{path}: settings file not found") from None
     except yaml.YAMLError as e:
@@ -301,8 +402,12 @@ def config_argv(path: str) -> list[str]:
         raise ValueError(f"{path}: expected a mapping of flag names to values, got a {type(settings).__name__}")
     argv = []
     for key, value in settings.items():
-        if key not in known:
-            raise ValueError(f"{path}: {key!r} is not a training flag (see --help)")
+        if key not in actions or key == "help":
+            close = difflib.get_close_matches(str(key), list(actions), n=3, cutoff=0.75)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(f"{path}: {key!r} is not a training flag{hint} (see --help)")
+        if isinstance(value, list) and len(value) != 1 and actions[key].nargs not in ("+", "*"):
+            raise ValueError(f"{path}: {key}: a list ({value!r}), but --{key} takes one value")
         values = value if isinstance(value, list) else [value]
         for v in values:
             if v is None or isinstance(v, (dict, list)):
@@ -311,7 +416,7 @@ def config_argv(path: str) -> list[str]:
     return argv
 
 
-def expand_config(argv: list[str]) -> list[str]:
+def expand_config(argv: list[str], parser: _OneLineErrors | None = None) -> list[str]:
     """``[FILE.yaml] [--flag value ...]`` as flags only: the file's flags first, so that every flag
     given on the command line wins (argparse keeps the last value of a repeated flag).
 
@@ -322,5 +427,5 @@ def expand_config(argv: list[str]) -> list[str]:
     while lead < len(argv) and argv[lead].startswith("--") and "=" in argv[lead]:
         lead += 1
     if lead < len(argv) and is_config(argv[lead]):
-        return config_argv(argv[lead]) + argv[:lead] + argv[lead + 1:]
+        return config_argv(argv[lead], parser) + argv[:lead] + argv[lead + 1:]
     return argv

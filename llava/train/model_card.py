@@ -64,14 +64,42 @@ PRIVATE_FLAGS = ("hub_token", "local_rank")
 
 
 def public_flags(argv: Sequence[str]) -> tuple[str, ...]:
-    """``argv`` without ``PRIVATE_FLAGS`` and their values (``--flag value`` or ``--flag=value``)."""
+    """``argv`` without ``PRIVATE_FLAGS`` and their values (``--flag value`` or ``--flag=value``).
+
+    A ``--flag=value`` word carries its value: the word after it (DeepSpeed puts the settings file
+    right after ``--local_rank=N``) is kept."""
     kept, private = [], False
     for arg in argv:
         if arg.startswith("--"):
             private = arg[2:].split("=", 1)[0].replace("-", "_") in PRIVATE_FLAGS
+            if private and "=" in arg:
+                private = False
+                continue
         if not private:
             kept.append(arg)
     return tuple(kept)
+
+
+def relative_paths(argv: Sequence[str], start: str | Path) -> tuple[str, ...]:
+    """``argv`` with each absolute path under ``start`` (the run's directory) written relative to it."""
+    start = Path(start).resolve()
+    out = []
+    for arg in argv:
+        path = Path(arg)
+        out.append(str(path.relative_to(start)) if path.is_absolute() and path.is_relative_to(start) else arg)
+    return tuple(out)
+
+
+def launcher_of(args) -> str:
+    """The command that starts the trainer as this run was started: DeepSpeed's launcher with its process
+    counts, else Python."""
+    import os
+
+    if not args.deepspeed:
+        return "python -m llava.train.train"
+    per_node = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or args.world_size)  # DeepSpeed, torchrun
+    nodes = max(1, args.world_size // max(1, per_node))
+    return f"deepspeed --num_gpus {per_node}" + (f" --num_nodes {nodes}" if nodes > 1 else "") + " --module llava.train.train"
 
 
 @dataclass(frozen=True)
@@ -87,6 +115,7 @@ class CardFacts:
     command: tuple[str, ...]
     lora: str | None = None  # "r R, alpha A" when the directory holds a LoRA adapter
     hub_model_id: str | None = None
+    launcher: str = "python -m llava.train.train"
 
     @classmethod
     def from_run(cls, model_args, data_args, args, argv: Sequence[str], model_class: str, n_train: int,
@@ -96,7 +125,8 @@ class CardFacts:
             data.append(("eval", str(data_args.eval_data_path), n_eval))
         return cls(base_model=str(model_args.model_name_or_path), vision_tower=model_args.vision_tower,
                    model_class=model_class, version=model_args.version, image_aspect_ratio=data_args.image_aspect_ratio,
-                   method=tuple(method_lines(args)), stage=stage_of(args), data=tuple(data), command=public_flags(argv),
+                   method=tuple(method_lines(args)), stage=stage_of(args), data=tuple(data),
+                   command=relative_paths(public_flags(argv), Path.cwd()), launcher=launcher_of(args),
                    lora=f"r {args.lora_r}, alpha {args.lora_alpha}" if args.lora_enable else None,
                    hub_model_id=args.hub_model_id if args.push_to_hub else None)
 
@@ -119,14 +149,14 @@ def final_metrics(log_history: Sequence[Mapping]) -> tuple[int | None, dict, dic
     return step, train, evaluation
 
 
-def command_text(argv: Sequence[str]) -> str:
+def command_text(argv: Sequence[str], launcher: str = "python -m llava.train.train") -> str:
     """The trainer's command line, one flag and its values a line."""
     lines: list[list[str]] = [[]]
     for arg in argv:
         if arg.startswith("--") and lines[-1]:
             lines.append([])
         lines[-1].append(arg)
-    return " \\\n    ".join(["python -m llava.train.train"] + [shlex.join(line) for line in lines if line])
+    return " \\\n    ".join([launcher] + [shlex.join(line) for line in lines if line])
 
 
 def _metrics_table(metrics: Mapping[str, float]) -> list[str]:
@@ -169,8 +199,10 @@ def render_card(facts: CardFacts, log_history: Sequence[Mapping], directory: str
         "",
         "## Command",
         "",
+        "The command that ran (the settings file first, if any); paths are relative to the directory it was run from.",
+        "",
         "```bash",
-        command_text(facts.command),
+        command_text(facts.command, facts.launcher),
         "```",
         "",
         "## Final training metrics" + (f" (step {step})" if step is not None else ""),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,8 +40,8 @@ from llava.train.arguments import DataArguments, ModelArguments, TrainingArgumen
 from llava.train.checkpoints import (AUTO, ReplayEpochOrder, SaveAtEpochEnd, check_output_dir_shared,
                                      copy_final_model, discard_final_model_marker, remove_unfinished_saves, resolve_resume,
                                      save_failure, steps_done)
-from llava.train.deepspeed_host import refuse_abandoned_build_locks, release_shared_memory_names
-from llava.train.errors import EXPECTED, error_line, exit_code, write_traceback
+from llava.train.deepspeed_host import cpu_op_build_note, refuse_abandoned_build_locks, release_shared_memory_names
+from llava.train.errors import EXPECTED, error_line, exit_code, rank, write_traceback
 from llava.train.model_card import CardFacts, release_generation_config, write_model_card
 from llava.train.pause_points import PauseMidStep
 from llava.train.params import Trainable, apply_lora, quantization, set_trainable
@@ -50,6 +51,7 @@ from llava.train.projector_file import load_projector_file, trains_projector_onl
 from llava.train.reference import (AdaptersOffReference, CachedReference, LiveReference, file_fingerprint, images_fingerprint,
                                    model_fingerprint, processor_fingerprint)
 from llava.train.reporting import prepare_wandb
+from llava.train.run_log import PLAN_SHOWN, TrainLog, metrics_logger, plan_lines, quiet_frameworks
 from llava.train.trainer import LlavaTrainer
 
 logger = logging.getLogger("llava.train")
@@ -144,8 +146,7 @@ def verified_records(data_args: DataArguments, args: TrainingArguments, task: st
     check = verify_images_everywhere(records, data_args.image_folder, allow_outside=data_args.allow_outside_image_folder)
     main_process = args.process_index == 0
     if main_process:
-        logger.info("%s: %d images verified in %.1f s (%d opened, %d unchanged since verified before)",
-                    data_args.data_path, check.images, time.time() - start, check.opened, check.cached)
+        logger.info("%s: %s", data_args.data_path, check.summary(time.time() - start))
     if check.problems and not data_args.skip_bad_records:
         raise DataError(check.problems, hint=hint)
     if not data_args.skip_bad_records:
@@ -232,8 +233,16 @@ def prepare(argv: list[str] | None = None, parsed=None) -> LlavaTrainer:
         refuse_abandoned_build_locks()
     # Set up the process group now: ZeRO-3 partitions weights while they load, which needs it.
     args.device  # noqa: B018
+    if args.process_index == 0:  # what the run is about to use, before anything heavy
+        lines, warning = plan_lines(model_args, data_args, args, argv)
+        (metrics_logger() if os.environ.get(PLAN_SHOWN) else logger).info("\n".join(lines))
+        if warning:
+            logger.warning(warning)
     if args.deepspeed:
         import deepspeed
+
+        if args.local_process_index == 0 and (note := cpu_op_build_note()):
+            logger.info(note)
 
         deepspeed.init_distributed()  # joins the process group the Trainer's arguments created
         release_shared_memory_names()  # CPU: else each launch leaves 2 x 67 MB in /dev/shm for good
@@ -364,19 +373,37 @@ def main(argv: list[str] | None = None) -> None:
     exit, which makes the launcher stop the other ranks; the traceback goes to ``OUTPUT_DIR/error-rank{N}.log``."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     argv = sys.argv[1:] if argv is None else list(argv)
+    with quiet_frameworks(rank()) as once:
+        run_log = TrainLog(once).attach() if rank() == 0 else None  # OUTPUT_DIR/train.log, once the run has begun
+        try:
+            run(argv, run_log)
+        finally:
+            if run_log:
+                run_log.close()
+
+
+def run(argv: list[str], run_log: TrainLog | None) -> None:
     output_dir, started = None, False
     try:
         parsed = parse_args(argv)
         output_dir = parsed[2].output_dir
         trainer = prepare(argv, parsed)
         started = True
+        if run_log:
+            run_log.open(output_dir)
+            metrics_logger().info("command: %s", " ".join([sys.executable, *sys.argv[:1], *argv]))
         train(trainer)
         leave_process_group()
+        metrics_logger().info("finished")
     except Exception as e:  # noqa: BLE001 -- every error becomes one line; the traceback goes to the log
         # an input error before the run began leaves no directory behind; once training, the run has one
         log = write_traceback(e, output_dir, create=started or not isinstance(e, EXPECTED))
         # mid-run, a progress bar may hold the line (any rank's: they share the terminal): start a new one
         print("\n" * started + error_line(e, log), file=sys.stderr, flush=True)
+        if run_log and output_dir and Path(output_dir).is_dir():
+            if run_log.file is None:
+                run_log.open(output_dir)
+            metrics_logger().error(error_line(e, log))
         sys.exit(exit_code(e))
 
 

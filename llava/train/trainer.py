@@ -40,6 +40,7 @@ from llava.train.nonfinite import NonFiniteStep, StepRecords, describe_records, 
 from llava.train.params import parameter_groups
 from llava.train.pause_points import pause_at
 from llava.train.policy import policy_logps
+from llava.train.run_log import log_metrics
 
 Metrics = dict[str, torch.Tensor]
 
@@ -68,6 +69,14 @@ class _CheckFiniteStep(TrainerCallback):
         self.trainer.check_step_finite()
 
 
+class _LogToFile(TrainerCallback):
+    """Each logged step's metrics into ``OUTPUT_DIR/train.log`` (``llava.train.run_log``), not the console."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            log_metrics(state.global_step, logs)
+
+
 class LlavaTrainer(Trainer):
     # compute_loss returns a per-micro-batch mean; the Trainer divides by the accumulation steps.
     loss_is_scaled_for_ga = False
@@ -83,6 +92,13 @@ class LlavaTrainer(Trainer):
                 raise ValueError("this objective needs a reference")
             self.add_callback(_PrepareReference(self))
         self.add_callback(_CheckFiniteStep(self))
+        self.add_callback(_LogToFile())
+        if self.is_deepspeed_enabled:
+            # transformers accumulates itself and gives Accelerate 1 step, but fills the DeepSpeed config's
+            # "auto" with --gradient_accumulation_steps, which DeepSpeed's engine then runs; Accelerate takes
+            # that value when it prepares the engine ("Gradient accumulation steps mismatch ... 1 vs 32").
+            # Given it here, both agree from the start.
+            self.accelerator.gradient_accumulation_steps = self.args.gradient_accumulation_steps
         self._step_records = StepRecords()  # of the optimizer step in progress (--nan_policy)
         self._nan_skipped = 0  # steps skipped since the last log
         self._references_ready = False
