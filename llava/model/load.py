@@ -14,6 +14,7 @@ pins the main checkpoint's branch, tag or commit. A LoRA adapter's base is its `
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ from llava.model.parts import (ModelLoadError, add_llava_tokens, clip_image_sett
                                llava_processor, parse_dtype, read_json, save_model, set_generation_tokens)
 from llava.model.original_layout import load_original
 from llava.model.tokenizer import load_processor, load_tokenizer
+
+logger = logging.getLogger(__name__)
 
 LLAVA_MODEL_TYPES = ("llava", "llava_next")
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
@@ -222,12 +225,13 @@ def resolve_hub_arguments(model_args) -> None:
             model_args.vision_tower = str(resolve(model_args.vision_tower, what="--vision_tower"))
         except (HubError, ModelLoadError):
             # an HF-format LLaVA brings its own tower and never reads this flag (the released scripts
-            # name the CLIP hub id anyway); an original-format one that names the same tower finds it as
-            # it would without the flag (its weights inside, or a vision_tower/ beside): only a run
-            # that needs the tower must find it
+            # name the CLIP hub id anyway); an original-format one is given its own tower (weights
+            # inside, mm_vision_tower, or a vision_tower/ beside it), which it says it cannot find if
+            # it has none: only a run that needs the flag's tower must find it
             kind = checkpoint_kind(model_args.model_name_or_path)
-            own = read_json(Path(model_args.model_name_or_path) / "config.json").get("mm_vision_tower") if kind == "original" else None
-            if kind == "original" and own == model_args.vision_tower:
+            if kind == "original":
+                logger.warning("--vision_tower %s is not here (offline, not cached): %s uses its own tower",
+                               model_args.vision_tower, model_args.model_name_or_path)
                 model_args.vision_tower = None
             elif kind != "hf":
                 raise
