@@ -560,8 +560,6 @@ def check_trl_vs_dpo(runners: dict, data: Data, tables: dict, tol: float = REL_T
 
 def token_counts(runners: dict, data: Data, packed_attention: str = "sdpa_tree") -> dict:
     """Per variant, mean over records: distinct tokens in the rows it runs, and the naive layout's tokens for the same work."""
-    from llava.model.tree_attention import tree_layout
-
     counts = {}
     if "naive_mcm" in runners:
         naive8 = [int(b["attention_mask"].sum()) for b in runners["naive_mcm"].batches]
@@ -573,7 +571,8 @@ def token_counts(runners: dict, data: Data, packed_attention: str = "sdpa_tree")
     for v, r in runners.items():
         per, dense, needed, scored = [], [], [], []
         for b in r.batches:
-            m = b["attention_mask"]
+            tree = b.get("tree")
+            m = tree.dense() if tree is not None else b["attention_mask"]
             # where the head runs: every position in the naive layout (the published full-vocabulary
             # log-softmax) and in TRL's stock CPU path; the packed rows' answer positions; TRL's
             # completions in its compact (GPU) mode
@@ -586,7 +585,7 @@ def token_counts(runners: dict, data: Data, packed_attention: str = "sdpa_tree")
             if m.dim() == 4:  # packed: every position of the (single, unpadded) row is a distinct token
                 per.append(int(b["input_ids"].numel()))
                 # the dense masked kernel (sdpa) computes every (query, key) pair; sdpa_tree only its chains
-                dense.append(tree_layout(m).pairs() if packed_attention == "sdpa_tree" else m.shape[0] * int(m.shape[-1]) ** 2)
+                dense.append(tree.pairs() if packed_attention == "sdpa_tree" else m.shape[0] * int(m.shape[-1]) ** 2)
                 needed.append(int(m.sum()))  # the pairs the tree mask allows
             else:
                 lengths = m.sum(-1).tolist()
