@@ -95,8 +95,6 @@ def test_inference_reads_the_zero3_model_and_scores_its_output(dry):
     assert flag(score, "--file") == flag(infer, "--eval_output")
 
 
-
-
 @pytest.mark.slow
 def test_gpu_checks_without_a_gpu(tmp_path):
     """benchmarks/gpu_checks.sh on a machine without a usable GPU: the parts that need none run and give figures,
