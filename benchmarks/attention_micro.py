@@ -21,15 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def tree_layout(context: int, image: int):
-    """The two rows' ``TreeLayout``, built from the segments as the collator builds it."""
-    from llava.model.tree_attention import TreeLayout, row_chains
+    """The two rows' ``TreeLayout`` (the segments of gpu_probes.py's packed row, as the collator lays them out)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_probes import layout_of
 
-    lengths = [(28, None), (image, 0), (context, 1), (25, 2), (30, 2), (context, 1), (25, 5), (30, 5)]  # (length, parent)
-    segments, start = [], 0
-    for n, parent in lengths:
-        segments.append((start, start + n, parent))
-        start += n
-    return TreeLayout.of_rows([row_chains(segments, start)] * 2, start)
+    return layout_of([28, image, context, 25, 30, context, 25, 30], rows=2)
 
 
 def main(argv=None) -> int:

@@ -128,14 +128,20 @@ def write_checkpoint(out: Path, p: TinySize, seed: int, device: str, dtype) -> d
     """A seeded random-weight LLaVA-1.5 with its processor (``llava.model.tiny.build``), saved to ``out``.
 
     The shipped tokenizer corpus supports only ~3k BPE tokens; the model's vocabulary is padded to
-    ``p.vocab_size`` (32000, Llama's) with unused rows, so the head costs what a real one does.
+    ``p.vocab_size`` (32000, Llama's) with unused rows, so the head costs what a real one does, and the
+    tokenizer gets a placeholder token ``<|id|>`` for each of those ids, so every generated id decodes to text.
     """
     model, processor = build("llava", seed, p, device=device)
     model.to(dtype)
+    tok = processor.tokenizer
+    trained = len(tok)
+    # Random weights emit ids across the whole vocabulary; ids the trained tokenizer lacks would decode to
+    # nothing, and inference checks could not tell such answers from NaN logits. Each gets a printable token.
+    tok.add_tokens([f"<|{i}|>" for i in range(trained, model.config.text_config.vocab_size)])
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
-    facts = {"tokenizer_vocab": len(processor.tokenizer), "config_vocab_size": model.config.text_config.vocab_size,
+    facts = {"tokenizer_vocab": trained, "config_vocab_size": model.config.text_config.vocab_size,
              "params": param_counts(model)}
     del model
     gc.collect()
