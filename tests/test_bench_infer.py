@@ -69,7 +69,8 @@ def test_arguments(monkeypatch):
 @pytest.mark.timeout(600)
 def test_quick_run(tmp_path):
     out = tmp_path / "infer.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # the CPU run on any machine (with a GPU visible the benchmark refuses --device cpu)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(out), "--workdir", str(tmp_path / "w")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=580)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
