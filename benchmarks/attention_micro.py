@@ -20,27 +20,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def tree_mask(context: int, image: int):
-    import torch
+def tree_layout(context: int, image: int):
+    """The two rows' ``TreeLayout`` (the segments of gpu_probes.py's packed row, as the collator lays them out)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_probes import layout_of
 
-    segments = [(28, None), (image, 0), (context, 1), (25, 2), (30, 2), (context, 1), (25, 5), (30, 5)]  # (length, parent)
-    ancestors, owner = [], []
-    for i, (n, parent) in enumerate(segments):
-        ancestors.append((ancestors[parent] if parent is not None else set()) | {i})
-        owner += [i] * n
-    seg = torch.tensor(owner)
-    allowed = torch.zeros(len(segments), len(segments), dtype=torch.bool)
-    for i, a in enumerate(ancestors):
-        allowed[i, list(a)] = True
-    n = len(owner)
-    return (allowed[seg][:, seg] & torch.ones(n, n, dtype=torch.bool).tril()).expand(2, 1, n, n)
+    return layout_of([28, image, context, 25, 30, context, 25, 30], rows=2)
 
 
 def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from llava.model.tree_attention import tree_layout, tree_sdpa_attention
+    from llava.model.tree_attention import tree_sdpa_attention
 
     ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -49,18 +41,17 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    mask = tree_mask(a.context, a.image)
-    n = mask.shape[-1]
+    layout = tree_layout(a.context, a.image)
+    mask, n = layout.dense(), layout.length
     q, k, v = (torch.randn(2, 4, n, 64, requires_grad=True) for _ in range(3))
-    layout = tree_layout(mask)
-    root = min(chains[0].end for _, chains in layout.groups)
+    root = layout.groups[0][2][0].end
     additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     heads = torch.nn.Module()
     heads.num_key_value_groups = 1
 
     methods = {
         "dense": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=additive).transpose(1, 2),
-        "sdpa_tree": lambda: tree_sdpa_attention(heads, q, k, v, mask, tree_layout=layout)[0],
+        "sdpa_tree": lambda: tree_sdpa_attention(heads, q, k, v, None, tree_layout=layout)[0],
         "root+rest": lambda: torch.cat([
             F.scaled_dot_product_attention(q[:, :, :root], k[:, :, :root], v[:, :, :root], is_causal=True),
             F.scaled_dot_product_attention(q[:, :, root:], k, v, attn_mask=mask[:, :, root:])], 2).transpose(1, 2),

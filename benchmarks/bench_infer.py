@@ -3,7 +3,7 @@
 
     python benchmarks/bench_infer.py [--json OUT] [--records 16] [--max_new_tokens 32] [--batch_sizes 1 8 16]
     python benchmarks/bench_infer.py --quick --json out.json        # CI (tests/test_bench_infer.py)
-    python benchmarks/bench_infer.py --device cuda --json out.json  # one GPU (float16, as released)
+    python benchmarks/bench_infer.py --device cuda --json out.json  # one GPU (bfloat16, the toolkit's --dtype auto)
 
 Variants, each from the model on disk to the last line written, over the same test records:
 
@@ -25,7 +25,13 @@ the released loop's.
 
 ``phases``: where the time of one batch goes (``--profile_batch`` records, 3 beams): image encoder,
 prompt (the language model over the prompt, once per record), decoding (the new tokens), and the
-share of padded positions in the batch.
+share of padded positions in the batch. ``--profile_beam``: ``torch.profiler`` over batch-1 beam
+search of one record (top operators by self time, and the device-to-host copies and
+synchronisations per new token, on a GPU).
+
+``checks`` (the run exits 1 when one fails): every variant answered every record with a non-empty
+response, and the model's logits over the first prompt are finite in the benchmark's dtype (a float16
+overflow gives NaN logits, which decode as empty answers).
 """
 
 from __future__ import annotations
@@ -208,6 +214,65 @@ def phases(model_dir: Path, test_file: Path, *, batch: int, max_new_tokens: int,
 # The benchmark
 
 
+def logits_finite(model_dir: Path, test_file: Path, *, device: str, dtype) -> bool:
+    """Whether the model's logits over the first record's prompt (image included) are all finite."""
+    import torch
+    from PIL import Image
+
+    from llava.conversation import get_template
+    from llava.data.images import ImageProcessor
+    from llava.eval.generate import build_prompt
+    from llava.eval.inference import DEFAULTS
+    from llava.model.forward import embed, unwrap
+    from llava.model.load import load_model
+
+    model, processor = load_model(model_dir, dtype=dtype, attn_implementation="sdpa")
+    model.to(device).eval()
+    row = read_rows(test_file)[0]
+    prompt = build_prompt(processor.tokenizer, get_template(DEFAULTS["conv_mode"]), row["question"],
+                          ImageProcessor(processor, "pad", "default")(Image.open(row["image_path"]).convert("RGB")))
+    with torch.inference_mode():
+        embeds = embed(model, torch.tensor([prompt.input_ids], device=device), prompt.image.pixel_values[None].to(device))
+        logits = unwrap(model)(inputs_embeds=embeds, use_cache=False).logits
+    return bool(torch.isfinite(logits).all())
+
+
+def beam_profile(model_dir: Path, test_file: Path, *, max_new_tokens: int, device: str, dtype, top: int = 15) -> dict:
+    """``torch.profiler`` over batch-1 beam search (3 beams) of one record, after one untimed run."""
+    import torch
+    from PIL import Image
+    from torch.profiler import ProfilerActivity, profile
+
+    from llava.conversation import get_template
+    from llava.data.images import ImageProcessor
+    from llava.eval.generate import build_prompt, generate_ids
+    from llava.eval.inference import DEFAULTS
+    from llava.model.load import load_model
+
+    model, processor = load_model(model_dir, dtype=dtype, attn_implementation="sdpa")
+    model.to(device).eval()
+    tok = processor.tokenizer
+    row = read_rows(test_file)[0]
+    prompt = build_prompt(tok, get_template(DEFAULTS["conv_mode"]), row["question"],
+                          ImageProcessor(processor, "pad", "default")(Image.open(row["image_path"]).convert("RGB")))
+    run = lambda: generate_ids(model, [prompt], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                               num_beams=BEAMS, max_new_tokens=max_new_tokens)
+    run()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        run()
+    seconds = time.perf_counter() - t0
+    events = prof.key_averages()
+    ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    calls = {e.key: e.count for e in events}
+    syncs = sum(n for k, n in calls.items() if "Synchronize" in k)  # cudaStreamSynchronize, cudaDeviceSynchronize...
+    to_host = calls.get("aten::_local_scalar_dense", 0)  # .item(), int(), bool() of a tensor
+    return {"seconds": seconds, "new_tokens": max_new_tokens,
+            "syncs_per_token": syncs / max_new_tokens, "scalar_reads_per_token": to_host / max_new_tokens,
+            "top_self_cpu_ms": {e.key: round(e.self_cpu_time_total / 1000, 3) for e in ops}}
+
+
 def variants_of(batch_sizes) -> list[tuple[str, int, int]]:
     """``(name, batch size, beams)`` of this toolkit's runs: every batch size with 3 beams, then greedy."""
     return [(f"b{b}_beams{BEAMS}", b, BEAMS) for b in batch_sizes] + [(f"b{b}_greedy", b, 1) for b in batch_sizes]
@@ -250,14 +315,19 @@ def bench(a, work: Path) -> dict:
             same[f"{name} == {base}"] = outputs[name] == outputs[base]
     if f"b1_beams{BEAMS}" in outputs:
         same[f"b1_beams{BEAMS} == released"] = outputs[f"b1_beams{BEAMS}"] == outputs["released"]
+    empty = {name: sum(1 for r in out if not r.strip()) for name, out in outputs.items()}
+    checks = {"answers_non_empty": not any(empty.values()), "empty_answers": empty,
+              "logits_finite": logits_finite(model_dir, test_file, device=a.device, dtype=dtype)}
     profile_batch = min(a.profile_batch, a.records)
     ph = phases(model_dir, test_file, batch=profile_batch, max_new_tokens=a.max_new_tokens, device=a.device, dtype=dtype)
     name, factor = TARGET
     target = {"variant": name, "speedup_at_least": factor,
               "speedup": speedup.get(name), "pass": speedup[name] >= factor if name in speedup else None}
+    profiled = beam_profile(model_dir, test_file, max_new_tokens=a.max_new_tokens, device=a.device, dtype=dtype) \
+        if a.profile_beam else None
     return {
         "records_per_second": rps, "speedup_vs_released": speedup, "outputs_equal": same, "target": target,
-        "phases": ph, "runs": runs, "load_s": runs["released"]["load_s"],
+        "checks": checks, "phases": ph, "beam_profile": profiled, "runs": runs, "load_s": runs["released"]["load_s"],
         "settings": {"records": a.records, "max_new_tokens": a.max_new_tokens, "beams": BEAMS,
                      "batch_sizes": a.batch_sizes, "device": a.device, "dtype": a.dtype, "threads": a.threads,
                      "timed": "from loading the model to the last line written (model load included, imports not)"},
@@ -281,12 +351,20 @@ def print_report(res: dict) -> None:
     if t["speedup"] is not None:
         print(f"\ntarget: {t['variant']} >= {t['speedup_at_least']}x the released loop: {t['speedup']:.2f}x "
               f"{'PASS' if t['pass'] else 'MISS'}")
+    c = res["checks"]
+    print(f"checks: answers non-empty {'PASS' if c['answers_non_empty'] else 'FAIL ' + str(c['empty_answers'])}, "
+          f"logits finite {'PASS' if c['logits_finite'] else 'FAIL'}")
     print("outputs: " + ", ".join(f"{k}: {'same' if v else 'DIFFERENT'}" for k, v in res["outputs_equal"].items()))
     p = res["phases"]
     print(f"one batch of {p['records']} records, 3 beams, {p['new_tokens']} new tokens: {p['total_s']:.2f}s = image encoder "
           f"{p['image_encoder_s']:.2f}s + prompt {p['prompt_s']:.2f}s (once per beam, as generate alone does: "
           f"{p['prompt_once_per_beam_s']:.2f}s) + decoding {p['decode_s']:.2f}s; prompts {p['prompt_tokens_mean']:.0f} "
           f"tokens ({p['image_tokens']} image), {100 * p['padding_share']:.1f}% padding")
+    if res.get("beam_profile"):
+        b = res["beam_profile"]
+        print(f"batch-1 beam search under the profiler: {b['seconds']:.2f}s for {b['new_tokens']} tokens, "
+              f"{b['syncs_per_token']:.1f} device syncs and {b['scalar_reads_per_token']:.1f} scalar reads per token; "
+              "top self CPU ms: " + ", ".join(f"{k} {v}" for k, v in list(b["top_self_cpu_ms"].items())[:6]))
     s, m = res["settings"], res["machine"]
     print(f"{s['records']} records, {s['max_new_tokens']} new tokens each, {s['device']} {s['dtype']}, {s['threads']} "
           f"thread(s); load average {m['loadavg_start']:.1f} -> {m['loadavg_end']:.1f}")
@@ -302,7 +380,8 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="CI: 4 records, batch sizes 1 2 4, 4 new tokens")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
-                    help="auto: float32 on the CPU, float16 on a GPU (as the released inference)")
+                    help="auto: float32 on the CPU, bfloat16 on a GPU (the inference command's auto; both sides run it)")
+    ap.add_argument("--profile_beam", action="store_true", help="also profile batch-1 beam search (beam_profile)")
     ap.add_argument("--preset", default="cpu", help="bench_step.py's model preset")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
     ap.add_argument("--seed", type=int, default=0)
@@ -311,7 +390,7 @@ def parse_args(argv=None):
     if a.quick:
         a.records, a.batch_sizes, a.max_new_tokens, a.profile_batch = 4, [1, 2, 4], 4, 4
     if a.dtype == "auto":
-        a.dtype = "float16" if a.device == "cuda" else "float32"
+        a.dtype = "bfloat16" if a.device == "cuda" else "float32"
     if a.records < 2 or min(a.batch_sizes) < 1 or a.max_new_tokens < 1:
         ap.error("--records >= 2, --batch_sizes >= 1, --max_new_tokens >= 1")
     if 1 not in a.batch_sizes:
@@ -336,7 +415,7 @@ def main(argv=None) -> int:
     print_report(res)
     if a.json:
         B.write_json(a.json, res)
-    return 0
+    return 0 if res["checks"]["answers_non_empty"] and res["checks"]["logits_finite"] else 1
 
 
 if __name__ == "__main__":

@@ -128,14 +128,20 @@ def write_checkpoint(out: Path, p: TinySize, seed: int, device: str, dtype) -> d
     """A seeded random-weight LLaVA-1.5 with its processor (``llava.model.tiny.build``), saved to ``out``.
 
     The shipped tokenizer corpus supports only ~3k BPE tokens; the model's vocabulary is padded to
-    ``p.vocab_size`` (32000, Llama's) with unused rows, so the head costs what a real one does.
+    ``p.vocab_size`` (32000, Llama's) with unused rows, so the head costs what a real one does, and the
+    tokenizer gets a placeholder token ``<|id|>`` for each of those ids, so every generated id decodes to text.
     """
     model, processor = build("llava", seed, p, device=device)
     model.to(dtype)
+    tok = processor.tokenizer
+    trained = len(tok)
+    # Random weights emit ids across the whole vocabulary; ids the trained tokenizer lacks would decode to
+    # nothing, and inference checks could not tell such answers from NaN logits. Each gets a printable token.
+    tok.add_tokens([f"<|{i}|>" for i in range(trained, model.config.text_config.vocab_size)])
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
-    facts = {"tokenizer_vocab": len(processor.tokenizer), "config_vocab_size": model.config.text_config.vocab_size,
+    facts = {"tokenizer_vocab": trained, "config_vocab_size": model.config.text_config.vocab_size,
              "params": param_counts(model)}
     del model
     gc.collect()
@@ -560,8 +566,6 @@ def check_trl_vs_dpo(runners: dict, data: Data, tables: dict, tol: float = REL_T
 
 def token_counts(runners: dict, data: Data, packed_attention: str = "sdpa_tree") -> dict:
     """Per variant, mean over records: distinct tokens in the rows it runs, and the naive layout's tokens for the same work."""
-    from llava.model.tree_attention import tree_layout
-
     counts = {}
     if "naive_mcm" in runners:
         naive8 = [int(b["attention_mask"].sum()) for b in runners["naive_mcm"].batches]
@@ -573,7 +577,8 @@ def token_counts(runners: dict, data: Data, packed_attention: str = "sdpa_tree")
     for v, r in runners.items():
         per, dense, needed, scored = [], [], [], []
         for b in r.batches:
-            m = b["attention_mask"]
+            tree = b.get("tree")
+            m = tree.dense() if tree is not None else b["attention_mask"]
             # where the head runs: every position in the naive layout (the published full-vocabulary
             # log-softmax) and in TRL's stock CPU path; the packed rows' answer positions; TRL's
             # completions in its compact (GPU) mode
@@ -586,7 +591,7 @@ def token_counts(runners: dict, data: Data, packed_attention: str = "sdpa_tree")
             if m.dim() == 4:  # packed: every position of the (single, unpadded) row is a distinct token
                 per.append(int(b["input_ids"].numel()))
                 # the dense masked kernel (sdpa) computes every (query, key) pair; sdpa_tree only its chains
-                dense.append(tree_layout(m).pairs() if packed_attention == "sdpa_tree" else m.shape[0] * int(m.shape[-1]) ** 2)
+                dense.append(tree.pairs() if packed_attention == "sdpa_tree" else m.shape[0] * int(m.shape[-1]) ** 2)
                 needed.append(int(m.sum()))  # the pairs the tree mask allows
             else:
                 lengths = m.sum(-1).tolist()

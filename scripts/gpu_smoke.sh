@@ -129,6 +129,9 @@ lines = [json.loads(x) for x in open(sys.argv[1])]
 answered = [x for x in lines if isinstance(x.get("response"), str)]
 if len(lines) != int(sys.argv[2]) or len(answered) != len(lines):
     sys.exit(f"{len(lines)} records written, {len(answered)} answered, {sys.argv[2]} expected")
+empty = sum(1 for x in answered if not x["response"].strip())
+if empty:  # NaN logits decode as an empty answer (a float16 overflow, say): not a pass
+    sys.exit(f"{empty} of {len(answered)} answers are empty")
 print(f"{len(answered)} records answered, e.g. {answered[0]['response'][:60]!r}")
 EOF
 }

@@ -131,36 +131,45 @@ def packed_batch(tiny_llava_dir, preference_file, records):
     return model, packed
 
 
-def dense_of(layout: tree_attention.TreeLayout, rows: int) -> torch.Tensor:
-    """The boolean mask the chains stand for."""
-    n = layout.length
-    out = torch.zeros(rows, n, n, dtype=torch.bool)
-    for members, chains in layout.groups:
-        for c in chains:
-            own = torch.ones(c.end - c.start, c.end - c.start, dtype=torch.bool).tril()
-            for r in members:
-                out[r, c.start:c.end, c.start:c.end] = torch.eye(c.end - c.start, dtype=torch.bool) if c.identity else own
-                for lo, hi in c.ancestors:
-                    out[r, c.start:c.end, lo:hi] = True
-    return out
+def test_chains_of_one_row():
+    """prefix 0..2, image 2..6, c_w 6..8, y_w 8..10, y_l 10..11, c_l 11..13 (child of the image), y_w 13..15, then padding."""
+    segments = [(0, 2, None), (2, 6, 0), (6, 8, 1), (8, 10, 2), (10, 11, 2), (11, 13, 1), (13, 15, 5)]
+    C = tree_attention.Chain
+    assert tree_attention.row_chains(segments, 18) == (
+        C(0, 10), C(10, 11, ((0, 8),)), C(11, 15, ((0, 6),)), C(15, 18, identity=True))
+    assert C(10, 11, ((0, 8),)).keys == ((0, 8), (10, 11)) and C(8, 11, ((0, 8),)).keys == ((0, 11),)
 
 
-def test_chains_are_the_tree_mask(tiny_llava_dir, preference_file):
+@pytest.mark.parametrize("segments, width", [
+    ([(0, 2, None), (3, 4, 0)], 5),  # a gap
+    ([(0, 2, None), (2, 4, 1)], 5),  # its own parent
+    ([(0, 2, None), (2, 4, 0)], 3),  # longer than the row
+])
+def test_a_layout_that_is_not_a_tree_is_refused(segments, width):
+    with pytest.raises(ValueError, match="not a tree layout"):
+        tree_attention.row_chains(segments, width)
+
+
+def test_the_collators_layout(tiny_llava_dir, preference_file):
+    """Per image row: prefix+image+c_w+y_w as one causal chain, then y_l, c_l+y_w, y_l over their ancestors;
+    a row's padding is one chain; rows of a record share their chains."""
     _, packed = packed_batch(tiny_llava_dir, preference_file, 3)
-    mask = packed["attention_mask"][:, 0]
-    layout = tree_attention.tree_layout(packed["attention_mask"])
-    assert torch.equal(dense_of(layout, mask.shape[0]), mask)
-    assert sorted(r for rows, _ in layout.groups for r in rows) == list(range(mask.shape[0]))
-    # per image row: prefix+image+c_w+y_w as one causal chain, then y_l, c_l+y_w, y_l over their ancestors
-    for _, chains in layout.groups:
+    layout, ids = packed["tree"], packed["input_ids"]
+    assert "attention_mask" not in packed and layout.rows == ids.shape[0] and layout.length == ids.shape[1]
+    assert [(first, end) for first, end, _ in layout.groups] == [(0, 2), (2, 4), (4, 6)]
+    for first, _, chains in layout.groups:
         real = [c for c in chains if not c.identity]
         assert len(real) == 4 and not real[0].ancestors and all(c.ancestors for c in real[1:])
-    assert layout.pairs() < 0.6 * mask.shape[0] * mask.shape[1] ** 2
+        padding = [c for c in chains if c.identity]
+        assert len(padding) <= 1 and (not padding or padding[0].end == layout.length)
+        assert (ids[first, real[-1].end:] == ids[first, -1]).all()  # the identity chain is the row's padding
+    assert layout.pairs() < 0.6 * ids.shape[0] * ids.shape[1] ** 2
 
 
-def test_a_mask_that_is_not_a_tree_is_refused():
-    with pytest.raises(ValueError, match="not a tree mask"):
-        tree_attention.row_chains(torch.ones(3, 3, dtype=torch.bool))  # token 0 sees later tokens
+def test_lower_right_causal_is_the_mask_the_cpu_builds():
+    from torch.nn.attention.bias import causal_lower_right
+
+    assert torch.equal(causal_lower_right(3, 7)._materialize(), torch.ones(3, 7, dtype=torch.bool).tril(4))
 
 
 class Heads(torch.nn.Module):
@@ -175,15 +184,15 @@ def test_tree_kernel_equals_dense_masked_sdpa(kv_groups, tiny_llava_dir, prefere
     from transformers.integrations.sdpa_attention import repeat_kv
 
     _, packed = packed_batch(tiny_llava_dir, preference_file, 3)
-    mask = packed["attention_mask"]
+    layout = packed["tree"]
+    mask = layout.dense()
     rows, n = mask.shape[0], mask.shape[-1]
     g = torch.Generator().manual_seed(0)
     q = torch.randn(rows, 4, n, 8, generator=g, requires_grad=True)
     k = torch.randn(rows, 4 // kv_groups, n, 8, generator=g, requires_grad=True)
     v = torch.randn(rows, 4 // kv_groups, n, 8, generator=g, requires_grad=True)
-    layout = tree_attention.tree_layout(mask)
-    assert len(layout.groups) > 1  # rows of different layouts are regrouped and put back in order
-    out, _ = tree_attention.tree_sdpa_attention(Heads(kv_groups), q, k, v, mask, scaling=0.3, tree_layout=layout)
+    assert len(layout.groups) > 1  # rows of different layouts run as separate groups, concatenated in order
+    out, _ = tree_attention.tree_sdpa_attention(Heads(kv_groups), q, k, v, None, scaling=0.3, tree_layout=layout)
     ref = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, kv_groups), repeat_kv(v, kv_groups),
                                                            attn_mask=mask, scale=0.3).transpose(1, 2)
     assert out.shape == ref.shape

@@ -49,23 +49,28 @@ def test_released_embeds_equal_the_toolkit_prompt(tiny_llava_dir):
     assert torch.equal(released, toolkit)
 
 
-def test_arguments():
+def test_arguments(monkeypatch):
     a = bench_infer.parse_args(["--device", "cuda", "--batch_sizes", "8", "16"])
-    assert a.dtype == "float16" and a.batch_sizes == [1, 8, 16]  # float16 on a GPU, as released; batch 1 always runs
+    assert a.dtype == "bfloat16" and a.batch_sizes == [1, 8, 16]  # the inference command's auto; batch 1 always runs
     q = bench_infer.parse_args(["--quick"])
     assert (q.records, q.batch_sizes, q.max_new_tokens, q.dtype) == (4, [1, 2, 4], 4, "float32")
     assert bench_infer.variants_of([1, 8]) == [("b1_beams3", 1, 3), ("b8_beams3", 8, 3), ("b1_greedy", 1, 1),
                                                ("b8_greedy", 8, 1)]
-    if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="no CUDA device"):
-            bench_infer.main(["--device", "cuda"])
+    # both refusals, whichever machine runs this (no work starts before them)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        bench_infer.main(["--device", "cuda"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit, match="a GPU is present"):
+        bench_infer.main(["--device", "cpu"])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_quick_run(tmp_path):
     out = tmp_path / "infer.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # the CPU run on any machine (with a GPU visible the benchmark refuses --device cpu)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(out), "--workdir", str(tmp_path / "w")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=580)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -86,4 +91,5 @@ def test_quick_run(tmp_path):
     assert p["records"] == 4 and p["image_tokens"] == 576 and 0 <= p["padding_share"] < 1
     assert p["image_encoder_s"] > 0 and p["prompt_s"] > 0 and p["prompt_once_per_beam_s"] > 0
     assert res["target"]["speedup"] is None  # the quick run has no batch of 8
+    assert res["checks"] == {"answers_non_empty": True, "empty_answers": dict.fromkeys(names, 0), "logits_finite": True}
     assert "--quick" in proc.stdout or "records/s" in proc.stdout

@@ -267,12 +267,13 @@ def test_load_pretrained_model_options(tiny_llava_dir):
         load_pretrained_model(str(tiny_llava_dir), None, "tiny", load_4bit=True)
     with pytest.raises(TypeError, match="unsupported arguments"):
         load_pretrained_model(str(tiny_llava_dir), None, "tiny", device="cpu", not_an_option=1)
-    if not torch.cuda.is_available():
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            _, model, _, _ = load_pretrained_model(str(tiny_llava_dir), None, "tiny")
-        assert any("CUDA is not available" in str(w.message) for w in caught)
-        assert model.device.type == "cpu" and model.dtype == torch.float32
+    # LLaVA's default device="cuda" on a machine without CUDA (simulated on a GPU machine): a warning, CPU, float32
+    with pytest.MonkeyPatch.context() as m, warnings.catch_warnings(record=True) as caught:
+        m.setattr(torch.cuda, "is_available", lambda: False)
+        warnings.simplefilter("always")
+        _, model, _, _ = load_pretrained_model(str(tiny_llava_dir), None, "tiny")
+    assert any("CUDA is not available" in str(w.message) for w in caught)
+    assert model.device.type == "cpu" and model.dtype == torch.float32
 
 
 def test_original_format_checkpoint_keeps_its_aspect_ratio(tiny_llava_dir, tmp_path):

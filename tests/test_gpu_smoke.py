@@ -95,15 +95,30 @@ def test_inference_reads_the_zero3_model_and_scores_its_output(dry):
     assert flag(score, "--file") == flag(infer, "--eval_output")
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU path")
-def test_gpu_checks_runs_every_part_and_reports_each_failure(tmp_path):
-    """benchmarks/gpu_checks.sh on a machine without CUDA: each of its three parts still runs (one failing
-    does not stop the next), each says why it failed in its own log, and the script exits 1."""
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    result = subprocess.run(["bash", str(REPO / "benchmarks/gpu_checks.sh")], capture_output=True, text=True, timeout=300,
-                            env={**env, "PYTHON": sys.executable, "RESULTS": str(tmp_path)})
-    assert result.returncode == 1, result.stdout + result.stderr
-    for part, why in [("smoke", "FAIL cuda no CUDA device"), ("step", "no CUDA device"), ("infer", "--device cuda: no CUDA")]:
-        assert f"== {part}: exit " in result.stdout, result.stdout
-        assert why in (tmp_path / f"{part}.log").read_text(), part
-    assert "torch " in (tmp_path / "gpu.txt").read_text()
+@pytest.mark.slow
+def test_gpu_checks_without_a_gpu(tmp_path):
+    """benchmarks/gpu_checks.sh on a machine without a usable GPU: the parts that need none run and give figures,
+    each other part is named as needing one, and the run exits 0 with everything in one JSON."""
+    import json
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, "RESULTS": str(tmp_path / "r")}
+    env.pop("PARTS", None)
+    result = subprocess.run(["bash", str(REPO / "benchmarks/gpu_checks.sh")], capture_output=True, text=True, timeout=600,
+                            env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("published", "attention", "memory", "infer"):
+        assert f"== {name}: needs a GPU: not run" in result.stdout
+    assert result.stdout.splitlines()[0].startswith("driver: ")
+    checks = json.loads((tmp_path / "r" / "gpu_checks.json").read_text())
+    parts = checks["parts"]
+    assert set(parts) == {"table", "published", "attention", "memory", "precision", "update", "infer"}
+    assert all(parts[n]["figures"] is None for n in ("published", "attention", "memory", "infer"))
+    assert checks["machine"]["cuda_usable"] is False
+    rows = parts["table"]["figures"]["rows"]
+    assert len(rows) == 9 and all(r["total"] > 0 for r in rows)
+    precision = parts["precision"]["figures"]
+    assert precision["finite"] and 0 < precision["max_rel_logp_diff"] < 0.05
+    update = parts["update"]["figures"]
+    # bf16 weights keep most of a 5e-7 step below their rounding; fp32 master weights all move
+    assert update["fp32_master_weights"]["stored_values_changed"] > 0.99
+    assert update["bf16_weights"]["bf16_values_changed"] < 0.1

@@ -466,3 +466,30 @@ def test_alt_text_cli(tiny_llava_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         alt_text.main(["--model_name", str(tiny_llava_dir), "--image", str(tmp_path / "none.png")])
     assert e.value.code == 2 and "image file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, bf16_gpu, stored, expect", [
+    ("cpu", False, "bfloat16", "float32"),
+    ("cuda", True, "bfloat16", "bfloat16"),
+    ("cuda", True, "float16", "bfloat16"),  # float16 only when asked, even for a checkpoint stored in it
+    ("cuda", True, None, "bfloat16"),
+    ("cuda", False, "float16", "float16"),  # a GPU without bfloat16 keeps the stored dtype
+    ("cuda", False, "bfloat16", "float32"),
+])
+def test_dtype_auto(device, bf16_gpu, stored, expect, monkeypatch):
+    from llava.eval.inference import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
+    assert resolve_dtype("auto", torch.device(device), stored) == getattr(torch, expect)
+    assert resolve_dtype("float16", torch.device(device), stored) == torch.float16
+
+
+def test_stored_dtype_of_a_checkpoint(tiny_llava_dir, tmp_path):
+    from llava.eval.inference import stored_dtype
+
+    copy = tmp_path / "bf16"
+    shutil.copytree(tiny_llava_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | {"dtype": "bfloat16"}))
+    assert stored_dtype(str(tiny_llava_dir)) == "float32" and stored_dtype(str(copy)) == "bfloat16"
+    assert stored_dtype(str(tmp_path / "missing")) is None

@@ -151,7 +151,7 @@ def test_tree_positions_and_mask(tiny_llava_dir, preference_file):
         sel = packed["logp_mask"][0, c]
         row, last_pos = divmod(int(packed["logp_index"][0, c][sel][-1]), packed_width)
         assert row == (0 if "_mw_" in CONDITIONS[c] else 1)
-        mask, pos, ids = packed["attention_mask"][row, 0], packed["position_ids"][row], packed["input_ids"][row]
+        mask, pos, ids = packed["tree"].dense()[row, 0], packed["position_ids"][row], packed["input_ids"][row]
         visible = mask[last_pos].nonzero().flatten()
         full_sequence = naive["input_ids"][c][naive["attention_mask"][c]]
         n_idx = naive["logp_index"][0, c][naive["logp_mask"][0, c]] - c * width

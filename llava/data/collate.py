@@ -2,21 +2,30 @@
 
 Every collator returns a dict with the same keys, so one forward function serves SFT, DPO and
 MCM-DPO, packed or naive (``B`` records, ``R`` rows, ``L`` positions, ``C`` conditions, ``T``
-scored tokens per condition, ``N`` images)::
+scored tokens per condition, ``S`` scored tokens in all, ``N`` images)::
 
     input_ids      [R, L]        long   image tokens expanded in place
-    attention_mask [R, L] bool   (padding only), or [R, 1, L, L] bool (tree: True = may attend)
+    attention_mask [R, L]        bool   padding (naive and SFT only: packed rows have ``tree``)
+    tree           TreeLayout           packed only: each row's chains (``llava.model.tree_attention``),
+                                        host-side integers; no [L, L] mask is built
     position_ids   [R, L]        long   (packed only; absent means 0..L-1)
     pixel_values   [N, 3, S, S] or [N, P, 3, S, S] (anyres)   images in the order they occur
     image_sizes    [N, 2]        long   (height, width), anyres only
+    image_tokens   int                  image token ids in ``input_ids`` (checked against the features without
+                                        reading the device)
     logp_index     [B, C, T]     long   flat index into the R*L hidden states that predicts ...
     logp_target    [B, C, T]     long   ... this token
     logp_mask      [B, C, T]     bool   which of the T slots are real
+    scored_index   [S]           long   logp_index of the real slots only, in order ...
+    scored_target  [S]           long   ... their targets ...
+    scored_slot    [S]           long   ... and where each goes in the flattened [B * C * T]
     index          [B]           long   dataset index of each record (reference-cache key)
     conditions     C names       tuple  the condition of each of the C columns (``llava.method``)
 
 ``logp_index`` points at the position *before* each scored token: a response's first token is
-predicted at the last position of its parent segment, wherever packing placed that segment.
+predicted at the last position of its parent segment, wherever packing placed that segment. The
+``scored_*`` tensors are the same plan without the padded slots, so the forward gathers them with
+no boolean indexing (which would wait for the device to count the selected elements).
 
 A packed preference record is one row per distinct image, holding that image's tree of segments,
 each written once::
@@ -42,6 +51,7 @@ from llava.constants import IGNORE_INDEX
 from llava.data.datasets import PreferenceExample, SFTExample
 from llava.data.images import ProcessedImage
 from llava.method import SFT_CONDITION, Condition, condition
+from llava.model.tree_attention import TreeLayout, row_chains
 
 
 @dataclass(frozen=True)
@@ -56,23 +66,21 @@ class _Placed:
 
 @dataclass
 class _Row:
-    """One row under construction: token ids, position ids, segment of each token, images."""
+    """One row under construction: token ids, position ids, each segment's span and parent, images."""
 
     ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
-    segments: list[int] = field(default_factory=list)
-    ancestors: list[set[int]] = field(default_factory=list)  # per segment: itself and its ancestors
+    segments: list[tuple[int, int, int | None]] = field(default_factory=list)  # (start, end, parent segment)
     images: list[ProcessedImage] = field(default_factory=list)
 
     def add(self, ids: list[int], parent: _Placed | None) -> _Placed:
         """Append a segment after everything already in the row, as a child of ``parent``."""
-        seg = len(self.ancestors)
-        self.ancestors.append((self.ancestors[parent.segment] if parent else set()) | {seg})
+        seg = len(self.segments)
         first_position = parent.next_position if parent else 0
         start = len(self.ids)
         self.ids += ids
         self.positions += range(first_position, first_position + len(ids))
-        self.segments += [seg] * len(ids)
+        self.segments.append((start, len(self.ids), parent.segment if parent else None))
         return _Placed(seg, start, start + len(ids) - 1, first_position + len(ids))
 
     def add_image(self, image: ProcessedImage, image_token_id: int, parent: _Placed | None) -> _Placed:
@@ -102,7 +110,7 @@ def stack_images(images: Sequence[ProcessedImage]) -> dict[str, torch.Tensor]:
 
 
 def _gather_plan(scored: list[list[list[tuple[int, int]]]]) -> dict[str, torch.Tensor]:
-    """``scored[b][c]`` = [(flat index, target token), ...] -> padded ``[B, C, T]`` tensors."""
+    """``scored[b][c]`` = [(flat index, target token), ...] -> padded ``[B, C, T]`` tensors and the ``[S]`` real slots."""
     b, c = len(scored), len(scored[0])
     t = max(len(s) for per in scored for s in per)
     index = torch.zeros(b, c, t, dtype=torch.long)
@@ -115,7 +123,14 @@ def _gather_plan(scored: list[list[list[tuple[int, int]]]]) -> dict[str, torch.T
                 index[i, j, : len(idx)] = torch.tensor(idx)
                 target[i, j, : len(tgt)] = torch.tensor(tgt)
                 mask[i, j, : len(idx)] = True
-    return {"logp_index": index, "logp_target": target, "logp_mask": mask}
+    slot = torch.arange(mask.numel()).view(mask.shape)[mask]
+    return {"logp_index": index, "logp_target": target, "logp_mask": mask,
+            "scored_index": index.flatten()[slot], "scored_target": target.flatten()[slot], "scored_slot": slot}
+
+
+def _count(ids: torch.Tensor, token: int) -> int:
+    """Occurrences of ``token`` in ``ids``, counted here on the host so the forward need not read the device."""
+    return int((ids == token).sum())
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -145,10 +160,11 @@ class PreferenceCollator:
         width = batch["input_ids"].shape[1]
         if self.packed:
             batch["position_ids"] = _pad([r.positions for r in rows], 0)
-            batch["attention_mask"] = torch.stack([_tree_mask(r, width) for r in rows]).unsqueeze(1)
+            batch["tree"] = TreeLayout.of_rows([row_chains(r.segments, width) for r in rows], width)
         else:
             batch["attention_mask"] = _pad([[1] * len(r.ids) for r in rows], 0).bool()
         batch.update(stack_images([im for r in rows for im in r.images]))
+        batch["image_tokens"] = _count(batch["input_ids"], self.image_token_id)
         # scored positions are row-local: make them flat indices into the [R * L] hidden states
         batch.update(_gather_plan([[[(row * width + p, t) for p, t in pairs] for row, pairs in per] for per in scored]))
         batch["index"] = torch.tensor([e.index for e in examples], dtype=torch.long)
@@ -192,24 +208,6 @@ class PreferenceCollator:
         return rows, scored
 
 
-def _tree_mask(row: _Row, width: int) -> torch.Tensor:
-    """``[L, L]`` bool: token i may attend token j iff j <= i and j's segment is i's or an ancestor's.
-
-    Padding attends only to itself, so no softmax row is empty.
-    """
-    n = len(row.ids)
-    seg = torch.tensor(row.segments)
-    k = len(row.ancestors)
-    anc = torch.zeros(k, k, dtype=torch.bool)
-    for s, a in enumerate(row.ancestors):
-        anc[s, list(a)] = True
-    mask = torch.zeros(width, width, dtype=torch.bool)
-    mask[:n, :n] = anc[seg][:, seg] & torch.ones(n, n, dtype=torch.bool).tril()
-    pad = torch.arange(n, width)
-    mask[pad, pad] = True
-    return mask
-
-
 class SFTCollator:
     """Right-padded conversations; scored tokens are the label positions (answers and their EOS)."""
 
@@ -235,6 +233,7 @@ class SFTCollator:
         width = batch["input_ids"].shape[1]
         batch["attention_mask"] = _pad([[1] * len(r) for r in rows], 0).bool()
         batch.update(stack_images(images))
+        batch["image_tokens"] = _count(batch["input_ids"], self.image_token_id)
         scored = [[[(b * width + p - 1, t) for p, t in enumerate(lab) if t != IGNORE_INDEX and p > 0]]
                   for b, lab in enumerate(labels)]
         batch.update(_gather_plan(scored))

@@ -179,8 +179,10 @@ def generate_ids(model, prompts: Sequence[Prompt], *, pad_token_id: int, eos_tok
     images = [p.image for p in prompts if p.image is not None]
     tensors = stack_images(images)
     ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    image_id = unwrap(model).config.image_token_id
     embeds = embed(model, ids, tensors["pixel_values"].to(device) if tensors else None,
-                   tensors["image_sizes"].to(device) if "image_sizes" in tensors else None)
+                   tensors["image_sizes"].to(device) if "image_sizes" in tensors else None,
+                   image_tokens=sum(p.input_ids.count(image_id) for p in prompts))  # counted here, not on the device
     kwargs = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, use_cache=True)
     if shared_prompt and num_beams > 1 and ids.shape[1] > 1:
         kwargs["cache"] = prompt_cache(model, embeds, mask, positions, num_beams, max_new_tokens + 1)

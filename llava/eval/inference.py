@@ -34,7 +34,8 @@ from llava.eval.output_file import (
 )
 
 # The released inference script's settings: `llava_v1` (the "human" wording, where training used `v1`),
-# the question followed by a newline, 3 beams, greedy, 256 new tokens (float16 on a GPU: --dtype auto).
+# the question followed by a newline, 3 beams, greedy, 256 new tokens. (The released script ran float16 on a GPU;
+# --dtype auto runs bfloat16, what the published runs train in, and float16 only when asked: --dtype float16.)
 DEFAULTS = dict(conv_mode="llava_v1", prompt_newline=True, batch_size=8, num_beams=3, temperature=0.0,
                 max_new_tokens=256, image_aspect_ratio="pad")
 
@@ -73,8 +74,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image_aspect_ratio", default=DEFAULTS["image_aspect_ratio"], choices=["pad", "square", "anyres"],
                    help="pad (default, the paper's), square, or anyres (LLaVA-NeXT multi-crop)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="auto: float16 on a GPU (as released), float32 on CPU (training's --bf16 True is bfloat16, "
-                        "--fp16 True float16)")
+                   help="auto: bfloat16 on a GPU that has it (the training dtype of --bf16 True, the published runs), "
+                        "else the checkpoint's stored dtype on a GPU, float32 on CPU; float16 (the released script's) "
+                        "only when asked")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,13 +183,37 @@ def init_dist() -> Dist:
 # Model
 
 
-def resolve_dtype(name: str, device):
+def resolve_dtype(name: str, device, stored: str | None = None):
+    """The inference dtype for ``--dtype name`` on ``device``; ``stored``: the checkpoint's recorded dtype.
+
+    ``auto`` never picks float16 for a checkpoint trained in bfloat16: its activations can exceed
+    float16's range (NaN logits, empty answers). On a GPU without bfloat16 it keeps the stored dtype."""
     import torch
 
-    if name == "auto":
-        # float16 on a GPU, as the released inference runs
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    by_name = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name != "auto":
+        return by_name[name]
+    if device.type != "cuda":
+        return torch.float32
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16 if stored == "float16" else torch.float32
+
+
+def stored_dtype(model_name: str, model_base: str | None = None) -> str | None:
+    """The dtype a local checkpoint's config.json records (a LoRA adapter's: its base's), or None."""
+    import json
+
+    from llava.model.load import ModelLoadError, checkpoint_kind, lora_base
+
+    try:
+        path = Path(model_name)
+        if checkpoint_kind(model_name) == "lora":
+            path = lora_base(path, model_base)
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (ModelLoadError, OSError, ValueError):  # loading reports what is wrong; auto does without
+        return None
+    return cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
 
 
 def pick_device(local_rank: int = 0):
@@ -222,7 +248,7 @@ def load_for_inference(model_name: str, model_base: str | None, dtype_name: str,
     from llava.model.load import ModelLoadError, load_model
 
     device = pick_device(local_rank)
-    dtype = resolve_dtype(dtype_name, device)
+    dtype = resolve_dtype(dtype_name, device, stored_dtype(model_name, model_base) if dtype_name == "auto" else None)
     try:
         attn = attention_here(attn_implementation, ordinary_masks=True, dtype=dtype, cuda=device.type == "cuda")
         model, processor = load_model(model_name, model_base, dtype=dtype, vision_tower=vision_tower, attn_implementation=attn)

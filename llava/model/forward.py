@@ -8,7 +8,10 @@ inside a DeepSpeed engine) runs it. The batch layout is the collators' (``llava.
 chunk recomputed in backward rather than stored, so no ``[positions x vocabulary]`` tensor ever
 exists for whole sequences. Tree-packed rows run through ``llava.model.tree_attention`` when the
 language model's kernel is ``sdpa_tree`` (masked-out pairs skipped), and through the dense masked
-kernel otherwise (``sdpa``/``eager``, the reference). ``response_logps_naive`` is the published
+kernel otherwise (``sdpa``/``eager``, the reference, with the mask built from the layout here). Nothing
+in ``response_logps`` reads a value back from the device (no ``.item()``, ``.tolist()``, boolean
+indexing): the layout and the gather plan come from the collator as host integers and index tensors,
+so a GPU step is queued without waiting (tests/test_host_syncs.py). ``response_logps_naive`` is the published
 computation (full logits at every position of every sequence, then a log-softmax over the
 vocabulary), kept as the reference.
 """
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from llava.model.tree_attention import TREE_SDPA, tree_layout
+from llava.model.tree_attention import TREE_SDPA
 
 LOGP_CHUNK = 1024  # scored positions per head chunk
 
@@ -63,8 +66,11 @@ def image_features(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor 
 
 
 def embed(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-          image_sizes: torch.Tensor | None = None) -> torch.Tensor:
-    """Input embeddings ``[R, L, H]`` with each image's features written over its image tokens."""
+          image_sizes: torch.Tensor | None = None, image_tokens: int | None = None) -> torch.Tensor:
+    """Input embeddings ``[R, L, H]`` with each image's features written over its image tokens.
+
+    ``image_tokens``: how many image token ids ``input_ids`` holds, when the caller counted them on the
+    host (the collators do); otherwise they are counted here, which waits for the device."""
     llava = unwrap(model)
     embeds = llava.get_input_embeddings()(input_ids)
     if pixel_values is None:
@@ -72,22 +78,28 @@ def embed(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = No
     pixels = pixel_values.to(next(llava.model.vision_tower.parameters()).dtype)
     features = torch.cat(image_features(model, pixels, image_sizes)).to(embeds.dtype)
     slots = input_ids == llava.config.image_token_id
-    if int(slots.sum()) != features.shape[0]:
-        raise ValueError(f"{int(slots.sum())} image tokens in the batch but {features.shape[0]} image features")
+    if image_tokens is None:
+        image_tokens = int(slots.sum())
+    if image_tokens != features.shape[0]:
+        raise ValueError(f"{image_tokens} image tokens in the batch but {features.shape[0]} image features")
     return embeds.masked_scatter(slots.unsqueeze(-1), features)
 
 
 def hidden_states(model, batch: dict) -> torch.Tensor:
     """Last hidden states ``[R, L, H]`` of the language model with the images in place."""
     llava = unwrap(model)
-    embeds = embed(model, batch["input_ids"], batch.get("pixel_values"), batch.get("image_sizes"))
-    mask, extra = batch["attention_mask"], {}
-    if mask.dim() == 4:
-        if llava.model.language_model.config._attn_implementation == TREE_SDPA:
-            # the boolean mask passes through transformers' mask preparation untouched; the kernel reads the layout
-            extra["tree_layout"] = tree_layout(mask)
-        else:  # the dense reference: an additive float mask in the model's dtype (0 = attend)
-            mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill(~mask, torch.finfo(embeds.dtype).min)
+    embeds = embed(model, batch["input_ids"], batch.get("pixel_values"), batch.get("image_sizes"), batch.get("image_tokens"))
+    tree, extra = batch.get("tree"), {}
+    if tree is None:
+        mask = batch["attention_mask"]
+    elif llava.model.language_model.config._attn_implementation == TREE_SDPA:
+        # The kernel reads the layout. transformers passes a 4-D mask through its mask preparation untouched
+        # (a 2-D one or none would be turned into a dense mask); this one is a stride-0 view of one element.
+        mask = torch.ones((), dtype=torch.bool, device=embeds.device).expand(tree.rows, 1, tree.length, tree.length)
+        extra["tree_layout"] = tree
+    else:  # the dense reference: an additive float mask in the model's dtype (0 = attend)
+        allowed = tree.dense(embeds.device)
+        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(~allowed, torch.finfo(embeds.dtype).min)
     out = llava.model.language_model(
         inputs_embeds=embeds, attention_mask=mask, position_ids=batch.get("position_ids"), use_cache=False, return_dict=True,
         **extra,
@@ -114,11 +126,11 @@ def token_logps(head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tenso
 def response_logps(model, batch: dict, chunk: int = LOGP_CHUNK) -> torch.Tensor:
     """Summed log-probabilities ``[B, C]`` of the scored tokens of each record and condition."""
     hidden = hidden_states(model, batch)
-    mask = batch["logp_mask"]
-    flat = hidden.reshape(-1, hidden.shape[-1])[batch["logp_index"][mask]]
-    logps = token_logps(unwrap(model).lm_head, flat, batch["logp_target"][mask], chunk)
-    out = torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device)
-    return out.masked_scatter(mask, logps).sum(-1)
+    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["scored_index"])
+    logps = token_logps(unwrap(model).lm_head, flat, batch["scored_target"], chunk)
+    shape = batch["logp_mask"].shape
+    out = logps.new_zeros(shape.numel()).index_copy(0, batch["scored_slot"], logps)  # each slot once: deterministic
+    return out.view(shape).sum(-1)
 
 
 def response_logps_naive(model, batch: dict) -> torch.Tensor:
@@ -126,7 +138,7 @@ def response_logps_naive(model, batch: dict) -> torch.Tensor:
 
     Only for the padding-masked (naive) layout, which gives each condition its own row and image.
     """
-    if batch["attention_mask"].dim() != 2:
+    if "tree" in batch:
         raise ValueError("the naive forward needs the naive (one row per condition) batch layout")
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes") if k in batch}
     inputs["attention_mask"] = inputs["attention_mask"].long()
