@@ -235,6 +235,11 @@ def reference(tiny_llava_dir, tmp_path_factory):
 KILL_ARGS = ["--batch_size", "1", "--max_new_tokens", "24", "--num_beams", "1", "--no_progress"]
 
 
+def written_like(reference, out):
+    """``out`` as a run of the reference's settings leaves it: its run identity beside it (``OUT.run.json``)."""
+    shutil.copy(O.identity_path(reference), O.identity_path(out))
+
+
 @pytest.mark.slow
 def test_kill_and_resume(tiny_llava_dir, reference, tmp_path):
     out = tmp_path / "out.jsonl"
@@ -256,7 +261,7 @@ def test_kill_and_resume(tiny_llava_dir, reference, tmp_path):
 
     assert run_main(tiny_llava_dir, [FIX / "test.jsonl", FIX / "pope.jsonl"], out, *KILL_ARGS, images=IMAGES) == 0
     assert out.read_bytes() == reference.read_bytes()  # every record once, identical responses, input order
-    assert not list(tmp_path.glob("out.jsonl.*"))  # no temp, lock or part file left
+    assert [p.name for p in tmp_path.glob("out.jsonl.*")] == ["out.jsonl.run.json"]  # no temp, lock or part file left
 
 
 def test_torn_line_and_out_of_order_resume(tiny_llava_dir, reference, tmp_path, capsys):
@@ -264,6 +269,7 @@ def test_torn_line_and_out_of_order_resume(tiny_llava_dir, reference, tmp_path, 
     out = tmp_path / "out.jsonl"
     # records 6, 1, 3 done (out of order), then a write cut short in the middle of record 4's line
     out.write_bytes(lines[6] + lines[1] + lines[3] + lines[4][: len(lines[4]) // 2])
+    written_like(reference, out)
     run_main(tiny_llava_dir, [FIX / "test.jsonl", FIX / "pope.jsonl"], out, *KILL_ARGS)
     assert out.read_bytes() == reference.read_bytes()
     err = capsys.readouterr().err
@@ -273,6 +279,7 @@ def test_torn_line_and_out_of_order_resume(tiny_llava_dir, reference, tmp_path, 
 def test_complete_output_is_left_alone_and_error_rows_retried(tiny_llava_dir, reference, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     shutil.copy(reference, out)
+    written_like(reference, out)
     before = out.stat().st_mtime_ns
     run_main(tiny_llava_dir, [FIX / "test.jsonl", FIX / "pope.jsonl"], out, *KILL_ARGS)
     assert out.read_bytes() == reference.read_bytes() and out.stat().st_mtime_ns == before
@@ -292,7 +299,7 @@ def test_foreign_output_is_refused(tiny_llava_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_main(tiny_llava_dir, [FIX / "pope.jsonl"], out, *FAST)
     assert e.value.code == 2
-    assert "line 1: matches no record" in capsys.readouterr().err
+    assert "has no run identity" in capsys.readouterr().err
     assert "something else" in out.read_text()  # untouched
     run_main(tiny_llava_dir, [FIX / "pope.jsonl"], out, "--overwrite", *FAST)
     assert [r["idx"] for r in read_jsonl(out)] == [0, 1, 2]
@@ -306,7 +313,7 @@ def test_second_run_on_the_same_output_is_refused(tiny_llava_dir, tmp_path, caps
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run is writing out.jsonl
         with pytest.raises(SystemExit) as e:
             run_main(tiny_llava_dir, [FIX / "pope.jsonl"], out, *FAST)
-    assert e.value.code == 2 and "another inference run is writing" in capsys.readouterr().err
+    assert e.value.code == 2 and f"another run is writing {out}" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -327,6 +334,7 @@ def test_two_process_sharded_with_resume(tiny_llava_dir, reference, tmp_path):
     lines = reference.read_bytes().splitlines(keepends=True)
     out = tmp_path / "out.jsonl"
     out.write_bytes(lines[0] + lines[5])
+    written_like(reference, out)
     (tmp_path / "out.jsonl.rank1.part").write_bytes(lines[2] + lines[8][:20])  # torn
     (tmp_path / "out.jsonl.rank3.part").write_bytes(lines[7])  # from a run with more processes
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -336,7 +344,7 @@ def test_two_process_sharded_with_resume(tiny_llava_dir, reference, tmp_path):
     res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert out.read_bytes() == reference.read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.run.json"]
     assert "4 of 10 records already done" in res.stderr
 
 

@@ -310,3 +310,66 @@ def _reads(marker: Path, token: str) -> bool:
         return marker.read_text() == token
     except OSError:
         return False
+
+
+# -- whose run: the identity of the run an OUTPUT_DIR holds -------------------------------------------
+
+IDENTITY_FILE = "run.json"  # in OUTPUT_DIR and in each checkpoint: the settings that define the run's result
+LOCK_FILE = ".lock"
+# What this tool writes into OUTPUT_DIR before it writes the run's identity (a run stopped before step 1)
+BEFORE_IDENTITY = (LOCK_FILE, "skipped_records.jsonl", "train.log", "ref_logps")
+BEFORE_IDENTITY_PREFIXES = ("error-rank", STAGING_PREFIX, ".shared-check-")
+
+
+class OutputDirError(ValueError):
+    """OUTPUT_DIR holds something this run must not continue or write over."""
+
+
+def read_identity(folder: str | Path) -> dict | None:
+    try:
+        return json.loads((Path(folder) / IDENTITY_FILE).read_text())["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def differing(saved: dict, current: dict) -> list[str]:
+    """The settings, by name, whose values differ between two run identities."""
+    return sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+
+
+def claim_output_dir(output_dir: str | Path, identity: dict, overwrite: bool) -> None:
+    """Make ``output_dir`` this run's before any model loads; call it from rank 0.
+
+    Continued (a checkpoint resumed, files written over) only when its ``run.json`` is this run's
+    identity. Refused in one line: a directory holding files no run of this tool wrote (not even with
+    ``--overwrite_output_dir``: they are not ours to discard), another run's directory, or one without
+    an identity (written by another tool or an older version). ``--overwrite_output_dir`` starts afresh
+    in a run's directory: its checkpoints and final-model marker are removed, so no later resume takes them.
+    """
+    folder = Path(output_dir)
+    saved = read_identity(folder)
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if saved is None:
+        others = [n for n in names if n not in BEFORE_IDENTITY and not n.startswith(BEFORE_IDENTITY_PREFIXES)]
+        runs = [n for n in others if n == STATE_FILE or n.startswith(f"{PREFIX_CHECKPOINT_DIR}-")]
+        if others and not runs:
+            raise OutputDirError(f"--output_dir {folder} holds files no training run of this tool wrote ({', '.join(others[:3])}"
+                                 f"{', ...' if len(others) > 3 else ''}): nothing is written there, not even with "
+                                 "--overwrite_output_dir; choose another --output_dir")
+        if runs and not overwrite:
+            raise OutputDirError(f"--output_dir {folder} holds a training run without a run identity (no {IDENTITY_FILE}: "
+                                 "another tool or an older version): use another --output_dir, or --overwrite_output_dir "
+                                 "to start afresh there")
+    elif saved != identity and not overwrite:
+        raise OutputDirError(f"--output_dir {folder} holds another run (differs in {', '.join(differing(saved, identity))}): "
+                             "use another --output_dir, or --overwrite_output_dir to start afresh there")
+    if overwrite:
+        for name in names:
+            if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-"):
+                shutil.rmtree(folder / name, ignore_errors=True)
+        discard_final_model_marker(folder)
+    if overwrite or saved != identity:
+        folder.mkdir(parents=True, exist_ok=True)
+        from llava.fileio import write_atomic
+
+        write_atomic(folder / IDENTITY_FILE, json.dumps({"tool": "llava-mcmdpo train", "identity": identity}, indent=1) + "\n")

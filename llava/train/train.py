@@ -10,6 +10,7 @@ is reported before the first step as one line naming the file, record and field.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -27,7 +28,8 @@ from llava.conversation import get_template
 from llava.data.collate import PreferenceCollator, SFTCollator
 from llava.data.datasets import PreferenceDataset, SFTDataset
 from llava.data.images import ImageProcessor, image_path
-from llava.data.records import DataError, DataProblem, Record, read_records_checked
+from llava.data.records import (SPECIAL_TEXT, DataError, DataProblem, Record, read_records_checked,
+                                 strip_special_text)
 from llava.data.show import render_text, sequences_of
 from llava.data.verify import (SKIPPED_RECORDS, bad_records, leave_out, verify_images_everywhere,
                                write_skipped_records)
@@ -36,11 +38,13 @@ from llava.model.chat_template import set_chat_template
 from llava.model.hub import dataset_fingerprint
 from llava.model.load import ModelLoadError, checkpoint_kind, compose, load_model, resolve_hub_arguments, save_model
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
-from llava.train.checkpoints import (AUTO, ReplayEpochOrder, SaveAtEpochEnd, check_output_dir_shared,
-                                     copy_final_model, discard_final_model_marker, remove_unfinished_saves, resolve_resume,
-                                     save_failure, steps_done)
+from llava.train.checkpoints import (AUTO, LOCK_FILE, OutputDirError, ReplayEpochOrder, SaveAtEpochEnd,
+                                     check_output_dir_shared, claim_output_dir, copy_final_model,
+                                     discard_final_model_marker, remove_unfinished_saves, resolve_resume, save_failure,
+                                     steps_done)
 from llava.train.deepspeed_host import refuse_abandoned_build_locks, release_shared_memory_names
-from llava.train.errors import EXPECTED, error_line, exit_code, write_traceback
+from llava.fileio import LockHeld, RunLock
+from llava.train.errors import EXPECTED, error_line, exit_code, rank, write_traceback
 from llava.train.model_card import CardFacts, release_generation_config, write_model_card
 from llava.train.pause_points import PauseMidStep
 from llava.train.params import Trainable, apply_lora, quantization, set_trainable
@@ -126,6 +130,12 @@ def verified_records(data_args: DataArguments, args: TrainingArguments, task: st
     hint = "--skip_bad_records leaves bad records out"
     if problems and not data_args.skip_bad_records:
         raise DataError(problems, hint=hint)
+    if data_args.strip_special_text:
+        records = [strip_special_text(r) for r in records]
+    elif (special := [r for r in records if r != strip_special_text(r)]) and args.process_index == 0:
+        logger.warning("%d of %d records of %s hold special-token literals (%s), read as those tokens; first: record %d "
+                       "(--strip_special_text removes them; llava-check lists them)", len(special), len(records),
+                       data_args.data_path, ", ".join(SPECIAL_TEXT), special[0].number)
     start = time.time()
     check = verify_images_everywhere(records, data_args.image_folder, allow_outside=data_args.allow_outside_image_folder)
     main_process = args.process_index == 0
@@ -206,6 +216,29 @@ def reference_key(model_args, data_args, args, conditions, processor, records) -
     }
 
 
+# Training flags that change the trained weights (beside ``reference_key``'s model, data and preprocessing);
+# logging, saving, workers, report_to, evaluation and the like do not count.
+RESULT_FLAGS = ("task", "use_cross_modal_loss", "use_cl_reward_num", "para_norm", *(f"para_r{i}" for i in range(1, 8)),
+                "beta", "mcm_aggregate", "reference_mode", "learning_rate", "mm_projector_lr", "mm_vision_tower_lr",
+                "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "lr_scheduler_type",
+                "warmup_ratio", "warmup_steps", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "world_size", "seed", "data_seed", "group_by_modality_length", "lora_enable",
+                "lora_r", "lora_alpha", "lora_dropout", "lora_bias", "freeze_mm_mlp_adapter", "nan_policy")
+MODEL_RESULT_FLAGS = ("freeze_backbone", "tune_mm_mlp_adapter", "unfreeze_mm_vision_tower")
+
+
+def run_identity(model_args, data_args, args, conditions, records) -> dict:
+    """The settings that define this run's result, written to ``OUTPUT_DIR/run.json`` and each checkpoint:
+    ``reference_key`` (every byte of the model, the data, images, preprocessing, precision) and the
+    training flags (``RESULT_FLAGS``). A resume continues only a directory of the same identity."""
+    key = reference_key(model_args, data_args, args, conditions, None, records)
+    del key["processor"]  # its files are the model directory's, which "model" hashes
+    flags = {f"--{name}": getattr(args, name) for name in RESULT_FLAGS}
+    flags |= {f"--{name}": getattr(model_args, name) for name in MODEL_RESULT_FLAGS}
+    flags |= {"--strip_special_text": data_args.strip_special_text, "records": len(records)}
+    return json.loads(json.dumps({**key, **flags}, default=lambda v: getattr(v, "value", str(v))))
+
+
 def prepare(argv: list[str] | None = None, parsed=None) -> LlavaTrainer:
     """The trainer of a command line; ``parsed``: its ``parse_args(argv)``, if already done."""
     argv = sys.argv[1:] if argv is None else list(argv)  # the model card records the command as given
@@ -235,6 +268,9 @@ def prepare(argv: list[str] | None = None, parsed=None) -> LlavaTrainer:
     records = verified_records(data_args, args, task)
     eval_data = dataclasses.replace(data_args, data_path=data_args.eval_data_path) if data_args.eval_data_path else None
     eval_records = verified_records(eval_data, args, task, held_out=True) if eval_data else None
+    if args.process_index == 0:  # OUTPUT_DIR must hold this run or nothing (before the model loads)
+        claim_output_dir(args.output_dir, run_identity(model_args, data_args, args, conditions, records),
+                         args.overwrite_output_dir)
     llava, processor = build_model(model_args, args)
     # saved directories write the training prompt through apply_chat_template and decode as released
     set_chat_template(processor, get_template(model_args.version))
@@ -344,6 +380,24 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str):
+    """``OUTPUT_DIR/.lock``, held by rank 0 for the run (``llava.fileio.RunLock``, as inference's): a second run
+    into the same directory stops naming the first's host and PID. A directory made only for the lock goes
+    again with it (an input error before the run began leaves no directory behind)."""
+    folder = Path(output_dir)
+    made = not folder.exists()
+    try:
+        with RunLock(folder / LOCK_FILE, f"--output_dir {folder}", enabled=rank() == 0,
+                     log=lambda line: logger.warning("%s", line)):
+            yield
+    except LockHeld as e:
+        raise OutputDirError(str(e)) from None
+    finally:
+        if made and rank() == 0 and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train; any error ends this process with one line on stderr (``llava.train.errors``) and a non-zero
     exit, which makes the launcher stop the other ranks; the traceback goes to ``OUTPUT_DIR/error-rank{N}.log``."""
@@ -353,10 +407,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         parsed = parse_args(argv)
         output_dir = parsed[2].output_dir
-        trainer = prepare(argv, parsed)
-        started = True
-        train(trainer)
-        leave_process_group()
+        with output_dir_lock(output_dir):
+            trainer = prepare(argv, parsed)
+            started = True
+            train(trainer)
+            leave_process_group()
     except Exception as e:  # noqa: BLE001 -- every error becomes one line; the traceback goes to the log
         # an input error before the run began leaves no directory behind; once training, the run has one
         log = write_traceback(e, output_dir, create=started or not isinstance(e, EXPECTED))
