@@ -347,8 +347,11 @@ def claim_output_dir(output_dir: str | Path, identity: dict, overwrite: bool) ->
     in a run's directory: its checkpoints and final-model marker are removed, so no later resume takes them.
     """
     folder = Path(output_dir)
-    saved = read_identity(folder)
     names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    saved = read_identity(folder)
+    if saved is None:  # checkpoints copied into a new directory carry their run's identity
+        found = [read_identity(folder / n) for n in names if n.startswith(f"{PREFIX_CHECKPOINT_DIR}-")]
+        saved = found[0] if found and all(f is not None and f == found[0] for f in found) else None
     if saved is None:
         others = [n for n in names if n not in BEFORE_IDENTITY and not n.startswith(BEFORE_IDENTITY_PREFIXES)]
         runs = [n for n in others if n == STATE_FILE or n.startswith(f"{PREFIX_CHECKPOINT_DIR}-")]
@@ -368,7 +371,7 @@ def claim_output_dir(output_dir: str | Path, identity: dict, overwrite: bool) ->
             if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-"):
                 shutil.rmtree(folder / name, ignore_errors=True)
         discard_final_model_marker(folder)
-    if overwrite or saved != identity:
+    if overwrite or read_identity(folder) != identity:
         folder.mkdir(parents=True, exist_ok=True)
         from llava.fileio import write_atomic
 
