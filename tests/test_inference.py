@@ -23,6 +23,7 @@ import torch
 from llava.eval import inference as I
 from llava.eval import output_file as O
 from llava.eval.generate import build_prompt, generate_ids, left_pad, strip_response
+from tests.conftest import write_preference_set
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures" / "inference"
@@ -474,3 +475,45 @@ def test_alt_text_cli(tiny_llava_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         alt_text.main(["--model_name", str(tiny_llava_dir), "--image", str(tmp_path / "none.png")])
     assert e.value.code == 2 and "image file not found" in capsys.readouterr().err
+
+
+def test_only_this_runs_outputs_are_resumed(tiny_llava_dir, reference, tmp_path, capsys):
+    """Issue 24, symptoms 1 and 2: an --eval_output that is an input or not an inference output is refused
+    (even with --overwrite), as is one written with another model or other decoding or prompt settings;
+    each in one line, before the model loads, with nothing changed. A setting that does not change the
+    outputs (--batch_size) resumes."""
+    files = [FIX / "test.jsonl", FIX / "pope.jsonl"]
+
+    def refused(out, *extra, model=tiny_llava_dir, inputs=files):
+        files_now = lambda: {p: p.read_bytes() for p in out.parent.rglob("*") if p.is_file()}  # noqa: E731
+        before = files_now()
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run_main(model, inputs, out, *KILL_ARGS, *extra)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "\n" not in err, err
+        assert files_now() == before
+        return err
+
+    test_file = shutil.copy(FIX / "test.jsonl", tmp_path / "test.jsonl")
+    assert refused(test_file, inputs=[test_file]) == \
+        f"error: --eval_output {test_file} is the input file {test_file}: it would be written over; choose another --eval_output"
+    train_file = write_preference_set(tmp_path / "train", n=2, name="train.jsonl")
+    assert f"--eval_output {train_file} is not an inference output (line 1 has no response or error): it is not written " \
+           "over, not even with --overwrite" in refused(train_file, "--overwrite")
+
+    out = tmp_path / "out.jsonl"  # killed at 3 of 10 records
+    out.write_bytes(b"".join(reference.read_bytes().splitlines(keepends=True)[:3]))
+    written_like(reference, out)
+    other = shutil.copytree(tiny_llava_dir, tmp_path / "other")
+    weights = other / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert refused(out, model=other) == f"error: --eval_output {out} was written by another run (differs in " \
+                                        "--model_name_or_path): use another --eval_output, or --overwrite to discard it"
+    assert "(differs in --max_new_tokens, --num_beams, --version)" in \
+        refused(out, "--num_beams", "2", "--max_new_tokens", "5", "--version", "v1")
+    run_main(tiny_llava_dir, files, out, *KILL_ARGS, "--batch_size", "4")
+    assert out.read_bytes() == reference.read_bytes()
+    assert "3 of 10 records already done" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -28,6 +29,7 @@ from llava.conversation import get_template
 from llava.data.collate import PreferenceCollator, SFTCollator
 from llava.data.datasets import PreferenceDataset, SFTDataset
 from llava.data.images import ImageProcessor, image_path
+from llava.data.lengths import early_processor, too_long
 from llava.data.records import (SPECIAL_TEXT, DataError, DataProblem, Record, read_records_checked,
                                  strip_special_text)
 from llava.data.show import render_text, sequences_of
@@ -118,21 +120,28 @@ def build_data(records: list[Record], data_args: DataArguments, model_args: Mode
     return dataset, PreferenceCollator(conditions, tok.pad_token_id, image_token_id, packed=packed)
 
 
-def verified_records(data_args: DataArguments, args: TrainingArguments, task: str, *, held_out: bool = False) -> list[Record]:
+def verified_records(data_args: DataArguments, args: TrainingArguments, task: str, *, held_out: bool = False,
+                     lengths=None, writes: list | None = None) -> list[Record]:
     """The records of ``--data_path``, every image opened and verified before step 1 (``llava.data.verify``).
 
     A bad record (a field, or an image missing, unreadable or outside ``--image_folder``) stops the run
     naming file, record and field; with ``--skip_bad_records`` it is left out, counted in the log and
     listed in ``<output_dir>/skipped_records.jsonl``. Every process gets the same verdict. ``held_out``:
     the ``--eval_data_path`` records, verified after the training data (their lines join theirs).
+    ``lengths``: records -> the problems of answers too long for ``--model_max_length`` (``length_check``).
+    ``writes``: where the write of the list goes, to be done once OUTPUT_DIR is known to be this run's
+    (``claim_output_dir``); without it, written at once.
     """
     records, problems = read_records_checked(data_args.data_path, task)
+    if data_args.strip_special_text:
+        records = [strip_special_text(r) for r in records]
+    if lengths is not None:
+        problems += lengths(records)
     hint = "--skip_bad_records leaves bad records out"
     if problems and not data_args.skip_bad_records:
         raise DataError(problems, hint=hint)
-    if data_args.strip_special_text:
-        records = [strip_special_text(r) for r in records]
-    elif (special := [r for r in records if r != strip_special_text(r)]) and args.process_index == 0:
+    if not data_args.strip_special_text and (special := [r for r in records if r != strip_special_text(r)]) \
+            and args.process_index == 0:
         logger.warning("%d of %d records of %s hold special-token literals (%s), read as those tokens; first: record %d "
                        "(--strip_special_text removes them; llava-check lists them)", len(special), len(records),
                        data_args.data_path, ", ".join(SPECIAL_TEXT), special[0].number)
@@ -150,7 +159,12 @@ def verified_records(data_args: DataArguments, args: TrainingArguments, task: st
     kept = leave_out(records, problems)
     skipped_list = Path(args.output_dir) / SKIPPED_RECORDS
     if main_process:
-        write_skipped_records(skipped_list, problems, replacing=data_args.data_path if held_out else None)
+        write = functools.partial(write_skipped_records, skipped_list, problems,
+                                  replacing=data_args.data_path if held_out else None)
+        if writes is not None:
+            writes.append(write)
+        else:
+            write()
     if problems:
         left_out = len(bad_records(problems))
         if main_process:
@@ -160,6 +174,17 @@ def verified_records(data_args: DataArguments, args: TrainingArguments, task: st
             raise DataError(DataProblem(str(data_args.data_path), None, None, f"every record is bad ({left_out} left out, "
                                         f"listed in {skipped_list})"))
     return kept
+
+
+def length_check(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments):
+    """records -> answers too long for ``--model_max_length`` (``llava.data.lengths``), from the processor alone;
+    None where the processor comes only with the model (composed, original and LoRA layouts)."""
+    processor = early_processor(model_args.model_name_or_path)
+    if processor is None:
+        return None
+    strategy = getattr(processor, "vision_feature_select_strategy", None) or "default"
+    return lambda records: too_long(records, processor, model_args.version, data_args.image_aspect_ratio,
+                                    args.model_max_length, strategy)
 
 
 def check_eval_flags(data_args: DataArguments, args: TrainingArguments) -> None:
@@ -265,12 +290,16 @@ def prepare(argv: list[str] | None = None, parsed=None) -> LlavaTrainer:
                                      freeze_mm_mlp_adapter=args.freeze_mm_mlp_adapter)
     # The data first: a bad record stops the run before a model spends minutes loading.
     task = task_of(args)
-    records = verified_records(data_args, args, task)
+    lengths = length_check(model_args, data_args, args)
+    writes = []  # skipped_records.jsonl: not into a directory that turns out to hold another run
+    records = verified_records(data_args, args, task, lengths=lengths, writes=writes)
     eval_data = dataclasses.replace(data_args, data_path=data_args.eval_data_path) if data_args.eval_data_path else None
-    eval_records = verified_records(eval_data, args, task, held_out=True) if eval_data else None
+    eval_records = verified_records(eval_data, args, task, held_out=True, lengths=lengths, writes=writes) if eval_data else None
     if args.process_index == 0:  # OUTPUT_DIR must hold this run or nothing (before the model loads)
         claim_output_dir(args.output_dir, run_identity(model_args, data_args, args, conditions, records),
                          args.overwrite_output_dir)
+    for write in writes:
+        write()
     llava, processor = build_model(model_args, args)
     # saved directories write the training prompt through apply_chat_template and decode as released
     set_chat_template(processor, get_template(model_args.version))
@@ -414,7 +443,9 @@ def main(argv: list[str] | None = None) -> None:
             leave_process_group()
     except Exception as e:  # noqa: BLE001 -- every error becomes one line; the traceback goes to the log
         # an input error before the run began leaves no directory behind; once training, the run has one
-        log = write_traceback(e, output_dir, create=started or not isinstance(e, EXPECTED))
+        # (not into a directory that holds another run, or is another's: it is not ours to write)
+        log = write_traceback(e, None if isinstance(e, OutputDirError) else output_dir,
+                              create=started or not isinstance(e, EXPECTED))
         # mid-run, a progress bar may hold the line (any rank's: they share the terminal): start a new one
         print("\n" * started + error_line(e, log), file=sys.stderr, flush=True)
         sys.exit(exit_code(e))
