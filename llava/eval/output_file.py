@@ -342,4 +342,7 @@ def claim_output(out: Path, identity: dict, overwrite: bool, log) -> None:
         for p in [out, merge_tmp(out), *part_files(out)]:
             p.unlink(missing_ok=True)
     if overwrite or saved != identity:
-        write_atomic(sidecar, json.dumps({"tool": "llava-mcmdpo inference", "identity": identity}, indent=1) + "\n")
+        try:
+            write_atomic(sidecar, json.dumps({"tool": "llava-mcmdpo inference", "identity": identity}, indent=1) + "\n")
+        except OSError as e:
+            raise InferenceError(f"cannot write {sidecar}: {e.strerror or e}; make room and rerun the same command") from None

@@ -372,7 +372,11 @@ def claim_output_dir(output_dir: str | Path, identity: dict, overwrite: bool) ->
                 shutil.rmtree(folder / name, ignore_errors=True)
         discard_final_model_marker(folder)
     if overwrite or read_identity(folder) != identity:
-        folder.mkdir(parents=True, exist_ok=True)
         from llava.fileio import write_atomic
 
-        write_atomic(folder / IDENTITY_FILE, json.dumps({"tool": "llava-mcmdpo train", "identity": identity}, indent=1) + "\n")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(folder / IDENTITY_FILE, json.dumps({"tool": "llava-mcmdpo train", "identity": identity}, indent=1) + "\n")
+        except OSError as e:
+            raise SaveError(f"the run identity {folder / IDENTITY_FILE} was not saved ({e.strerror or e}): make room and "
+                            "rerun the same command") from e
