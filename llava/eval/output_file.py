@@ -2,8 +2,8 @@
 
 The records to do (``load_items``), the output lines (``result_line``, ``dumps_line``), reading them back
 (``read_lines``, which cuts off a torn last line), matching them to the records (``match_lines``), the
-per-rank part files, folding everything into OUT in input order (``consolidate``) and the lock that
-keeps two runs apart (``_OutputLock``). The rules of resuming and merging: docs/inference.md.
+per-rank part files, folding everything into OUT in input order (``consolidate``) and whose OUT is
+(``claim_output``: the run identity in ``OUT.run.json``). The rules of resuming and merging: docs/inference.md.
 """
 
 from __future__ import annotations

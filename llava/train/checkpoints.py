@@ -12,6 +12,11 @@ leaves a ``.tmp-`` directory, which no checkpoint glob matches and the next star
 directory's ``trainer_state.json`` and DeepSpeed tag, for checkpoints written by other tools.
 The final model in ``--output_dir`` is written in place (the directory also holds the checkpoints):
 its ``trainer_state.json`` is removed before that save begins and written after it ends.
+
+Whose run: ``OUTPUT_DIR/run.json`` (and a copy in each checkpoint) holds the run identity
+(``train.run_identity``); ``claim_output_dir`` continues a directory only of the same identity and never
+writes into one holding files of no run of this tool. Rank 0 holds ``OUTPUT_DIR/.lock``
+(``llava.fileio.RunLock``) for the run.
 """
 
 from __future__ import annotations
