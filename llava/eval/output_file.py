@@ -336,8 +336,8 @@ def claim_output(out: Path, identity: dict, overwrite: bool, log) -> None:
             raise InferenceError(f"--eval_output {out} has no run identity ({sidecar} is missing or unreadable): its "
                                  "model and settings are unknown; use another --eval_output, or --overwrite to discard it")
     elif written and saved != identity and not overwrite:
-        raise InferenceError(f"--eval_output {out} was written by another run (differs in {', '.join(differing(saved, identity))}): "
-                             "use another --eval_output, or --overwrite to discard it")
+        raise InferenceError(f"--eval_output {out} was written by another run (differs in "
+                             f"{', '.join(differing(saved, identity))}): use another --eval_output, or --overwrite to discard it")
     if overwrite:
         for p in [out, merge_tmp(out), *part_files(out)]:
             p.unlink(missing_ok=True)

@@ -381,7 +381,8 @@ def claim_output_dir(output_dir: str | Path, identity: dict, overwrite: bool) ->
 
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(folder / IDENTITY_FILE, json.dumps({"tool": "llava-mcmdpo train", "identity": identity}, indent=1) + "\n")
+            record = {"tool": "llava-mcmdpo train", "identity": identity}
+            write_atomic(folder / IDENTITY_FILE, json.dumps(record, indent=1) + "\n")
         except OSError as e:
             raise SaveError(f"the run identity {folder / IDENTITY_FILE} was not saved ({e.strerror or e}): make room and "
                             "rerun the same command") from e
