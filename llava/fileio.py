@@ -146,3 +146,63 @@ def sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class LockHeld(RuntimeError):
+    """Another live process holds a ``RunLock``; the message names its host and PID."""
+
+
+class RunLock:
+    """An advisory lock (``flock``) on ``path`` so that two runs never write the same output at once.
+
+    The holder writes ``host pid`` into the file; a second run is refused naming them. The operating
+    system releases the lock when its process dies (even by SIGKILL), so a lock file left behind is
+    stale: the next run takes it over and says so in one line (``log``). ``what``: the output, in
+    words, for the messages. The file is removed on exit.
+    """
+
+    def __init__(self, path: str | Path, what: str, enabled: bool = True, log: Callable[[str], Any] | None = None):
+        self.path, self.what, self.enabled, self.log = Path(path), what, enabled, log
+        self.fd = None
+
+    def holder(self) -> str:
+        try:
+            host, pid = self.path.read_text().split()[:2]
+            return f"PID {pid} on {host}"
+        except (OSError, ValueError):
+            return "a process that has not written its host and PID yet"
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        try:
+            import fcntl
+        except ImportError:  # not on Unix: no lock
+            return self
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise LockHeld(f"another run is writing {self.what}: {self.holder()} holds {self.path}; wait for it to "
+                           "finish, or write elsewhere") from None
+        self.fd = fd
+        left = os.read(fd, 200).decode("utf-8", "replace").split()
+        if len(left) >= 2 and self.log is not None:
+            self.log(f"taking over the lock {self.path} left by PID {left[1]} on {left[0]}, which no longer runs")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+        return False

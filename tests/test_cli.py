@@ -320,7 +320,7 @@ def test_score_report_curves_alt_text_new_and_old_names():
 
     assert namespace(score.build_parser, ["--data_path", "a", "b", "--output_dir", "d"]) == \
         namespace(score.build_parser, ["--file", "a", "b", "--out_dir", "d"]) == \
-        {"file": ["a", "b"], "dir": None, "out_dir": "d", "metrics": "all"}
+        {"file": ["a", "b"], "dir": None, "out_dir": "d", "metrics": "all", "overwrite": False}
     assert namespace(report.build_parser, ["--data_path", "a", "--output", "p.html"]) == \
         namespace(report.build_parser, ["--files", "a", "--out", "p.html"])
     assert namespace(alt_text.build_parser, ["--model_name_or_path", "m", "--image", "i"]) == \

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from llava.eval import output_file as O
 from llava.eval import score as S
 from llava.fileio import remove_stale_temporaries, write_atomic
 from tests.test_inference import FIX, IMAGES, KILL_ARGS, env, run_main
@@ -81,6 +83,7 @@ def test_inference_out_of_space_then_rerun_writes_every_record_once(tiny_llava_d
     lines = reference.read_bytes().splitlines(keepends=True)
     limit = len(lines[0]) + len(lines[1]) // 2  # room for 1 record and half of the 2nd
     out = tmp_path / "out.jsonl"
+    shutil.copy(O.identity_path(reference), O.identity_path(out))  # the run identity is written first: not this test's
     result = run_limited(["mcmdpo_inference.py", "--model_name", tiny_llava_dir, "--test_datasets", *files,
                           "--image_folder", IMAGES, "--eval_output", out, *KILL_ARGS], limit)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -91,7 +94,7 @@ def test_inference_out_of_space_then_rerun_writes_every_record_once(tiny_llava_d
 
     assert run_main(tiny_llava_dir, files, out, *KILL_ARGS) == 0
     assert out.read_bytes() == reference.read_bytes()  # every record once, in input order
-    assert len(lines) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "uninterrupted"]
+    assert len(lines) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.run.json", "uninterrupted"]
 
 
 # -- scores ---------------------------------------------------------------------------------------------

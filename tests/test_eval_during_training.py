@@ -91,7 +91,7 @@ def test_dpo_eval_loss_is_log_2_at_step_0_and_the_eval_set_has_its_own_cache(tin
     assert torch.load(train_ref.path)["logps"].shape == (len(trainer.train_dataset), 2)
     assert torch.load(eval_ref.path)["logps"].shape == (len(trainer.eval_dataset), 2) == (4, 2)
     # a rerun reads both caches back
-    again = prepare(argv(tiny_llava_dir, preference_file, out, "--task", "DPO", "--max_steps", "1",
+    again = prepare(argv(tiny_llava_dir, preference_file, out, "--task", "DPO", "--max_steps", "1", "--learning_rate", "1e-3",
                          "--eval_data_path", eval_file, *EVAL))
     again.prepare_references()
     assert again.reference.reused and again.eval_reference.reused

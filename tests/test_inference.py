@@ -23,6 +23,7 @@ import torch
 from llava.eval import inference as I
 from llava.eval import output_file as O
 from llava.eval.generate import build_prompt, generate_ids, left_pad, strip_response
+from tests.conftest import write_preference_set
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures" / "inference"
@@ -235,6 +236,11 @@ def reference(tiny_llava_dir, tmp_path_factory):
 KILL_ARGS = ["--batch_size", "1", "--max_new_tokens", "24", "--num_beams", "1", "--no_progress"]
 
 
+def written_like(reference, out):
+    """``out`` as a run of the reference's settings leaves it: its run identity beside it (``OUT.run.json``)."""
+    shutil.copy(O.identity_path(reference), O.identity_path(out))
+
+
 @pytest.mark.slow
 def test_kill_and_resume(tiny_llava_dir, reference, tmp_path):
     out = tmp_path / "out.jsonl"
@@ -256,7 +262,7 @@ def test_kill_and_resume(tiny_llava_dir, reference, tmp_path):
 
     assert run_main(tiny_llava_dir, [FIX / "test.jsonl", FIX / "pope.jsonl"], out, *KILL_ARGS, images=IMAGES) == 0
     assert out.read_bytes() == reference.read_bytes()  # every record once, identical responses, input order
-    assert not list(tmp_path.glob("out.jsonl.*"))  # no temp, lock or part file left
+    assert [p.name for p in tmp_path.glob("out.jsonl.*")] == ["out.jsonl.run.json"]  # no temp, lock or part file left
 
 
 def test_torn_line_and_out_of_order_resume(tiny_llava_dir, reference, tmp_path, capsys):
@@ -264,6 +270,7 @@ def test_torn_line_and_out_of_order_resume(tiny_llava_dir, reference, tmp_path, 
     out = tmp_path / "out.jsonl"
     # records 6, 1, 3 done (out of order), then a write cut short in the middle of record 4's line
     out.write_bytes(lines[6] + lines[1] + lines[3] + lines[4][: len(lines[4]) // 2])
+    written_like(reference, out)
     run_main(tiny_llava_dir, [FIX / "test.jsonl", FIX / "pope.jsonl"], out, *KILL_ARGS)
     assert out.read_bytes() == reference.read_bytes()
     err = capsys.readouterr().err
@@ -273,6 +280,7 @@ def test_torn_line_and_out_of_order_resume(tiny_llava_dir, reference, tmp_path, 
 def test_complete_output_is_left_alone_and_error_rows_retried(tiny_llava_dir, reference, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     shutil.copy(reference, out)
+    written_like(reference, out)
     before = out.stat().st_mtime_ns
     run_main(tiny_llava_dir, [FIX / "test.jsonl", FIX / "pope.jsonl"], out, *KILL_ARGS)
     assert out.read_bytes() == reference.read_bytes() and out.stat().st_mtime_ns == before
@@ -292,7 +300,7 @@ def test_foreign_output_is_refused(tiny_llava_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_main(tiny_llava_dir, [FIX / "pope.jsonl"], out, *FAST)
     assert e.value.code == 2
-    assert "line 1: matches no record" in capsys.readouterr().err
+    assert "has no run identity" in capsys.readouterr().err
     assert "something else" in out.read_text()  # untouched
     run_main(tiny_llava_dir, [FIX / "pope.jsonl"], out, "--overwrite", *FAST)
     assert [r["idx"] for r in read_jsonl(out)] == [0, 1, 2]
@@ -306,7 +314,7 @@ def test_second_run_on_the_same_output_is_refused(tiny_llava_dir, tmp_path, caps
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run is writing out.jsonl
         with pytest.raises(SystemExit) as e:
             run_main(tiny_llava_dir, [FIX / "pope.jsonl"], out, *FAST)
-    assert e.value.code == 2 and "another inference run is writing" in capsys.readouterr().err
+    assert e.value.code == 2 and f"another run is writing {out}" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -327,6 +335,7 @@ def test_two_process_sharded_with_resume(tiny_llava_dir, reference, tmp_path):
     lines = reference.read_bytes().splitlines(keepends=True)
     out = tmp_path / "out.jsonl"
     out.write_bytes(lines[0] + lines[5])
+    written_like(reference, out)
     (tmp_path / "out.jsonl.rank1.part").write_bytes(lines[2] + lines[8][:20])  # torn
     (tmp_path / "out.jsonl.rank3.part").write_bytes(lines[7])  # from a run with more processes
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -336,7 +345,7 @@ def test_two_process_sharded_with_resume(tiny_llava_dir, reference, tmp_path):
     res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert out.read_bytes() == reference.read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.run.json"]
     assert "4 of 10 records already done" in res.stderr
 
 
@@ -493,3 +502,45 @@ def test_stored_dtype_of_a_checkpoint(tiny_llava_dir, tmp_path):
     (copy / "config.json").write_text(json.dumps(config | {"dtype": "bfloat16"}))
     assert stored_dtype(str(tiny_llava_dir)) == "float32" and stored_dtype(str(copy)) == "bfloat16"
     assert stored_dtype(str(tmp_path / "missing")) is None
+
+
+def test_only_this_runs_outputs_are_resumed(tiny_llava_dir, reference, tmp_path, capsys):
+    """Issue 24, symptoms 1 and 2: an --eval_output that is an input or not an inference output is refused
+    (even with --overwrite), as is one written with another model or other decoding or prompt settings;
+    each in one line, before the model loads, with nothing changed. A setting that does not change the
+    outputs (--batch_size) resumes."""
+    files = [FIX / "test.jsonl", FIX / "pope.jsonl"]
+
+    def refused(out, *extra, model=tiny_llava_dir, inputs=files):
+        files_now = lambda: {p: p.read_bytes() for p in out.parent.rglob("*") if p.is_file()}  # noqa: E731
+        before = files_now()
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run_main(model, inputs, out, *KILL_ARGS, *extra)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "\n" not in err, err
+        assert files_now() == before
+        return err
+
+    test_file = shutil.copy(FIX / "test.jsonl", tmp_path / "test.jsonl")
+    assert refused(test_file, inputs=[test_file]) == \
+        f"error: --eval_output {test_file} is the input file {test_file}: it would be written over; choose another --eval_output"
+    train_file = write_preference_set(tmp_path / "train", n=2, name="train.jsonl")
+    assert f"--eval_output {train_file} is not an inference output (line 1 has no response or error): it is not written " \
+           "over, not even with --overwrite" in refused(train_file, "--overwrite")
+
+    out = tmp_path / "out.jsonl"  # killed at 3 of 10 records
+    out.write_bytes(b"".join(reference.read_bytes().splitlines(keepends=True)[:3]))
+    written_like(reference, out)
+    other = shutil.copytree(tiny_llava_dir, tmp_path / "other")
+    weights = other / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert refused(out, model=other) == f"error: --eval_output {out} was written by another run (differs in " \
+                                        "--model_name_or_path): use another --eval_output, or --overwrite to discard it"
+    assert "(differs in --max_new_tokens, --num_beams, --version)" in \
+        refused(out, "--num_beams", "2", "--max_new_tokens", "5", "--version", "v1")
+    run_main(tiny_llava_dir, files, out, *KILL_ARGS, "--batch_size", "4")
+    assert out.read_bytes() == reference.read_bytes()
+    assert "3 of 10 records already done" in capsys.readouterr().err

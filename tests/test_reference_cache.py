@@ -10,6 +10,7 @@ import torch
 
 from llava.data.records import read_records
 from llava.train.arguments import parse_args
+from llava.train.checkpoints import OutputDirError
 from llava.train.reference import cache_path
 from llava.train.train import prepare, reference_key
 from tests.conftest import write_preference_set
@@ -162,7 +163,9 @@ def test_cache_is_reused_unchanged_and_recomputed_after_an_image_changes(setup, 
     assert again.reference.reused and again.reference.path == first.reference.path
 
     shutil.copy(data.parent / "images" / "img_1.png", data.parent / "images" / "img_2.png")
-    changed = prepare(flags)
+    with pytest.raises(OutputDirError, match=r"holds another run \(differs in images\)"):
+        prepare(flags)  # the run in OUTPUT_DIR is another run's now: not continued
+    changed = prepare(flags + ["--overwrite_output_dir", "True"])  # afresh; the cache of the old key stays
     assert changed.reference.path != first.reference.path
     changed.reference.prepare(changed)
     assert not changed.reference.reused

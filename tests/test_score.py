@@ -390,3 +390,22 @@ def test_same_names_into_one_out_dir_is_an_error(tmp_path):
     proc = run_cli("--file", str(a), str(b))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "a" / "yesno_score.jsonl").is_file() and (tmp_path / "b" / "yesno_score.jsonl").is_file()
+
+
+def test_scoring_another_file_into_the_same_place_is_refused(tmp_path, capsys, meteor):
+    """get_score.py --file A, then --file B beside it: B's scores do not replace A's (issue 24, symptom 6)."""
+    sft, dpo = copy_fixtures(tmp_path, "sft.jsonl", "dpo.jsonl")
+    assert S.main(["--file", str(sft), "--metrics", "published"]) == 0
+    assert f"wrote {tmp_path / 'scores.json'}, scores.csv and scores.md; per sample: {tmp_path / 'sft_score.jsonl'}" \
+        in capsys.readouterr().err
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        S.main(["--file", str(dpo), "--metrics", "published"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().count("\n") == 0
+    assert f"{tmp_path / 'scores.json'} holds the scores of {sft.resolve()}: not written over; use another " \
+           "--output_dir, or --overwrite to replace them" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, not even dpo_score.jsonl
+    assert S.main(["--file", str(sft), "--metrics", "published"]) == 0  # the same input again: rewritten
+    assert S.main(["--file", str(dpo), "--metrics", "published", "--overwrite"]) == 0
+    assert [r["file"] for r in json.loads((tmp_path / "scores.json").read_text())] == [str(dpo)]

@@ -187,7 +187,7 @@ def test_resume_equals_uninterrupted(tiny_llava_dir, tmp_path):
 
 def test_resume_without_the_reference_cache_is_refused(tiny_llava_dir, preference_file, tmp_path):
     out = tmp_path / "run"
-    train(prepare(argv(tiny_llava_dir, preference_file, out, "--task", "DPO", "--max_steps", "1", "--save_strategy", "steps",
+    train(prepare(argv(tiny_llava_dir, preference_file, out, "--task", "DPO", "--max_steps", "2", "--save_strategy", "steps",
                        "--save_steps", "1")))
     shutil.rmtree(out / "ref_logps")
     trainer = prepare(argv(tiny_llava_dir, preference_file, out, "--task", "DPO", "--max_steps", "2",

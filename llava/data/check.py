@@ -104,15 +104,19 @@ def _rows_with_task(path: Path, task: str | None, report: FileReport) -> Iterato
 
 
 def check_file(path: str | Path, task: str | None = None, image_folder: str | Path | None = None,
-               open_images: bool = True, *, allow_outside: bool = False, cache: VerifiedImages | None = None) -> FileReport:
+               open_images: bool = True, *, allow_outside: bool = False, cache: VerifiedImages | None = None,
+               lengths=None) -> FileReport:
     """Every problem of one data file for ``task`` (guessed when ``None``), images checked in ``image_folder``
-    as training and inference check them (``llava.data.verify.verify_image``; ``cache``: files verified before)."""
+    as training and inference check them (``llava.data.verify.verify_image``; ``cache``: files verified before).
+    ``lengths``: records -> answers too long for ``--model_max_length`` (``llava.data.lengths.too_long``), as
+    training finds them (not for test files: their answers are not trained)."""
     path = Path(path)
     report = FileReport(str(path))
     seen_idx: dict[str, int] = {}
     no_idx: list[tuple[int, int | None]] = []
     objects = 0  # rows that are JSON objects
     pending: deque = deque()
+    records: list[Record] = []
 
     def settle(n: int) -> None:
         while len(pending) > n:
@@ -129,7 +133,9 @@ def check_file(path: str | Path, task: str | None = None, image_folder: str | Pa
                     report.add(row)
                     continue
                 objects += 1
-                _, found = parse_row(row, str(path), number, line, report.task)
+                record, found = parse_row(row, str(path), number, line, report.task)
+                if record is not None:
+                    records.append(record)
                 for p in found:
                     report.add(p)
                 _check_idx(row, number, line, report, seen_idx, no_idx)
@@ -147,6 +153,9 @@ def check_file(path: str | Path, task: str | None = None, image_folder: str | Pa
             for p in e.problems:
                 report.add(p)
         settle(0)
+    if lengths is not None and report.task != "test":
+        for p in lengths(records):
+            report.add(p)
     if report.task == "test" and no_idx:  # outputs are matched to records by idx (inference, report)
         if len(no_idx) == objects:
             report.add(DataProblem(str(path), None, "idx", "no record has an idx: outputs are matched by position only",
@@ -223,7 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow_outside_image_folder", action="store_true",
                    help="accept image paths that lead outside --image_folder (absolute, or climbing out with ..), "
                         "as training and inference do with the same flag")
+    p.add_argument("--model_name_or_path", default=None, metavar="MODEL",
+                   help="an HF-format LLaVA directory: also find answers that cannot fit --model_max_length after the "
+                        "image's tokens (its tokenizer and image processor only; the weights are not loaded)")
+    p.add_argument("--model_max_length", type=int, default=2048, help="as in training (default 2048)")
+    p.add_argument("--version", default="v1", help="conversation template, as training's --version (default v1)")
+    p.add_argument("--image_aspect_ratio", default="pad", help="as in training (default pad)")
     return p
+
+
+def length_check(args):
+    """records -> answers too long (``llava.data.lengths``) for ``--model_name_or_path``; None without one."""
+    if args.model_name_or_path is None:
+        return None
+    from llava.data.lengths import early_processor, too_long
+
+    processor = early_processor(args.model_name_or_path)
+    if processor is None:
+        raise ValueError(f"--model_name_or_path {args.model_name_or_path}: not an HF-format LLaVA directory")
+    strategy = getattr(processor, "vision_feature_select_strategy", None) or "default"
+    return lambda records: too_long(records, processor, args.version, args.image_aspect_ratio, args.model_max_length,
+                                    strategy)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,11 +270,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: --image_folder {args.image_folder}: not a directory", file=sys.stderr)
         return 2
 
+    try:
+        lengths = length_check(args)
+    except Exception as e:  # noqa: BLE001 -- a path that is no model, a broken tokenizer: one line
+        print(f"{parser.prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
     reports = []
     cache = VerifiedImages.load()
     for f in args.files:
         report = check_file(f, args.task, args.image_folder, open_images=not args.no_image_open,
-                            allow_outside=args.allow_outside_image_folder, cache=cache)
+                            allow_outside=args.allow_outside_image_folder, cache=cache, lengths=lengths)
         print_report(report)
         reports.append(report)
     cache.save()

@@ -20,7 +20,8 @@ task: ``read_records`` raises, or skips it when not strict) or warnings (used as
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -388,6 +389,52 @@ def _conversation_turns(row: dict, problem) -> list[tuple[str, str]] | None:
     return turns if ok else None
 
 
+SPECIAL_TEXT = ("</s>", "<s>", "<unk>")  # LLaMA/Vicuna's special tokens: the tokenizer reads them as such
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(question, chosen, rejected, turns, task: str, problem) -> None:
+    """What tokenizing would stop on, or silently misread, in a record's texts.
+
+    Errors: a lone surrogate (JSON's ``"\\ud83d"`` unpaired: no encoding can write it, the tokenizer
+    raises mid-run); ``<image>`` in an answer (one image placeholder more than the record has images)
+    or in a test question (inference puts the image first itself). Warning: a special-token literal,
+    read as that token (``</s>`` in an answer ends it early); ``--strip_special_text`` removes them.
+    """
+    fields = [("question", question), ("chosen", chosen), ("rejected", rejected)]
+    if turns is not None:  # LLaVA conversations: the texts are the turns' (their own field names)
+        fields = [(f"conversations[{2 * i + j}].value", text) for i, pair in enumerate(turns) for j, text in enumerate(pair)]
+    for name, text in fields:
+        if not isinstance(text, str):
+            continue
+        if (bad := _SURROGATE.search(text)) is not None:
+            problem(name, f"unencodable text: a lone surrogate U+{ord(bad.group()):04X} at character {bad.start()} "
+                          "(half of a UTF-16 pair)")
+        answer = name in ("chosen", "rejected") and task != "test"
+        if DEFAULT_IMAGE_TOKEN in text and (answer or (name == "question" and task == "test")):
+            where = "an answer" if answer else "a test question (inference puts the image before the question itself)"
+            problem(name, f"{DEFAULT_IMAGE_TOKEN} in {where}: one image placeholder more than the record has images")
+        found = [t for t in SPECIAL_TEXT if t in text]
+        if found:
+            problem(name, f"special-token literal {', '.join(found)}: tokenized as that token (</s> ends the text); "
+                          "--strip_special_text removes them", "warning")
+
+
+def strip_special_text(record: Record) -> Record:
+    """The record with the special-token literals (``SPECIAL_TEXT``) removed from its texts (``--strip_special_text``);
+    ``raw`` is kept, so inference still writes the record back as read."""
+    def strip(text):
+        if not isinstance(text, str):
+            return text
+        for t in SPECIAL_TEXT:
+            text = text.replace(t, "")
+        return text
+
+    turns = [(strip(h), strip(g)) for h, g in record.turns] if record.turns is not None else None
+    return replace(record, question=strip(record.question), chosen=strip(record.chosen),
+                   rejected=strip(record.rejected), turns=turns)
+
+
 def parse_row(row: dict, source: str, number: int, line: int | None, task: str) -> tuple[Record | None, list[DataProblem]]:
     """Turn one raw row into a ``Record`` for ``task``; return it with the problems found.
 
@@ -441,6 +488,7 @@ def parse_row(row: dict, source: str, number: int, line: int | None, task: str) 
         problem("rejected", "equal to chosen: the pair carries no preference")
     if image is None and (task != "sft" or turns is None):
         problem("image", "no image (expected image.path, image_path or image.bytes)")
+    check_text(question, chosen, rejected, turns, task, problem)
     if any(p.severity == "error" for p in problems):
         return None, problems
     record = Record(source, number, row.get("idx", row.get("id")), image, question, chosen, rejected,

@@ -22,16 +22,17 @@ from typing import Sequence
 from llava.eval.output_file import (
     InferenceError,
     Item,
-    _OutputLock,
     append_lines,
+    claim_output,
     consolidate,
     load_items,
-    merge_tmp,
     part_files,
     part_path,
+    refuse_input_as_output,
     result_line,
     scan_outputs,
 )
+from llava.fileio import LockHeld, RunLock
 
 # The released inference script's settings: `llava_v1` (the "human" wording, where training used `v1`),
 # the question followed by a newline, 3 beams, greedy, 256 new tokens. (The released script ran float16 on a GPU;
@@ -103,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow_outside_image_folder", action="store_true",
                    help="read image paths that lead outside --image_folder (absolute, or climbing out with ..); refused "
                         "by default")
-    p.add_argument("--overwrite", action="store_true", help="start afresh: discard an existing output and its part files")
+    p.add_argument("--overwrite", action="store_true", help="start afresh: discard an existing output and its part files "
+                                                          "(never a file that is not an inference output)")
+    p.add_argument("--strip_special_text", action="store_true",
+                   help="remove special-token literals (</s>, <s>, <unk>) from the questions, as training's flag does")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
@@ -286,27 +290,50 @@ def _batches(seq: Sequence, size: int):
         yield seq[i:i + size]
 
 
+def run_identity(args, dist: Dist) -> dict:
+    """What makes this run's output lines what they are, by flag: the model's every byte
+    (``model_fingerprint``), the prompt and the decoding. Written beside OUT (``OUT.run.json``); a rerun
+    resumes only an output of the same identity. ``--batch_size``, ``--no_progress`` and the like do
+    not count."""
+    from llava.train.reference import model_fingerprint
+
+    def fingerprint(path):
+        return model_fingerprint(path) if path and Path(path).is_dir() else path
+
+    sampling = args.temperature > 0
+    return {"--model_name_or_path": fingerprint(args.model_name), "--model_base": fingerprint(args.model_base),
+            "--vision_tower": fingerprint(args.vision_tower), "--version": args.conv_mode,
+            "--prompt_newline": args.prompt_newline, "--num_beams": args.num_beams, "--temperature": args.temperature,
+            "--top_p": args.top_p if sampling else None, "--seed": args.seed if sampling else None,
+            "--max_new_tokens": args.max_new_tokens, "--image_aspect_ratio": args.image_aspect_ratio,
+            "--dtype": str(resolve_dtype(args.dtype, pick_device(dist.local_rank))).removeprefix("torch."),
+            "--strip_special_text": args.strip_special_text}
+
+
 def run(args, dist: Dist) -> int:
     check_model_path(args.model_name, args.model_base)
-    items = load_items(args.test_datasets)
     out = Path(args.eval_output)
+    refuse_input_as_output(out, args.test_datasets)
+    items = load_items(args.test_datasets, strip_special=args.strip_special_text)
+    identity = run_identity(args, dist) if dist.rank == 0 else None
     out.parent.mkdir(parents=True, exist_ok=True)
     # Only rank 0 (the one that rewrites OUT) holds the lock; the other ranks write their parts.
-    with _OutputLock(out, enabled=dist.rank == 0):
-        return _run(args, dist, items, out)
+    try:
+        with RunLock(out.with_name(out.name + ".lock"), str(out), enabled=dist.rank == 0, log=_log):
+            return _run(args, dist, items, out, identity)
+    except LockHeld as e:
+        raise InferenceError(str(e)) from None
 
 
-def _run(args, dist: Dist, items: list[Item], out: Path) -> int:
+def _run(args, dist: Dist, items: list[Item], out: Path, identity: dict | None) -> int:
     log = _log if dist.rank == 0 else (lambda msg: None)
 
-    # 1. Rank 0 folds earlier part files into OUT, cuts a torn last line; everyone then reads OUT.
+    # 1. Rank 0 makes sure OUT is this run's (its identity), folds earlier part files into OUT and cuts
+    # a torn last line; everyone then reads OUT.
     ok, message = True, None
     if dist.rank == 0:
         try:
-            if args.overwrite:
-                for p in [out, merge_tmp(out), *part_files(out)]:
-                    if p.exists():
-                        p.unlink()
+            claim_output(out, identity, args.overwrite, log)
             if part_files(out) or out.exists():
                 consolidate(out, items, log, final=False)
         except InferenceError as e:

@@ -2,8 +2,8 @@
 
 The records to do (``load_items``), the output lines (``result_line``, ``dumps_line``), reading them back
 (``read_lines``, which cuts off a torn last line), matching them to the records (``match_lines``), the
-per-rank part files, folding everything into OUT in input order (``consolidate``) and the lock that
-keeps two runs apart (``_OutputLock``). The rules of resuming and merging: docs/inference.md.
+per-rank part files, folding everything into OUT in input order (``consolidate``) and whose OUT is
+(``claim_output``: the run identity in ``OUT.run.json``). The rules of resuming and merging: docs/inference.md.
 """
 
 from __future__ import annotations
@@ -92,9 +92,11 @@ def result_line(record, response: str | None = None, error: str | None = None) -
     return dumps_line(fields)
 
 
-def load_items(paths: Sequence[str]) -> list[Item]:
-    """Every record of every test file, in order; a ``DataError`` lists the problems of all files."""
-    from llava.data.records import DataError, read_records
+def load_items(paths: Sequence[str], strip_special: bool = False) -> list[Item]:
+    """Every record of every test file, in order; a ``DataError`` lists the problems of all files.
+
+    ``strip_special``: special-token literals removed from the texts (``--strip_special_text``)."""
+    from llava.data.records import DataError, read_records, strip_special_text
 
     items: list[Item] = []
     problems = []
@@ -107,6 +109,7 @@ def load_items(paths: Sequence[str]) -> list[Item]:
         ids = [r.idx for r in records]
         by_idx = all(i is not None for i in ids) and len({json.dumps(i, sort_keys=True, default=str) for i in ids}) == len(ids)
         for pos, r in enumerate(records):
+            r = strip_special_text(r) if strip_special else r
             items.append(Item(len(items), fi, r.idx if by_idx else pos, r, signature_of(record_fields(r))))
     if problems:
         raise DataError(problems)
@@ -278,39 +281,68 @@ def consolidate(out: Path, items: Sequence[Item], log, *, final: bool) -> Matche
 
 
 # ---------------------------------------------------------------------------------------------
-# The lock
+# Whose output: the run identity beside OUT
 
 
-class _OutputLock:
-    """An advisory lock on ``OUT.lock`` so that two runs never append to the same output."""
+def identity_path(out: Path) -> Path:
+    """``OUT.run.json``: the settings that made OUT's lines (``inference.run_identity``)."""
+    return out.with_name(out.name + ".run.json")
 
-    def __init__(self, out: Path, enabled: bool):
-        self.path = out.with_name(out.name + ".lock")
-        self.enabled = enabled
-        self.fd = None
 
-    def __enter__(self):
-        if not self.enabled:
-            return self
+def differing(saved: dict, current: dict) -> list[str]:
+    """The settings, by name, whose values differ between two run identities."""
+    return sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+
+
+def refuse_input_as_output(out: Path, inputs: Sequence[str]) -> None:
+    """An output path that is one of the test files would be written over (``--eval_output`` = ``--data_path``)."""
+    for name in inputs:
+        if Path(name).exists() and Path(name).resolve() in {p.resolve() for p in (out, identity_path(out))}:
+            raise InferenceError(f"--eval_output {out} is the input file {name}: it would be written over; "
+                                 "choose another --eval_output")
+
+
+def foreign_line(out: Path) -> str | None:
+    """Where OUT holds something that is not an inference output line (a torn last line aside), or None."""
+    data = out.read_bytes() if out.is_file() else b""
+    end = data.rfind(b"\n") + 1
+    for line in iter_jsonl(data[:end]):
+        if not line.is_object or not any(k in line.value for k in RESULT_FIELDS):
+            return f"line {line.number}"
+    return "its only line" if end == 0 and data.strip() else None
+
+
+def claim_output(out: Path, identity: dict, overwrite: bool, log) -> None:
+    """Make OUT this run's: resume it only when its identity (``OUT.run.json``) is this run's.
+
+    Refused in one line: a file that is not an inference output (not even with ``--overwrite``: it
+    is not ours to discard), and one written by another run (other model, decoding or prompt
+    settings) or by a version that wrote no identity (``--overwrite`` discards those).
+    """
+    sidecar = identity_path(out)
+    written = (out.is_file() and out.stat().st_size > 0) or bool(part_files(out))
+    saved = None
+    if sidecar.is_file():
         try:
-            import fcntl
-        except ImportError:  # not on Unix: no lock
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            saved = json.loads(sidecar.read_text())["identity"]
+        except (OSError, ValueError, KeyError, TypeError):
+            saved = None
+    if written and saved is None:
+        where = foreign_line(out)
+        if where is not None:
+            raise InferenceError(f"--eval_output {out} is not an inference output ({where} has no response or error): "
+                                 "it is not written over, not even with --overwrite; choose another --eval_output")
+        if not overwrite:
+            raise InferenceError(f"--eval_output {out} has no run identity ({sidecar} is missing or unreadable): its "
+                                 "model and settings are unknown; use another --eval_output, or --overwrite to discard it")
+    elif written and saved != identity and not overwrite:
+        raise InferenceError(f"--eval_output {out} was written by another run (differs in "
+                             f"{', '.join(differing(saved, identity))}): use another --eval_output, or --overwrite to discard it")
+    if overwrite:
+        for p in [out, merge_tmp(out), *part_files(out)]:
+            p.unlink(missing_ok=True)
+    if overwrite or saved != identity:
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.fd)
-            self.fd = None
-            raise InferenceError(f"another inference run is writing {self.path.with_suffix('')} (lock {self.path} is held)")
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            try:
-                self.path.unlink()
-            except OSError:
-                pass
-            os.close(self.fd)
-        return False
+            write_atomic(sidecar, json.dumps({"tool": "llava-mcmdpo inference", "identity": identity}, indent=1) + "\n")
+        except OSError as e:
+            raise InferenceError(f"cannot write {sidecar}: {e.strerror or e}; make room and rerun the same command") from None

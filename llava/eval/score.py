@@ -303,6 +303,22 @@ def check_per_sample_names(files: Sequence[Path], folder: Path) -> None:
         seen[target] = f
 
 
+def refuse_other_scores(files: Sequence[Path], out_dir: Path) -> None:
+    """``scores.json`` in ``out_dir`` holding the scores of other inputs is not written over (without ``--overwrite``)."""
+    try:
+        rows = json.loads((out_dir / "scores.json").read_text())
+        earlier = sorted({str(Path(r["file"]).resolve()) for r in rows})
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise InputError(f"{out_dir / 'scores.json'} is not a scores file of this tool ({e}): not written over; "
+                         "use another --output_dir") from None
+    if earlier != sorted(str(f.resolve()) for f in files):
+        raise InputError(f"{out_dir / 'scores.json'} holds the scores of {', '.join(earlier[:2])}"
+                         f"{', ...' if len(earlier) > 2 else ''}: not written over; use another --output_dir, "
+                         "or --overwrite to replace them")
+
+
 def write_outputs(
     rows: Sequence[dict],
     samples: Sequence[Sequence[dict]],
@@ -351,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="where scores.json/csv/md and the per-sample *_score.jsonl go "
         "(default: the first file's directory, or DIR; per-sample files then go beside each input)",
     )
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a scores.json/csv/md in the output folder that holds the scores of other inputs")
     parser.add_argument(
         "--metrics",
         choices=tuple(METRIC_SETS),
@@ -388,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_sample_dir = out_dir if args.out_dir else None
         if per_sample_dir is not None:
             check_per_sample_names(files, per_sample_dir)
+        if not args.overwrite:
+            refuse_other_scores(files, out_dir)
         rows, samples, _ = score_files(files, metrics=args.metrics)
         table = write_outputs(rows, samples, out_dir, per_sample_dir)
     except InputError as exc:
@@ -405,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _warn(f"warning: {row['file']}: {row['bad_lines']} unparseable line(s) skipped")
         if row["errors"]:
             _warn(f"note: {row['file']}: {row['errors']} error row(s) excluded from the metrics")
+    per_sample = ", ".join(str(per_sample_path(f, per_sample_dir)) for f in files)
+    _warn(f"wrote {out_dir / 'scores.json'}, scores.csv and scores.md; per sample: {per_sample}")
     sys.stdout.write(table)
     sys.stdout.flush()
     return 0

@@ -112,6 +112,8 @@ class DataArguments:
     skip_bad_records: bool = field(default=False, metadata={"help": "leave out records with a bad image or field (missing, "
                                                        "unreadable, outside --image_folder) instead of stopping; they are "
                                                        "counted in the log and listed in <output_dir>/skipped_records.jsonl"})
+    strip_special_text: bool = field(default=False, metadata={"help": "remove special-token literals (</s>, <s>, <unk>) "
+                                     "from the texts; without it they are read as those tokens (a warning)"})
     allow_outside_image_folder: bool = field(default=False, metadata={"help": "read image paths that lead outside "
                                                                  "--image_folder (absolute, or climbing out with ..); "
                                                                  "refused by default"})
@@ -174,6 +176,8 @@ class TrainingArguments(transformers.TrainingArguments):
     tok_beta: float = field(default=0.1, metadata={"help": "accepted, no effect: " + NO_EFFECT["tok_beta"]})
     use_tdpo: bool = field(default=True, metadata={"help": "accepted, no effect: " + NO_EFFECT["use_tdpo"]})
     max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping norm; 0 (released: no clipping) turns it off"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "start afresh in an --output_dir holding another "
+                                       "run (its checkpoints are removed); never one holding files of no training run"})
     save_at_epoch_end: bool = field(default=False, metadata={"help": "with --save_strategy steps: also save a checkpoint "
                                                            "at the end of each epoch"})
     # Spellings of the published scripts that transformers 5 renamed.

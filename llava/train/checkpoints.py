@@ -12,6 +12,11 @@ leaves a ``.tmp-`` directory, which no checkpoint glob matches and the next star
 directory's ``trainer_state.json`` and DeepSpeed tag, for checkpoints written by other tools.
 The final model in ``--output_dir`` is written in place (the directory also holds the checkpoints):
 its ``trainer_state.json`` is removed before that save begins and written after it ends.
+
+Whose run: ``OUTPUT_DIR/run.json`` (and a copy in each checkpoint) holds the run identity
+(``train.run_identity``); ``claim_output_dir`` continues a directory only of the same identity and never
+writes into one holding files of no run of this tool. Rank 0 holds ``OUTPUT_DIR/.lock``
+(``llava.fileio.RunLock``) for the run.
 """
 
 from __future__ import annotations
@@ -310,3 +315,74 @@ def _reads(marker: Path, token: str) -> bool:
         return marker.read_text() == token
     except OSError:
         return False
+
+
+# -- whose run: the identity of the run an OUTPUT_DIR holds -------------------------------------------
+
+IDENTITY_FILE = "run.json"  # in OUTPUT_DIR and in each checkpoint: the settings that define the run's result
+LOCK_FILE = ".lock"
+# What this tool writes into OUTPUT_DIR before it writes the run's identity (a run stopped before step 1)
+BEFORE_IDENTITY = (LOCK_FILE, "skipped_records.jsonl", "train.log", "ref_logps")
+BEFORE_IDENTITY_PREFIXES = ("error-rank", STAGING_PREFIX, ".shared-check-")
+
+
+class OutputDirError(ValueError):
+    """OUTPUT_DIR holds something this run must not continue or write over."""
+
+
+def read_identity(folder: str | Path) -> dict | None:
+    try:
+        return json.loads((Path(folder) / IDENTITY_FILE).read_text())["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def differing(saved: dict, current: dict) -> list[str]:
+    """The settings, by name, whose values differ between two run identities."""
+    return sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+
+
+def claim_output_dir(output_dir: str | Path, identity: dict, overwrite: bool) -> None:
+    """Make ``output_dir`` this run's before any model loads; call it from rank 0.
+
+    Continued (a checkpoint resumed, files written over) only when its ``run.json`` is this run's
+    identity. Refused in one line: a directory holding files no run of this tool wrote (not even with
+    ``--overwrite_output_dir``: they are not ours to discard), another run's directory, or one without
+    an identity (written by another tool or an older version). ``--overwrite_output_dir`` starts afresh
+    in a run's directory: its checkpoints and final-model marker are removed, so no later resume takes them.
+    """
+    folder = Path(output_dir)
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    saved = read_identity(folder)
+    if saved is None:  # checkpoints copied into a new directory carry their run's identity
+        found = [read_identity(folder / n) for n in names if n.startswith(f"{PREFIX_CHECKPOINT_DIR}-")]
+        saved = found[0] if found and all(f is not None and f == found[0] for f in found) else None
+    if saved is None:
+        others = [n for n in names if n not in BEFORE_IDENTITY and not n.startswith(BEFORE_IDENTITY_PREFIXES)]
+        runs = [n for n in others if n == STATE_FILE or n.startswith(f"{PREFIX_CHECKPOINT_DIR}-")]
+        if others and not runs:
+            raise OutputDirError(f"--output_dir {folder} holds files no training run of this tool wrote ({', '.join(others[:3])}"
+                                 f"{', ...' if len(others) > 3 else ''}): nothing is written there, not even with "
+                                 "--overwrite_output_dir; choose another --output_dir")
+        if runs and not overwrite:
+            raise OutputDirError(f"--output_dir {folder} holds a training run without a run identity (no {IDENTITY_FILE}: "
+                                 "another tool or an older version): use another --output_dir, or --overwrite_output_dir "
+                                 "to start afresh there")
+    elif saved != identity and not overwrite:
+        raise OutputDirError(f"--output_dir {folder} holds another run (differs in {', '.join(differing(saved, identity))}): "
+                             "use another --output_dir, or --overwrite_output_dir to start afresh there")
+    if overwrite:
+        for name in names:
+            if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-"):
+                shutil.rmtree(folder / name, ignore_errors=True)
+        discard_final_model_marker(folder)
+    if overwrite or read_identity(folder) != identity:
+        from llava.fileio import write_atomic
+
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            record = {"tool": "llava-mcmdpo train", "identity": identity}
+            write_atomic(folder / IDENTITY_FILE, json.dumps(record, indent=1) + "\n")
+        except OSError as e:
+            raise SaveError(f"the run identity {folder / IDENTITY_FILE} was not saved ({e.strerror or e}): make room and "
+                            "rerun the same command") from e

@@ -10,7 +10,9 @@ is reported before the first step as one line naming the file, record and field.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -28,7 +30,9 @@ from llava.conversation import get_template
 from llava.data.collate import PreferenceCollator, SFTCollator
 from llava.data.datasets import PreferenceDataset, SFTDataset
 from llava.data.images import ImageProcessor, image_path
-from llava.data.records import DataError, DataProblem, Record, read_records_checked
+from llava.data.lengths import early_processor, too_long
+from llava.data.records import (SPECIAL_TEXT, DataError, DataProblem, Record, read_records_checked,
+                                 strip_special_text)
 from llava.data.show import render_text, sequences_of
 from llava.data.verify import (SKIPPED_RECORDS, bad_records, leave_out, verify_images_everywhere,
                                write_skipped_records)
@@ -37,9 +41,11 @@ from llava.model.chat_template import set_chat_template
 from llava.model.hub import dataset_fingerprint
 from llava.model.load import ModelLoadError, checkpoint_kind, compose, load_model, resolve_hub_arguments, save_model
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
-from llava.train.checkpoints import (AUTO, ReplayEpochOrder, SaveAtEpochEnd, check_output_dir_shared,
-                                     copy_final_model, discard_final_model_marker, remove_unfinished_saves, resolve_resume,
-                                     save_failure, steps_done)
+from llava.fileio import LockHeld, RunLock
+from llava.train.checkpoints import (AUTO, LOCK_FILE, OutputDirError, ReplayEpochOrder, SaveAtEpochEnd,
+                                     check_output_dir_shared, claim_output_dir, copy_final_model,
+                                     discard_final_model_marker, remove_unfinished_saves, resolve_resume, save_failure,
+                                     steps_done)
 from llava.train.deepspeed_host import cpu_op_build_note, refuse_abandoned_build_locks, release_shared_memory_names
 from llava.train.errors import EXPECTED, error_line, exit_code, rank, write_traceback
 from llava.train.model_card import CardFacts, release_generation_config, write_model_card
@@ -130,18 +136,31 @@ def build_data(records: list[Record], data_args: DataArguments, model_args: Mode
     return dataset, PreferenceCollator(conditions, tok.pad_token_id, image_token_id, packed=packed)
 
 
-def verified_records(data_args: DataArguments, args: TrainingArguments, task: str, *, held_out: bool = False) -> list[Record]:
+def verified_records(data_args: DataArguments, args: TrainingArguments, task: str, *, held_out: bool = False,
+                     lengths=None, writes: list | None = None) -> list[Record]:
     """The records of ``--data_path``, every image opened and verified before step 1 (``llava.data.verify``).
 
     A bad record (a field, or an image missing, unreadable or outside ``--image_folder``) stops the run
     naming file, record and field; with ``--skip_bad_records`` it is left out, counted in the log and
     listed in ``<output_dir>/skipped_records.jsonl``. Every process gets the same verdict. ``held_out``:
     the ``--eval_data_path`` records, verified after the training data (their lines join theirs).
+    ``lengths``: records -> the problems of answers too long for ``--model_max_length`` (``length_check``).
+    ``writes``: where the write of the list goes, to be done once OUTPUT_DIR is known to be this run's
+    (``claim_output_dir``); without it, written at once.
     """
     records, problems = read_records_checked(data_args.data_path, task)
+    if data_args.strip_special_text:
+        records = [strip_special_text(r) for r in records]
+    if lengths is not None:
+        problems += lengths(records)
     hint = "--skip_bad_records leaves bad records out"
     if problems and not data_args.skip_bad_records:
         raise DataError(problems, hint=hint)
+    if not data_args.strip_special_text and (special := [r for r in records if r != strip_special_text(r)]) \
+            and args.process_index == 0:
+        logger.warning("%d of %d records of %s hold special-token literals (%s), read as those tokens; first: record %d "
+                       "(--strip_special_text removes them; llava-check lists them)", len(special), len(records),
+                       data_args.data_path, ", ".join(SPECIAL_TEXT), special[0].number)
     start = time.time()
     check = verify_images_everywhere(records, data_args.image_folder, allow_outside=data_args.allow_outside_image_folder)
     main_process = args.process_index == 0
@@ -155,7 +174,12 @@ def verified_records(data_args: DataArguments, args: TrainingArguments, task: st
     kept = leave_out(records, problems)
     skipped_list = Path(args.output_dir) / SKIPPED_RECORDS
     if main_process:
-        write_skipped_records(skipped_list, problems, replacing=data_args.data_path if held_out else None)
+        write = functools.partial(write_skipped_records, skipped_list, problems,
+                                  replacing=data_args.data_path if held_out else None)
+        if writes is not None:
+            writes.append(write)
+        else:
+            write()
     if problems:
         left_out = len(bad_records(problems))
         if main_process:
@@ -165,6 +189,17 @@ def verified_records(data_args: DataArguments, args: TrainingArguments, task: st
             raise DataError(DataProblem(str(data_args.data_path), None, None, f"every record is bad ({left_out} left out, "
                                         f"listed in {skipped_list})"))
     return kept
+
+
+def length_check(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments):
+    """records -> answers too long for ``--model_max_length`` (``llava.data.lengths``), from the processor alone;
+    None where the processor comes only with the model (composed, original and LoRA layouts)."""
+    processor = early_processor(model_args.model_name_or_path)
+    if processor is None:
+        return None
+    strategy = getattr(processor, "vision_feature_select_strategy", None) or "default"
+    return lambda records: too_long(records, processor, model_args.version, data_args.image_aspect_ratio,
+                                    args.model_max_length, strategy)
 
 
 def check_eval_flags(data_args: DataArguments, args: TrainingArguments) -> None:
@@ -221,6 +256,29 @@ def reference_key(model_args, data_args, args, conditions, processor, records) -
     }
 
 
+# Training flags that change the trained weights (beside ``reference_key``'s model, data and preprocessing);
+# logging, saving, workers, report_to, evaluation and the like do not count.
+RESULT_FLAGS = ("task", "use_cross_modal_loss", "use_cl_reward_num", "para_norm", *(f"para_r{i}" for i in range(1, 8)),
+                "beta", "mcm_aggregate", "reference_mode", "learning_rate", "mm_projector_lr", "mm_vision_tower_lr",
+                "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "lr_scheduler_type",
+                "warmup_ratio", "warmup_steps", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "world_size", "seed", "data_seed", "group_by_modality_length", "lora_enable",
+                "lora_r", "lora_alpha", "lora_dropout", "lora_bias", "freeze_mm_mlp_adapter", "nan_policy")
+MODEL_RESULT_FLAGS = ("freeze_backbone", "tune_mm_mlp_adapter", "unfreeze_mm_vision_tower")
+
+
+def run_identity(model_args, data_args, args, conditions, records) -> dict:
+    """The settings that define this run's result, written to ``OUTPUT_DIR/run.json`` and each checkpoint:
+    ``reference_key`` (every byte of the model, the data, images, preprocessing, precision) and the
+    training flags (``RESULT_FLAGS``). A resume continues only a directory of the same identity."""
+    key = reference_key(model_args, data_args, args, conditions, None, records)
+    del key["processor"]  # its files are the model directory's, which "model" hashes
+    flags = {f"--{name}": getattr(args, name) for name in RESULT_FLAGS}
+    flags |= {f"--{name}": getattr(model_args, name) for name in MODEL_RESULT_FLAGS}
+    flags |= {"--strip_special_text": data_args.strip_special_text, "records": len(records)}
+    return json.loads(json.dumps({**key, **flags}, default=lambda v: getattr(v, "value", str(v))))
+
+
 def prepare(argv: list[str] | None = None, parsed=None) -> LlavaTrainer:
     """The trainer of a command line; ``parsed``: its ``parse_args(argv)``, if already done."""
     argv = sys.argv[1:] if argv is None else list(argv)  # the model card records the command as given
@@ -255,9 +313,16 @@ def prepare(argv: list[str] | None = None, parsed=None) -> LlavaTrainer:
                                      freeze_mm_mlp_adapter=args.freeze_mm_mlp_adapter)
     # The data first: a bad record stops the run before a model spends minutes loading.
     task = task_of(args)
-    records = verified_records(data_args, args, task)
+    lengths = length_check(model_args, data_args, args)
+    writes = []  # skipped_records.jsonl: not into a directory that turns out to hold another run
+    records = verified_records(data_args, args, task, lengths=lengths, writes=writes)
     eval_data = dataclasses.replace(data_args, data_path=data_args.eval_data_path) if data_args.eval_data_path else None
-    eval_records = verified_records(eval_data, args, task, held_out=True) if eval_data else None
+    eval_records = verified_records(eval_data, args, task, held_out=True, lengths=lengths, writes=writes) if eval_data else None
+    if args.process_index == 0:  # OUTPUT_DIR must hold this run or nothing (before the model loads)
+        claim_output_dir(args.output_dir, run_identity(model_args, data_args, args, conditions, records),
+                         args.overwrite_output_dir)
+    for write in writes:
+        write()
     llava, processor = build_model(model_args, args)
     # saved directories write the training prompt through apply_chat_template and decode as released
     set_chat_template(processor, get_template(model_args.version))
@@ -368,6 +433,24 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str):
+    """``OUTPUT_DIR/.lock``, held by rank 0 for the run (``llava.fileio.RunLock``, as inference's): a second run
+    into the same directory stops naming the first's host and PID. A directory made only for the lock goes
+    again with it (an input error before the run began leaves no directory behind)."""
+    folder = Path(output_dir)
+    made = not folder.exists()
+    try:
+        with RunLock(folder / LOCK_FILE, f"--output_dir {folder}", enabled=rank() == 0,
+                     log=lambda line: logger.warning("%s", line)):
+            yield
+    except LockHeld as e:
+        raise OutputDirError(str(e)) from None
+    finally:
+        if made and rank() == 0 and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train; any error ends this process with one line on stderr (``llava.train.errors``) and a non-zero
     exit, which makes the launcher stop the other ranks; the traceback goes to ``OUTPUT_DIR/error-rank{N}.log``."""
@@ -387,17 +470,20 @@ def run(argv: list[str], run_log: TrainLog | None) -> None:
     try:
         parsed = parse_args(argv)
         output_dir = parsed[2].output_dir
-        trainer = prepare(argv, parsed)
-        started = True
-        if run_log:
-            run_log.open(output_dir)
-            metrics_logger().info("command: %s", " ".join([sys.executable, *sys.argv[:1], *argv]))
-        train(trainer)
-        leave_process_group()
-        metrics_logger().info("finished")
+        with output_dir_lock(output_dir):
+            trainer = prepare(argv, parsed)
+            started = True
+            if run_log:
+                run_log.open(output_dir)
+                metrics_logger().info("command: %s", " ".join([sys.executable, *sys.argv[:1], *argv]))
+            train(trainer)
+            leave_process_group()
+            metrics_logger().info("finished")
     except Exception as e:  # noqa: BLE001 -- every error becomes one line; the traceback goes to the log
         # an input error before the run began leaves no directory behind; once training, the run has one
-        log = write_traceback(e, output_dir, create=started or not isinstance(e, EXPECTED))
+        # (not into a directory that holds another run, or is another's: it is not ours to write)
+        log = write_traceback(e, None if isinstance(e, OutputDirError) else output_dir,
+                              create=started or not isinstance(e, EXPECTED))
         # mid-run, a progress bar may hold the line (any rank's: they share the terminal): start a new one
         print("\n" * started + error_line(e, log), file=sys.stderr, flush=True)
         if run_log and output_dir and Path(output_dir).is_dir():

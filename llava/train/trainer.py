@@ -34,7 +34,7 @@ from accelerate.utils import gather_object
 from llava.data.sampler import ModalityLengthGroupedSampler
 from llava.method import ConditionLogps
 from llava.model.weights import save_llava_weights
-from llava.train.checkpoints import newest_complete_checkpoint, publish, save_failure, staging_dir
+from llava.train.checkpoints import IDENTITY_FILE, newest_complete_checkpoint, publish, save_failure, staging_dir
 from llava.train.model_card import CardFacts, write_model_card
 from llava.train.nonfinite import NonFiniteStep, StepRecords, describe_records, gradients_finite, is_finite, stop_message, verdict
 from llava.train.params import parameter_groups
@@ -326,6 +326,9 @@ class LlavaTrainer(Trainer):
             llava.generation_config.save_pretrained(output_dir)
         if self.card is not None:
             write_model_card(output_dir, self.card, self.state.log_history)
+        identity = Path(self.args.output_dir) / IDENTITY_FILE  # every checkpoint says which run made it
+        if identity.is_file() and Path(output_dir).resolve() != identity.parent.resolve():
+            shutil.copy2(identity, Path(output_dir) / IDENTITY_FILE)
 
     # -- publishing: every saved directory carries its card; push_to_hub uploads output_dir as saved --
 
