@@ -25,7 +25,7 @@ def run_cli(argv, capsys):
     except SystemExit as e:
         code = e.code
     out = capsys.readouterr()
-    return int(code or 0), out.out + out.err
+    return code if isinstance(code, int) else (0 if code is None else 1), out.out + out.err
 
 
 # -- the command and its subcommands ---------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llava import cli
+from tests.test_cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("sft.sh", "dpo.sh", "mcmdpo.sh", "pretrain.sh")
@@ -131,14 +131,6 @@ def test_a_model_of_yours_is_not_trained_on_the_sample_without_a_word(caller_dir
 
 # -- 3 and 4: llava-mcmdpo train's help, flags and settings files -------------------------------------
 
-
-def run_cli(argv, capsys):
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code if isinstance(code, int) else (0 if code is None else 1), out.out + out.err
 
 
 def test_train_help_shows_the_settings_file_and_grouped_flags_and_help_all_the_rest(capsys):
