@@ -355,3 +355,18 @@ def test_check_and_show_take_data_path_or_the_positional_file(tmp_path, capsys):
     assert code == 2 and "give the data file once: FILE or --data_path FILE" in out
     code, out = run_cli(["show", str(data), "--data_path", str(data), "--model", "m"], capsys)
     assert code == 2 and "give the data file once" in out
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("llava.eval.inference", ["--model_name", "m", "--test_datasets", "t", "--eval_output", "o", "--num_beam", "3"],
+     "unrecognized arguments: --num_beam 3 (--num_beam: did you mean --num_beams?)"),
+    ("llava.eval.score", ["--file", "a.jsonl", "--out_dirr", "s"], "(--out_dirr: did you mean --out_dir"),
+    ("llava.eval.inference", ["--model_name", "m", "--test_datasets", "t", "--eval_output", "o", "--max_new", "3"],
+     "unrecognized arguments: --max_new 3"),  # never a prefix of --max_new_tokens
+])
+def test_unknown_flags_of_the_other_commands_name_the_closest(module, argv, message, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).build_parser().parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err

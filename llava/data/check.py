@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
+from llava.flags import FlagParser
 from llava.data.images import missing_image
 from llava.data.records import (TASKS, DataError, DataProblem, Record, image_field, image_ref, iter_rows, parse_row,
                                 text_fields)
@@ -211,7 +212,7 @@ def print_report(report: FileReport, out=None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         allow_abbrev=False,
         prog="python -m llava.data.check",
         description="Check alt-text data files (JSON, JSON Lines, Parquet, datasets directories) and list every "

@@ -18,6 +18,7 @@ import json
 import sys
 from typing import Sequence
 
+from llava.flags import FlagParser
 from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import TEMPLATE_NAMES, get_template
 from llava.data.datasets import PreferenceDataset, SFTDataset
@@ -122,7 +123,7 @@ def training_processor(model: str, vision_tower: str | None = None, select_featu
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, description="Print what the model is trained on (or prompted with) for a record.")
+    p = FlagParser(description="Print what the model is trained on (or prompted with) for a record.")
     # Named as in training (--data_path, --model_name_or_path); the positional file and --model still work.
     p.add_argument("file", nargs="?", help="data file (any format llava.data.records reads)")
     p.add_argument("--data_path", default=None, help="the data file, named as in training")

@@ -16,6 +16,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from llava.flags import FlagParser
 from llava.eval.inference import (DEFAULTS, InferenceError, add_generation_args, add_model_args, check_model_path, image_processor_for,
                                   load_for_inference)
 
@@ -30,7 +31,7 @@ def question_for(context: str, template: str = QUESTION_TEMPLATE) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, description="Print the alt-text a LLaVA model writes for one image and its post.")
+    p = FlagParser(description="Print the alt-text a LLaVA model writes for one image and its post.")
     add_model_args(p)
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--context", default="", help="the text of the post the image appears in")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from llava.flags import FlagParser
 from llava.method import CHOSEN, TERM_NAMES
 from llava.method import TERMS as METHOD_TERMS
 
@@ -344,7 +345,7 @@ def parse_run(spec: str) -> tuple[str, Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m llava.eval.curves", description=__doc__.split("\n\n")[0])
+    parser = FlagParser(prog="python -m llava.eval.curves", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", required=True, type=parse_run, metavar="NAME=DIR",
                         help="runs to draw: NAME=run directory (or its trainer_state.json)")
     parser.add_argument("--output", "--out", dest="out", type=Path, required=True, help="PNG to write")

@@ -12,12 +12,12 @@ correct alt-text must state about the image, e.g. "three blue squares") and ``co
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from pathlib import Path
 
+from llava.flags import FlagParser
 from llava.fileio import iter_jsonl
 
 
@@ -54,7 +54,7 @@ def grounding(path: str | Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(allow_abbrev=False, description="Key-fact and context grounding of alt-text responses (x100).")
+    p = FlagParser(description="Key-fact and context grounding of alt-text responses (x100).")
     p.add_argument("files", nargs="+")
     p.add_argument("--json", help="also write the rows, with their file names, to this JSON file")
     a = p.parse_args(argv)

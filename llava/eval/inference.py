@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from llava.flags import FlagParser
 from llava.eval.output_file import (
     InferenceError,
     Item,
@@ -85,7 +86,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, description="Generate alt-text (or yes/no answers) for test records with a LLaVA model.")
+    p = FlagParser(description="Generate alt-text (or yes/no answers) for test records with a LLaVA model.")
     # Each flag is named as in training (llava-mcmdpo's one vocabulary); the released script's names still work.
     add_model_args(p)
     p.add_argument("--model_revision", default=None, help="branch, tag or commit of a hub --model_name_or_path")

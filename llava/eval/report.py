@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from llava.flags import FlagParser
 from llava.eval import metrics as M
 from llava.eval import score as S
 from llava.fileio import iter_jsonl, write_atomic
@@ -420,7 +421,7 @@ Flags: <span class="flag long">over 125 chars</span> <span class="flag empty">EM
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         allow_abbrev=False,
         prog="python -m llava.eval.report",
         description="Write a self-contained HTML page comparing systems' alt-text on the same records.",

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from llava.flags import FlagParser
 from llava.eval import metrics as M
 from llava.eval import published_metrics as P
 from llava.fileio import iter_jsonl, not_an_object, write_atomic
@@ -348,7 +349,7 @@ def _warn(message: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         allow_abbrev=False,
         prog="get_score.py",
         description="Score alt-text inference outputs (JSON Lines with 'response' and 'chosen', "

@@ -9,13 +9,13 @@ direction are ``llava.model.original_layout``. What an export writes: docs/origi
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
 
 import torch
 
+from llava.flags import FlagParser
 from llava.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from llava.model.hub import local_dir
 from llava.model.original_layout import (
@@ -323,7 +323,7 @@ def _original_text_config(text_cfg) -> dict:
 def main(argv: list[str] | None = None) -> None:
     from llava.constants import DTYPES
 
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m llava.model.convert", description=__doc__.split("\n\n")[0])
+    p = FlagParser(prog="python -m llava.model.convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     to_hf = sub.add_parser("to-hf", allow_abbrev=False, help="original LLaVA layout -> transformers LlavaForConditionalGeneration / LlavaNext")
     to_hf.add_argument("--model_name_or_path", "--src", dest="src", required=True, metavar="DIR",

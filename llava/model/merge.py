@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from llava.flags import FlagParser
 from llava.constants import DTYPES
 
 
@@ -30,7 +31,7 @@ def merge_adapter(adapter: str | Path, model_base: str | Path | None, out_dir: s
 
 
 def build_parser(prog: str = "python -m llava.model.merge") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog=prog, description=__doc__.split("\n\n")[0])
+    p = FlagParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--model_name_or_path", "--model_name", "--model_path", "--model-path", dest="model_name_or_path",
                    required=True, metavar="ADAPTER", help="LoRA adapter directory (as training with --lora_enable saves it)")
     p.add_argument("--model_base", default=None, help="base model (default: the one the adapter records)")

@@ -10,7 +10,6 @@ model of every test and of the demo: nothing is downloaded.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from llava.flags import FlagParser
 from llava.constants import DEFAULT_IMAGE_TOKEN, PAD_TOKEN
 from llava.conversation import VICUNA_V1_CHAT_TEMPLATE
 from llava.model.parts import clip_image_settings, default_pinpoints, llava_processor, set_generation_tokens
@@ -170,7 +170,7 @@ def write(out: str | Path, arch: str = "llava", seed: int = 0, size: str = "tiny
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    p = FlagParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="directory to write the checkpoint to")
     p.add_argument("--arch", choices=["llava", "llava_next", "llama"], default="llava",
                    help="llama: a plain language model, to compose with a vision tower (llava.model.load.compose)")
