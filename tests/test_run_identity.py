@@ -150,6 +150,17 @@ def test_records_the_check_finds_are_where_training_stops(tiny_llava_dir, tmp_pa
         f"{data}, record 1, field 'chosen'", f"{data}, record 2, field 'question'", f"{data}, record 3, field 'chosen'"]
     assert not out.exists()  # stopped before anything was written (or any model loaded)
 
+    # the published layout too: the original format's processor is built without reading its weights
+    from llava.model.convert import main as convert
+
+    orig = tmp_path / "orig"
+    convert(["to-original", "--src", str(tiny_llava_dir), "--out", str(orig)])
+    assert check_main([str(data), "--image_folder", str(data.parent), "--task", "sft", "--model_name_or_path", str(orig),
+                       "--model_max_length", "512"]) == 1
+    assert f"error: {data}, record 3, field 'chosen': the answer cannot fit --model_max_length 512: " in capsys.readouterr().out
+    err = refused(argv(orig, data, tmp_path / "run_orig", "--task", "LM", "--model_max_length", "512"), capsys)
+    assert f"{data}, record 3, field 'chosen'" in err and not (tmp_path / "run_orig").exists()
+
     caplog.set_level(logging.INFO, logger="llava.train")
     train_main(flags + ["--skip_bad_records", "True"])
     skipped = [json.loads(line) for line in (out / "skipped_records.jsonl").read_text().splitlines()]

@@ -250,7 +250,7 @@ def length_check(args):
 
     processor = early_processor(args.model_name_or_path)
     if processor is None:
-        raise ValueError(f"--model_name_or_path {args.model_name_or_path}: not an HF-format LLaVA directory")
+        raise ValueError(f"--model_name_or_path {args.model_name_or_path}: not a LLaVA checkpoint (HF or original layout, or a LoRA adapter)")
     strategy = getattr(processor, "vision_feature_select_strategy", None) or "default"
     return lambda records: too_long(records, processor, args.version, args.image_aspect_ratio, args.model_max_length,
                                     strategy)

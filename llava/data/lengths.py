@@ -1,4 +1,4 @@
-"""Answers that cannot fit ``--model_max_length``: found before the model loads, from the tokenizer alone.
+"""Answers that cannot fit ``--model_max_length``: found before the model loads, from the processor alone.
 
 The datasets shorten a record's question until its sequence fits (``llava.data.datasets``); an answer
 too long to fit even under an empty question would stop training at the step that meets it. This
@@ -17,12 +17,22 @@ from llava.data.images import ImageProcessor
 from llava.data.records import DataProblem, Record
 
 
-def early_processor(model_path: str | Path):
-    """The processor of an HF-format LLaVA directory, loaded without its weights; None for other layouts
-    (composed, original, LoRA), whose processor only comes with the model."""
-    from llava.model.load import checkpoint_kind
+def early_processor(model_path: str | Path, vision_tower: str | Path | None = None):
+    """The processor of a LLaVA checkpoint, built without its weights: an HF-format directory's own, an
+    original-format one's from its config, tokenizer and CLIP settings, a LoRA adapter's base's. None for
+    a model still to be composed from parts (its processor comes with the composition)."""
+    from llava.model.load import checkpoint_kind, lora_base
 
-    if not Path(model_path).is_dir() or checkpoint_kind(model_path) != "hf":
+    if not Path(model_path).is_dir():
+        return None
+    kind = checkpoint_kind(model_path)
+    if kind == "lora":
+        return early_processor(lora_base(Path(model_path)), vision_tower)
+    if kind == "original":
+        from llava.model.original_layout import original_processor
+
+        return original_processor(model_path, vision_tower)
+    if kind != "hf":
         return None
     from transformers import AutoProcessor
 

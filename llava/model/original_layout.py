@@ -18,7 +18,7 @@ import torch
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.model.hub import HubError, is_repo_id, local_dir, snapshot
-from llava.model.weights import clip_vision_weights, from_state_dict, read_weights, weight_files
+from llava.model.weights import clip_vision_weights, from_state_dict, read_weights, weight_files, weight_names
 from llava.model.parts import (add_llava_tokens, clip_image_settings, grow_rows, llava_processor, parse_dtype, save_model,
                               set_generation_tokens)
 
@@ -288,8 +288,6 @@ def load_original(
     import transformers
     from transformers import LlavaConfig, LlavaNextConfig
 
-    from llava.conversation import VICUNA_V1_CHAT_TEMPLATE
-
     path = local_dir(path, what="checkpoint")  # a directory, or a hub name resolved to its snapshot
     if not is_original_format(path):
         cfg = read_config(path)
@@ -365,12 +363,35 @@ def load_original(
     model.eval()
     set_generation_tokens(model, tok)
 
-    tok.chat_template = VICUNA_V1_CHAT_TEMPLATE
-    processor = llava_processor(
-        tok, clip_image_settings(clip_dir, vision_config.image_size), patch_size=vision_config.patch_size,
-        strategy=strategy, aspect_ratio=ratio, pinpoints=cfg["image_grid_pinpoints"] if arch == LLAVA_NEXT else None,
-    )
+    processor = _processor(tok, cfg, arch, clip_dir, vision_config)
     return model, processor
+
+
+def _processor(tok, cfg: dict, arch: str, clip_dir: Path | None, vision_config):
+    """The native processor of an original checkpoint: its tokenizer, its CLIP directory's image settings."""
+    from llava.conversation import VICUNA_V1_CHAT_TEMPLATE
+
+    tok.chat_template = VICUNA_V1_CHAT_TEMPLATE
+    strategy = "full" if cfg.get("mm_vision_select_feature") == "cls_patch" else "default"
+    return llava_processor(
+        tok, clip_image_settings(clip_dir, vision_config.image_size), patch_size=vision_config.patch_size,
+        strategy=strategy, aspect_ratio=cfg.get("image_aspect_ratio") or "square",
+        pinpoints=cfg["image_grid_pinpoints"] if arch == LLAVA_NEXT else None,
+    )
+
+
+def original_processor(path: str | Path, vision_tower: str | Path | None = None):
+    """The processor ``load_original`` returns, built from the config, the tokenizer and the CLIP settings
+    without reading a weight (only the weight files' names): the data checks that need the tokenizer and
+    the image token count run before the model loads."""
+    path = local_dir(path, what="checkpoint")
+    cfg = dict(read_config(path) or {})
+    arch = target_architecture(cfg)
+    _check_supported(cfg, arch)
+    inside = any(k.startswith(ORIGINAL_VISION) for k in weight_names(weight_files(path)))
+    clip_dir, why = _resolve_clip_dir(path, cfg, vision_tower, has_inside_weights=inside)
+    vision_config = _vision_config(clip_dir, cfg.get("mm_vision_tower") or cfg.get("vision_tower"), inside, why)
+    return _processor(_prepare_tokenizer(path, cfg), cfg, arch, clip_dir, vision_config)
 
 
 def projector_to_hf(sd: dict[str, torch.Tensor], projector: str, hidden: int) -> dict[str, torch.Tensor]:

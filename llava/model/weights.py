@@ -33,6 +33,20 @@ def weight_files(path: Path) -> list[Path]:
     return []
 
 
+def weight_names(files: list[Path]) -> set[str]:
+    """The tensor names of weight files, read without their values where the format allows (safetensors)."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as opened:
+                names.update(opened.keys())
+        else:
+            names.update(torch.load(str(f), map_location="meta", weights_only=True).keys())
+    return names
+
+
 def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
     """Every tensor of ``files`` (safetensors or torch pickles) on the CPU, rebuilt buffers left out."""
     from safetensors.torch import load_file

@@ -193,8 +193,8 @@ def verified_records(data_args: DataArguments, args: TrainingArguments, task: st
 
 def length_check(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments):
     """records -> answers too long for ``--model_max_length`` (``llava.data.lengths``), from the processor alone;
-    None where the processor comes only with the model (composed, original and LoRA layouts)."""
-    processor = early_processor(model_args.model_name_or_path)
+    None where the processor comes only with the model (one composed from parts)."""
+    processor = early_processor(model_args.model_name_or_path, model_args.vision_tower)
     if processor is None:
         return None
     strategy = getattr(processor, "vision_feature_select_strategy", None) or "default"
