@@ -544,3 +544,24 @@ def test_only_this_runs_outputs_are_resumed(tiny_llava_dir, reference, tmp_path,
     run_main(tiny_llava_dir, files, out, *KILL_ARGS, "--batch_size", "4")
     assert out.read_bytes() == reference.read_bytes()
     assert "3 of 10 records already done" in capsys.readouterr().err
+
+
+def test_records_with_bad_fields_stop_or_are_left_out(tiny_llava_dir, tmp_path, capsys):
+    """A test question holding <image> (one placeholder more than the record has images) stops the run before the
+    model loads, naming file, record and field; --skip_bad_records leaves it out, counted and listed."""
+    rows = [json.loads(line) for line in (FIX / "test.jsonl").read_text().splitlines()][:3]
+    rows[1]["question"] = "What is in <image> this picture?"
+    src = tmp_path / "bad.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(SystemExit) as e:
+        run_main(tiny_llava_dir, [src], out, *FAST)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{src}, record 1, line 2, field 'question': <image>" in err
+    assert not out.exists()
+
+    run_main(tiny_llava_dir, [src], out, "--skip_bad_records", *FAST)
+    assert [r["idx"] for r in read_jsonl(out)] == [rows[0]["idx"], rows[2]["idx"]]
+    assert "--skip_bad_records: left out 1 records with bad fields" in capsys.readouterr().err
+    listed = [json.loads(line) for line in (tmp_path / "out.jsonl.skipped_records").read_text().splitlines()]
+    assert [(r["record"], r["field"]) for r in listed] == [(1, "question")]

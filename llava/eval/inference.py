@@ -315,18 +315,25 @@ def run(args, dist: Dist) -> int:
     check_model_path(args.model_name, args.model_base)
     out = Path(args.eval_output)
     refuse_input_as_output(out, args.test_datasets)
-    items = load_items(args.test_datasets, strip_special=args.strip_special_text)
+    left_out: list = []  # --skip_bad_records: the records whose fields are bad, left out
+    items = load_items(args.test_datasets, strip_special=args.strip_special_text,
+                       left_out=left_out if args.skip_bad_records else None)
+    if left_out and dist.rank == 0:
+        from llava.data.verify import bad_records
+
+        _log(f"--skip_bad_records: left out {len(bad_records(left_out))} records with bad fields (listed in "
+             f"{skipped_records_path(out)}); first: {left_out[0]}")
     identity = run_identity(args, dist) if dist.rank == 0 else None
     out.parent.mkdir(parents=True, exist_ok=True)
     # Only rank 0 (the one that rewrites OUT) holds the lock; the other ranks write their parts.
     try:
         with RunLock(out.with_name(out.name + ".lock"), str(out), enabled=dist.rank == 0, log=_log):
-            return _run(args, dist, items, out, identity)
+            return _run(args, dist, items, out, identity, left_out)
     except LockHeld as e:
         raise InferenceError(str(e)) from None
 
 
-def _run(args, dist: Dist, items: list[Item], out: Path, identity: dict | None) -> int:
+def _run(args, dist: Dist, items: list[Item], out: Path, identity: dict | None, left_out: list) -> int:
     log = _log if dist.rank == 0 else (lambda msg: None)
 
     # 1. Rank 0 makes sure OUT is this run's (its identity), folds earlier part files into OUT and cuts
@@ -348,7 +355,7 @@ def _run(args, dist: Dist, items: list[Item], out: Path, identity: dict | None) 
         log(f"resuming {out}: {len(done)} of {len(items)} records already done, {len(todo)} to go")
 
     # 2. Every image this run reads, verified before anything is generated.
-    bad = verify_test_images(args, dist, todo, out, log)
+    bad = verify_test_images(args, dist, todo, out, log, left_out)
 
     mine = todo[dist.rank::dist.world]
     target = part_path(out, dist.rank) if dist.sharded else out
@@ -376,7 +383,7 @@ def skipped_records_path(out: Path) -> Path:
     return out.with_name(out.name + ".skipped_records")
 
 
-def verify_test_images(args, dist: Dist, todo: list[Item], out: Path, log) -> dict:
+def verify_test_images(args, dist: Dist, todo: list[Item], out: Path, log, left_out: list = ()) -> dict:
     """``{(file, record number): problem}`` of the records in ``todo`` whose image is bad (``llava.data.verify``):
     with ``--skip_bad_records`` counted, listed in ``OUT.skipped_records`` and answered with error rows;
     without, the run stops naming them. Every process gets the same verdict."""
@@ -384,6 +391,8 @@ def verify_test_images(args, dist: Dist, todo: list[Item], out: Path, log) -> di
     from llava.data.verify import verify_images_everywhere, write_skipped_records
 
     if not todo:
+        if dist.rank == 0 and left_out:
+            write_skipped_records(skipped_records_path(out), list(left_out))
         return {}
     start = time.time()
     check = verify_images_everywhere([it.record for it in todo], args.image_folder,
@@ -397,7 +406,7 @@ def verify_test_images(args, dist: Dist, todo: list[Item], out: Path, log) -> di
                                              "for each and goes on")
     listed = skipped_records_path(out)
     if dist.rank == 0:
-        write_skipped_records(listed, check.problems)
+        write_skipped_records(listed, [*left_out, *check.problems])  # the records left out, then the bad images
         if bad:
             log(f"--skip_bad_records: {len(bad)} of {len(todo)} records have a bad image: written as error rows, "
                 f"listed in {listed}")

@@ -92,20 +92,26 @@ def result_line(record, response: str | None = None, error: str | None = None) -
     return dumps_line(fields)
 
 
-def load_items(paths: Sequence[str], strip_special: bool = False) -> list[Item]:
+def load_items(paths: Sequence[str], strip_special: bool = False, left_out: list | None = None) -> list[Item]:
     """Every record of every test file, in order; a ``DataError`` lists the problems of all files.
 
-    ``strip_special``: special-token literals removed from the texts (``--strip_special_text``)."""
-    from llava.data.records import DataError, read_records, strip_special_text
+    ``strip_special``: special-token literals removed from the texts (``--strip_special_text``).
+    ``left_out``: a list to collect the problems of bad records into, leaving those records out
+    (``--skip_bad_records``), instead of stopping on them; a bad file still stops."""
+    from llava.data.records import DataError, read_records_checked, strip_special_text
 
     items: list[Item] = []
     problems = []
     for fi, path in enumerate(paths):
         try:
-            records = read_records(path, "test")
+            records, bad = read_records_checked(path, "test")
         except DataError as e:
             problems += e.problems
             continue
+        if bad and left_out is not None:
+            left_out += bad
+        else:
+            problems += bad
         ids = [r.idx for r in records]
         by_idx = all(i is not None for i in ids) and len({json.dumps(i, sort_keys=True, default=str) for i in ids}) == len(ids)
         for pos, r in enumerate(records):
