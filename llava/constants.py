@@ -16,6 +16,12 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-# --dtype of the commands that load a model (infer, alt_text, convert, merge). auto is each one's
-# default: float16 on a GPU and float32 on the CPU for inference (as released); as stored for convert and merge.
+# The released inference script's settings: the llava_v1 prompt with its trailing newline, 3 beams, 256 new
+# tokens, one padded view; the defaults of mcmdpo_inference.py and of every saved generation_config.json.
+INFERENCE_DEFAULTS = dict(conv_mode="llava_v1", prompt_newline=True, batch_size=8, num_beams=3, temperature=0.0,
+                          max_new_tokens=256, image_aspect_ratio="pad")
+
+# --dtype of the commands that load a model (infer, alt_text, convert, merge). auto is each one's default:
+# for inference bfloat16 on a GPU that has it, float32 on the CPU (float16, the released script's, when asked);
+# as stored for convert and merge.
 DTYPES = ("auto", "float32", "bfloat16", "float16")

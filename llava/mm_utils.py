@@ -25,7 +25,7 @@ from transformers import StoppingCriteria
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import tokenize_with_images
-from llava.data.collate import stack_tiles
+from llava.model.parts import stack_tiles
 from llava.data.images import ImageProcessor, expand_to_square
 
 __all__ = ["tokenizer_image_token", "process_images", "get_model_name_from_path", "expand2square",

@@ -13,7 +13,7 @@ import os
 import pytest
 
 from llava.data.check import main as check_main
-from llava.train.reference import model_fingerprint
+from llava.fingerprint import model_fingerprint
 from llava.train.train import main as train_main
 from tests.conftest import write_preference_set
 

@@ -51,6 +51,7 @@ from llava.constants import IGNORE_INDEX
 from llava.data.datasets import PreferenceExample, SFTExample
 from llava.data.images import ProcessedImage
 from llava.method import SFT_CONDITION, Condition, condition
+from llava.model.parts import stack_tiles
 from llava.model.tree_attention import TreeLayout, row_chains
 
 
@@ -86,16 +87,6 @@ class _Row:
     def add_image(self, image: ProcessedImage, image_token_id: int, parent: _Placed | None) -> _Placed:
         self.images.append(image)
         return self.add([image_token_id] * image.num_tokens, parent)
-
-
-def stack_tiles(tiles: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[N, P, 3, S, S]`` from N anyres images' ``[patches, 3, S, S]``, zero-padded to the most patches
-    (the native LLaVA-NeXT classes read each image's real count from its ``image_sizes``)."""
-    most = max(t.shape[0] for t in tiles)
-    out = tiles[0].new_zeros(len(tiles), most, *tiles[0].shape[1:])
-    for i, t in enumerate(tiles):
-        out[i, : t.shape[0]] = t
-    return out
 
 
 def stack_images(images: Sequence[ProcessedImage]) -> dict[str, torch.Tensor]:

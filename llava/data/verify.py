@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from llava.fingerprint import cache_folder
 from llava.data.images import check_image_readable, image_path, outside_image_folder, record_image_field
 from llava.data.records import DataProblem, Record
 from llava.fileio import iter_jsonl, write_atomic
@@ -38,7 +39,6 @@ from llava.fileio import iter_jsonl, write_atomic
 logger = logging.getLogger("llava.data")
 
 WORKERS = min(8, os.cpu_count() or 1)  # PIL decodes with the GIL released: threads overlap the checks
-CACHE_ENV = "LLAVA_MCMDPO_CACHE_DIR"
 CACHE_NAME = "verified-images.json"
 CACHE_VERSION = 1
 MAX_CACHED = 500_000  # tens of MB of JSON at most; the files verified longest ago are forgotten first
@@ -47,10 +47,7 @@ OUTSIDE_HINT = "pass --allow_outside_image_folder to read it anyway"
 
 
 def default_cache_path() -> Path:
-    folder = os.environ.get(CACHE_ENV)
-    if not folder:
-        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llava-mcmdpo"
-    return Path(folder) / CACHE_NAME
+    return cache_folder() / CACHE_NAME
 
 
 def _stamp(st: os.stat_result) -> list[int]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from llava.constants import INFERENCE_DEFAULTS
 from llava.flags import FlagParser
 from llava.eval.output_file import (
     InferenceError,
@@ -38,8 +39,7 @@ from llava.fileio import LockHeld, RunLock
 # The released inference script's settings: `llava_v1` (the "human" wording, where training used `v1`),
 # the question followed by a newline, 3 beams, greedy, 256 new tokens. (The released script ran float16 on a GPU;
 # --dtype auto runs bfloat16, what the published runs train in, and float16 only when asked: --dtype float16.)
-DEFAULTS = dict(conv_mode="llava_v1", prompt_newline=True, batch_size=8, num_beams=3, temperature=0.0,
-                max_new_tokens=256, image_aspect_ratio="pad")
+DEFAULTS = INFERENCE_DEFAULTS
 
 
 def str_to_bool(text: str) -> bool:
@@ -296,7 +296,7 @@ def run_identity(args, dist: Dist) -> dict:
     (``model_fingerprint``), the prompt and the decoding. Written beside OUT (``OUT.run.json``); a rerun
     resumes only an output of the same identity. ``--batch_size``, ``--no_progress`` and the like do
     not count."""
-    from llava.train.reference import model_fingerprint
+    from llava.fingerprint import model_fingerprint
 
     def fingerprint(path):
         return model_fingerprint(path) if path and Path(path).is_dir() else path

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from llava.data.collate import stack_tiles
+from llava.model.parts import stack_tiles
 from llava.model.forward import image_features, is_llava_next, unwrap
 from llava.model.load import ModelLoadError, checkpoint_kind, load_model, lora_base, parse_dtype, resolve
 

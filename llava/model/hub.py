@@ -180,7 +180,7 @@ def dataset_fingerprint(spec: str | Path) -> str:
     """What identifies a training data source in a cache key: a file's content hash, or a hub split's fingerprint."""
     found = hub_dataset(spec)
     if found is None:
-        from llava.train.reference import file_fingerprint
+        from llava.fingerprint import file_fingerprint
 
         return file_fingerprint(spec)
     return f"{found}@{load_hub_dataset(found)._fingerprint}"

@@ -1,12 +1,14 @@
 """What loading, composing, converting and saving a LLaVA share: the image and text parts of a processor,
-vocabulary growth, dtypes and the HF save. ``llava.model.load`` (hub names, LoRA, compose) and
-``llava.model.original_layout`` (LLaVA's own layout) both build on it; it imports neither.
+vocabulary growth, dtypes, anyres tiles in one batch tensor and the HF save. ``llava.model.load`` (hub
+names, LoRA, compose), ``llava.model.original_layout`` (LLaVA's own layout) and the collators build on
+it; it imports none of them.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -114,6 +116,16 @@ def set_generation_tokens(model, tokenizer) -> None:
     """The generation config's pad/eos/bos ids are the tokenizer's (generate pads and stops with them)."""
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
         setattr(model.generation_config, key, getattr(tokenizer, key))
+
+
+def stack_tiles(tiles: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[N, P, 3, S, S]`` from N anyres images' ``[patches, 3, S, S]``, zero-padded to the most patches
+    (the native LLaVA-NeXT classes read each image's real count from its ``image_sizes``)."""
+    most = max(t.shape[0] for t in tiles)
+    out = tiles[0].new_zeros(len(tiles), most, *tiles[0].shape[1:])
+    for i, t in enumerate(tiles):
+        out[i, : t.shape[0]] = t
+    return out
 
 
 def save_model(model, processor, out_dir: str | Path) -> Path:

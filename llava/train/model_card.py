@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from llava.constants import INFERENCE_DEFAULTS
 from llava.method import CHOSEN, TERMS
 
 CARD_NAME = "README.md"
@@ -25,10 +26,8 @@ def release_generation_config(tokenizer):
     """A fresh ``GenerationConfig`` with the released decoding and the tokenizer's special tokens."""
     from transformers import GenerationConfig
 
-    from llava.eval.inference import DEFAULTS
-
-    return GenerationConfig(num_beams=DEFAULTS["num_beams"], do_sample=DEFAULTS["temperature"] > 0,
-                            max_new_tokens=DEFAULTS["max_new_tokens"], eos_token_id=tokenizer.eos_token_id,
+    return GenerationConfig(num_beams=INFERENCE_DEFAULTS["num_beams"], do_sample=INFERENCE_DEFAULTS["temperature"] > 0,
+                            max_new_tokens=INFERENCE_DEFAULTS["max_new_tokens"], eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
 
 

@@ -54,8 +54,8 @@ from llava.train.params import Trainable, apply_lora, quantization, set_trainabl
 from llava.train.policy import ResponseLogps
 from llava.train.losses import DPOObjective, MCMObjective, SFTObjective
 from llava.train.projector_file import load_projector_file, trains_projector_only, write_projector_file
-from llava.train.reference import (AdaptersOffReference, CachedReference, LiveReference, file_fingerprint, images_fingerprint,
-                                   model_fingerprint, processor_fingerprint)
+from llava.fingerprint import file_fingerprint, images_fingerprint, model_fingerprint, processor_fingerprint
+from llava.train.reference import AdaptersOffReference, CachedReference, LiveReference
 from llava.train.reporting import prepare_wandb
 from llava.train.run_log import PLAN_SHOWN, TrainLog, metrics_logger, plan_lines, quiet_frameworks
 from llava.train.trainer import LlavaTrainer
