@@ -476,7 +476,7 @@ def reference_tables(runners: dict) -> dict:
             continue
         r.model.eval()
         with torch.no_grad():
-            tables[key] = torch.cat([r.model(**b).values.float().cpu() for b in r.batches])
+            tables[key] = torch.cat([r.model(**b).float().cpu() for b in r.batches])
         r.model.train()
     for r in runners.values():
         if r.variant in ("naive_mcm", "mcm", "dpo"):
@@ -502,7 +502,7 @@ def check_mcm_vs_naive(runners: dict, tables: dict, tol: float = REL_TOL) -> dic
     lp_packed = tables["mcm"][:1]  # the packed forward of record 0 from the starting weights (reference_tables)
     naive.model.eval()
     with torch.no_grad():
-        lp_naive = naive.model(**naive.batches[0]).values.float().cpu()
+        lp_naive = naive.model(**naive.batches[0]).float().cpu()
     naive.model.train()
     ref = tables["mcm"][:1]
     # a reference away from the policy makes every margin non-zero, so the loss is sensitive to each condition

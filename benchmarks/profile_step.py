@@ -70,7 +70,7 @@ def main(argv=None) -> int:
             if r.variant in ("mcm", "dpo", "naive_mcm"):
                 r.model.eval()
                 with torch.no_grad():
-                    r.trainer.reference.table = torch.cat([r.model(**x).values.float() for x in r.batches])
+                    r.trainer.reference.table = torch.cat([r.model(**x).float() for x in r.batches])
                 r.model.train()
         names = list(runners)
         times: dict[str, list[float]] = {v: [] for v in names}
