@@ -102,7 +102,11 @@ def test_an_output_dir_continues_only_its_own_run(tiny_llava_dir, tmp_path, caps
     train_main(sft + ["--logging_steps", "5", "--save_total_limit", "3", "--dataloader_num_workers", "1"])
     assert f"taking over the lock {lock} left by PID 4242 on otherhost, which no longer runs" in caplog.text
     assert "nothing to train" in caplog.text
-    assert snapshot(out) == {k: v for k, v in before.items() if k != ".lock"} and not lock.exists()
+    # the same run again: its files as they were, its log appended to (train.log keeps every attempt)
+    after = snapshot(out)
+    assert {k: v for k, v in after.items() if k != "train.log"} == \
+        {k: v for k, v in before.items() if k not in (".lock", "train.log")} and not lock.exists()
+    assert (out / "train.log").read_text().count("nothing to train") == 1
 
     train_main(dpo + ["--overwrite_output_dir", "True"])  # the way on: afresh, the SFT checkpoint removed first
     assert json.loads((out / "run.json").read_text())["identity"]["--task"] == "DPO"

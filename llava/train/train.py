@@ -486,7 +486,7 @@ def run(argv: list[str], run_log: TrainLog | None) -> None:
                               create=started or not isinstance(e, EXPECTED))
         # mid-run, a progress bar may hold the line (any rank's: they share the terminal): start a new one
         print("\n" * started + error_line(e, log), file=sys.stderr, flush=True)
-        if run_log and output_dir and Path(output_dir).is_dir():
+        if run_log and output_dir and Path(output_dir).is_dir() and not isinstance(e, OutputDirError):
             if run_log.file is None:
                 run_log.open(output_dir)
             metrics_logger().error(error_line(e, log))
