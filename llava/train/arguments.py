@@ -104,11 +104,11 @@ class TrainingArguments(transformers.TrainingArguments, ReleasedFlags):
     """transformers' fields, the released ones (``llava.train.released_flags``: aliases of --loss and
     --term_weights, or without effect) and this toolkit's."""
 
-    loss: Loss | None = field(default=None, metadata={"help": "sft, dpo or mcm_dpo (default: from the released --task "
-                                                      "and --use_cross_modal_loss, else sft)"})
+    loss: Loss | None = field(default=None, metadata={"help": "sft, dpo or mcm_dpo (default: from the released aliases "
+                                                      "below, else sft)"})
     term_weights: dict | str | None = field(default=None, metadata={"help": "MCM-DPO term weights as JSON, "
-        "'{\"response\": 1.0, \"image\": 0.5}'; terms left out weigh 0 (terms: docs/method.md; default: the released "
-        "--para_r1..7 with --use_cl_reward_num)"})
+        "'{\"response\": 1.0, \"image\": 0.5}'; terms left out weigh 0 (terms: docs/method.md; default: from the released "
+        "aliases below)"})
     para_norm: float = field(default=2.8, metadata={"help": "divisor of the term weights (not re-derived when terms are off)"})
     beta: float = field(default=0.1, metadata={"help": "DPO temperature beta"})
     mcm_aggregate: Aggregate = field(default="margin", metadata={"help": "margin: one sigmoid over the weighted margins (released code); "
