@@ -214,11 +214,10 @@ def write_records(folder: Path, tok, n: int, seed: int, context_tokens: tuple[in
 
 
 def mcm_objective():
-    from llava.method import TERMS, term_weights
+    from llava.method import DEFAULT_WEIGHTS
     from llava.train.losses import MCMObjective
 
-    weights = term_weights(7, {t.flag: t.default_weight for t in TERMS})
-    return MCMObjective(weights, norm=2.8, beta=BETA)
+    return MCMObjective(dict(DEFAULT_WEIGHTS), norm=2.8, beta=BETA)
 
 
 def objective_of(variant: str):
@@ -414,7 +413,7 @@ def project_runner(variant: str, model_dir: Path, data: Data, device: str, dtype
     set_trainable(llava, Trainable(vision=False))  # language model + projector train, vision tower frozen
     objective = objective_of(variant)
     naive = variant == "naive_mcm"
-    args = TrainingArguments(task="DPO", use_cross_modal_loss=variant != "dpo",
+    args = TrainingArguments(loss="dpo" if variant == "dpo" else "mcm_dpo",
                              preference_forward="naive" if naive else "packed",
                              **_trainer_common(device, dtype, seed, work / variant))
     reference = CachedReference(work / "ref_cache", {"conditions": list(objective.conditions)})

@@ -50,41 +50,28 @@ def condition(name: str) -> Condition:
 
 @dataclass(frozen=True)
 class Term:
-    """One MCM-DPO term: the condition it prefers ``cw_mw_yw`` to, its weight flag and default, and the
-    ``--use_cl_reward_num`` above which it is on (response and image: always)."""
+    """One MCM-DPO term: the condition it prefers ``cw_mw_yw`` to and its default weight."""
 
     name: str
     loser: str
-    flag: str
     default_weight: float
-    threshold: int
     label: str
     module: str  # the paper's grouping: single, pairwise or multi factor
 
 
 TERMS: tuple[Term, ...] = (
-    Term("response", "cw_mw_yl", "para_r3", 1.0, 0, "response", "single"),
-    Term("image", "cw_ml_yw", "para_r2", 0.5, 0, "image", "single"),
-    Term("context", "cl_mw_yw", "para_r1", 0.5, 2, "context", "single"),
-    Term("context_response", "cl_mw_yl", "para_r4", 0.2, 3, "context+response", "pairwise"),
-    Term("image_response", "cw_ml_yl", "para_r5", 0.2, 4, "image+response", "pairwise"),
-    Term("context_image", "cl_ml_yw", "para_r6", 0.2, 5, "context+image", "pairwise"),
-    Term("all", "cl_ml_yl", "para_r7", 0.2, 6, "all three", "multi"),
+    Term("response", "cw_mw_yl", 1.0, "response", "single"),
+    Term("image", "cw_ml_yw", 0.5, "image", "single"),
+    Term("context", "cl_mw_yw", 0.5, "context", "single"),
+    Term("context_response", "cl_mw_yl", 0.2, "context+response", "pairwise"),
+    Term("image_response", "cw_ml_yl", 0.2, "image+response", "pairwise"),
+    Term("context_image", "cl_ml_yw", 0.2, "context+image", "pairwise"),
+    Term("all", "cl_ml_yl", 0.2, "all three", "multi"),
 )
 TERM_NAMES: tuple[str, ...] = tuple(t.name for t in TERMS)
 TERM_BY_NAME: dict[str, Term] = {t.name: t for t in TERMS}
-TERM_BY_FLAG: dict[str, Term] = {t.flag: t for t in TERMS}
 DEFAULT_NORM = sum(t.default_weight for t in TERMS)  # 2.8, --para_norm's default
-
-
-def term_weights(use_cl_reward_num: int, para_r: Mapping[str, float]) -> dict[str, float]:
-    """Weights of the seven terms from ``--use_cl_reward_num`` and ``--para_r1..7`` (``para_r`` by flag name).
-
-    A term that ``use_cl_reward_num`` leaves off has weight 0.
-    """
-    if not 1 <= use_cl_reward_num <= len(TERMS):
-        raise ValueError(f"--use_cl_reward_num must be in 1..{len(TERMS)}, got {use_cl_reward_num}")
-    return {t.name: float(para_r[t.flag]) if use_cl_reward_num > t.threshold else 0.0 for t in TERMS}
+DEFAULT_WEIGHTS: dict[str, float] = {t.name: t.default_weight for t in TERMS}
 
 
 def needed_conditions(weights: Mapping[str, float]) -> tuple[str, ...]:

@@ -27,7 +27,6 @@ BASE_RUN=${BASE_RUN:-}
 export REPORT_TO=${REPORT_TO:-none}
 source scripts/demo_stages.sh
 demo_size "${ABLATE_SIZE:-full}"
-TERM_FLAG=(para_r1 para_r2 para_r3 para_r4 para_r5 para_r6 para_r7)
 TERM_NAME=(context image response context_response image_response context_image all)
 
 # row_spec NAME: "PARADIGM|SCRIPT|IMAGE_TYPE|TERMS|extra trainer flags"
@@ -36,12 +35,10 @@ row_spec() {
     dpo) echo "d|dpo|diffusion|7|" ;;
     terms[2-7]) echo "d|mcmdpo|diffusion|${1#terms}|" ;;
     only_*)
-      local want=${1#only_} flags="" i
-      for i in "${!TERM_NAME[@]}"; do
-        if [ "${TERM_NAME[$i]}" = "$want" ]; then flags+=" --${TERM_FLAG[$i]} 1.0"; else flags+=" --${TERM_FLAG[$i]} 0"; fi
-      done
-      [[ "$flags" == *" 1.0"* ]] || { echo "unknown term in row $1" >&2; exit 2; }
-      echo "d|mcmdpo|diffusion|7|--para_norm 1.0$flags" ;;
+      local want=${1#only_}
+      [[ " ${TERM_NAME[*]} " == *" $want "* ]] || { echo "unknown term in row $1" >&2; exit 2; }
+      # one word without spaces: the flags travel unquoted; the terms left out weigh 0
+      echo "d|mcmdpo|diffusion|7|--para_norm 1.0 --term_weights {\"$want\":1.0}" ;;
     image_*) echo "d|mcmdpo|${1#image_}|7|" ;;
     paradigm_[abcd]) echo "${1#paradigm_}|mcmdpo|diffusion|7|" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 2, plain DPO (--task DPO --use_cross_modal_loss False) from the SFT checkpoint.
+# Stage 2, plain DPO (--loss dpo) from the SFT checkpoint.
 # The settings are configs/dpo.yaml (the released run: lr 5e-7, 1 epoch, batch 1 x accumulation 16,
 # beta 0.1); this script adds the paths and the host's launcher, ZeRO-3 config and precision
 # (scripts/common.sh, which lists the variables that override the YAML; BETA here). Extra arguments

@@ -37,12 +37,14 @@ if str(REPO) not in sys.path:
 from llava.eval.curves import TERM_COLORS, TERM_LABELS, CurvesError, find_state, plot_runs  # noqa: E402
 from llava.method import CHOSEN, REJECTED, Condition  # noqa: E402
 from llava.method import TERMS as METHOD_TERMS  # noqa: E402
+from llava.train.released_flags import FLAG_OF  # noqa: E402
 
 RC = {"font.family": "DejaVu Sans", "mathtext.fontset": "dejavusans"}
 PNG_META = {"Software": None}
 
-# term -> (loser condition, default weight, module, published flag), from llava.method (docs/method.md "Terms")
-TERMS = {t.name: (t.loser, t.default_weight, t.module, t.flag) for t in METHOD_TERMS}
+# term -> (loser condition, default weight, module, published flag), from llava.method and
+# llava.train.released_flags (docs/method.md "Terms")
+TERMS = {t.name: (t.loser, t.default_weight, t.module, FLAG_OF[t.name]) for t in METHOD_TERMS}
 MODULES = {
     "single": ("Single module", "one factor lost: a cube edge", "-"),
     "pairwise": ("Pairwise module", "two factors lost: a face diagonal", (0, (6, 3))),

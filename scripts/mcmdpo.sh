@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 2, MCM-DPO (--task DPO --use_cross_modal_loss True): all seven terms, from the SFT checkpoint.
+# Stage 2, MCM-DPO (--loss mcm_dpo): all seven terms, from the SFT checkpoint.
 # The settings are configs/mcmdpo.yaml (the released run: lr 5e-7, 2 epochs, batch 1 x accumulation
 # 16, beta 0.1, diffusion-corrupted images at step 700, weights r1..r7 and norm 2.8); this script adds
 # the paths and the host's launcher, ZeRO-3 config and precision (scripts/common.sh, which lists the
@@ -16,8 +16,8 @@ IMAGE_FOLDER=${IMAGE_FOLDER:-data/sample}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/mcmdpo}
 # BETA           --beta (default: the YAML's, 0.1)
 # IMAGE_TYPE     --use_image_type (default: the YAML's, diffusion)
-# CL_REWARD_NUM  --use_cl_reward_num, how many of the seven terms (default: the YAML's, 7); TERMS is
-#                its old name, still read
+# CL_REWARD_NUM  --use_cl_reward_num (a released alias), how many of the seven terms stay on over the
+#                YAML's term_weights (default: all 7); TERMS is its old name, still read
 CL_REWARD_NUM=${CL_REWARD_NUM:-${TERMS:-}}
 
 require_default_model "run scripts/sft.sh first, or set MODEL_PATH to an SFT checkpoint"

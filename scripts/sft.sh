@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage 1, SFT (--task LM): next-token training on (image, question with context, alt-text).
+# Stage 1, SFT (--loss sft): next-token training on (image, question with context, alt-text).
 # The settings are configs/sft.yaml (the released run: lr 2e-5, 1 epoch, batch 1 x accumulation 32);
 # this script adds the paths and the host's launcher, ZeRO-3 config and precision (scripts/common.sh,
 # which lists the variables that override the YAML). Paths are relative to your directory; extra

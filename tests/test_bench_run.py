@@ -29,7 +29,7 @@ def test_project_argv_is_the_run_described(variant, tmp_path):
     argv = bench_run.project_argv(variant, model_dir, tmp_path / "data" / "preference.json", tmp_path / "out",
                                   accumulation=4, epochs=1, seed=0)
     model_args, data_args, args = parse_args(argv)
-    assert args.task == "DPO" and args.use_cross_modal_loss == (variant == "mcm")
+    assert args.loss == ("mcm_dpo" if variant == "mcm" else "dpo")
     assert args.reference_mode == "cached" and args.preference_forward == "packed"  # the defaults
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_train_epochs) == (1, 4, 1)
     assert args.max_grad_norm == 1.0 and args.gradient_checkpointing is False and args.weight_decay == 0.0

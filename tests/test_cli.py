@@ -99,7 +99,7 @@ def test_flags_after_the_file_win(tmp_path):
     assert (base.learning_rate, base.gradient_checkpointing, base.report_to) == (5e-7, True, ["wandb"])
     assert (args.learning_rate, args.gradient_checkpointing, args.report_to, args.use_cl_reward_num) == (1e-3, False, [], 3)
     assert data.data_path == "x.json" and model.model_name_or_path == "outputs/sft"
-    assert args.weights()["context"] == 0.5 and args.weights()["context_response"] == 0.0
+    assert args.term_weights["context"] == 0.5 and args.term_weights["context_response"] == 0.0
 
 
 def test_a_file_after_deepspeeds_local_rank_is_read():

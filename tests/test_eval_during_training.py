@@ -65,7 +65,7 @@ def test_mcm_dpo_evaluates_every_term_and_matches_a_naive_computation(tiny_llava
     policy = naive_logps(AutoModelForImageTextToText.from_pretrained(out), trainer.eval_dataset, conditions, *ids)
     reference = naive_logps(AutoModelForImageTextToText.from_pretrained(tiny_llava_dir), trainer.eval_dataset, conditions, *ids)
     by_name = lambda t: {c: t[:, j] for j, c in enumerate(conditions)}  # noqa: E731
-    losses, metrics = mcm_dpo_loss(by_name(policy), by_name(reference), weights=trainer.args.weights())
+    losses, metrics = mcm_dpo_loss(by_name(policy), by_name(reference), weights=trainer.args.term_weights)
     assert logs[2]["eval_loss"] == pytest.approx(losses.mean().item(), abs=1e-5)
     for t in TERMS:
         assert logs[2][f"eval_mcm/{t}/margin"] == pytest.approx(metrics[f"mcm/{t}/margin"].mean().item(), abs=1e-5), t

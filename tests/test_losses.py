@@ -8,7 +8,8 @@ import torch
 
 from llava.method import CONDITION_NAMES as CONDITIONS
 from llava.method import TERM_NAMES as TERMS
-from llava.method import needed_conditions, term_weights
+from llava.method import needed_conditions
+from llava.train.released_flags import released_term_weights as term_weights
 from llava.train.losses import dpo_loss, mcm_dpo_loss
 
 PARA = {"para_r1": 0.5, "para_r2": 0.5, "para_r3": 1.0, "para_r4": 0.2, "para_r5": 0.2, "para_r6": 0.2, "para_r7": 0.2}
@@ -142,14 +143,16 @@ def test_use_cl_reward_num_outside_1_to_7_is_an_error(n):
 
 
 def test_the_method_table_is_the_papers():
-    """llava.method's terms (losers, flags, defaults, thresholds) against the table written out here."""
+    """llava.method's terms (losers, defaults) and the released flags' mapping and thresholds
+    (llava.train.released_flags) against the table written out here."""
     from llava.method import CONDITIONS as FACTORS
     from llava.method import DEFAULT_NORM, TERMS as METHOD_TERMS
     from llava.train.arguments import TrainingArguments
+    from llava.train.released_flags import FLAG_OF, THRESHOLD
 
-    assert [(t.name, t.loser, t.flag) for t in METHOD_TERMS] == TABLE
-    assert {t.flag: t.default_weight for t in METHOD_TERMS} == PARA
-    assert [t.threshold for t in METHOD_TERMS] == [0, 0, 2, 3, 4, 5, 6]
+    assert [(t.name, t.loser, FLAG_OF[t.name]) for t in METHOD_TERMS] == TABLE
+    assert {FLAG_OF[t.name]: t.default_weight for t in METHOD_TERMS} == PARA
+    assert [THRESHOLD[t.name] for t in METHOD_TERMS] == [0, 0, 2, 3, 4, 5, 6]
     assert DEFAULT_NORM == pytest.approx(2.8) and sum(PARA.values()) == pytest.approx(2.8)
     # the eight conditions: every (context, image, response) choice once, context outermost
     assert CONDITIONS == ("cw_mw_yw", "cw_mw_yl", "cw_ml_yw", "cw_ml_yl", "cl_mw_yw", "cl_mw_yl", "cl_ml_yw", "cl_ml_yl")

@@ -135,7 +135,7 @@ def test_the_card_states_data_flags_method_and_final_metrics(run):
     for flag in ("--use_cl_reward_num 5", "--version llava_llama_2", f"--eval_data_path {run.held_out}", "--max_steps 2"):
         assert f"    {flag} \\\n" in card, flag
     # the terms --use_cl_reward_num 5 leaves on, with their weights, and those it leaves off
-    weights = run.trainer.args.weights()
+    weights = run.trainer.args.term_weights
     for term, loser in ((t.name, t.loser) for t in TERMS):
         row = f"| {term} | `{loser}` | {weights[term]:g}{'' if weights[term] else ' (off)'} |"
         assert row in card, row

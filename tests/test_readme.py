@@ -140,11 +140,11 @@ def test_the_gpu_quickstart_runs_as_written_with_dry_run(tmp_path):
         parsed[stage] = (model, data, training)
     assert sorted(parsed) == ["ckpt/dpo", "ckpt/mcmdpo", "ckpt/sft"]
     sft_model, sft_data, sft = parsed["ckpt/sft"]
-    assert sft_model.model_name_or_path == "liuhaotian/llava-v1.6-vicuna-7b" and sft.task == "LM"
+    assert sft_model.model_name_or_path == "liuhaotian/llava-v1.6-vicuna-7b" and sft.loss == "sft"
     assert sft_data.data_path == "data/alt/sft.json"
-    for stage, cross_modal in (("ckpt/mcmdpo", True), ("ckpt/dpo", False)):
+    for stage, loss in (("ckpt/mcmdpo", "mcm_dpo"), ("ckpt/dpo", "dpo")):
         model, data, training = parsed[stage]
-        assert training.task == "DPO" and training.use_cross_modal_loss is cross_modal
+        assert training.loss == loss
         assert (REPO / model.model_name_or_path).resolve() == Path(sft.output_dir)  # the SFT output, as the trainer resolves it
         assert data.data_path == "data/alt/preference.json"
 
@@ -191,4 +191,4 @@ def test_the_cpu_quickstart_first_steps(tmp_path):
         else:
             assert Path(line[0]).name == "llava-mcmdpo" and line[1] in COMMANDS
             _, data, training = parsed_trainer([str(REPO / line[2]), *line[3:]])
-            assert training.task == "DPO" and training.max_steps == 2
+            assert training.loss in ("dpo", "mcm_dpo") and training.max_steps == 2

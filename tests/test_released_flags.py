@@ -2,6 +2,7 @@
 accepted, those without effect are named in one warning line, ``--bits`` needs CUDA, and
 ``deepspeed llava/train/train_mem.py`` runs the trainer."""
 
+import json
 import logging
 import os
 import subprocess
@@ -199,3 +200,61 @@ def test_released_mcmdpo_command_line_runs_under_deepspeed(tiny_llava_dir, tmp_p
     logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
     assert [h["step"] for h in logs] == [1] and math.isfinite(logs[0]["loss"])
     assert "mcm/all/margin" in logs[0]
+
+
+# -- the released method flags are aliases of --loss and --term_weights (llava.train.released_flags) --
+
+MCM_WEIGHTS = {"response": 1.0, "image": 0.5, "context": 0.5, "context_response": 0.2, "image_response": 0.2,
+               "context_image": 0.2, "all": 0.2}
+SAME_RUN = [
+    (["--task", "DPO"], ["--loss", "dpo"]),
+    (["--task", "DPO", "--use_cross_modal_loss", "True", "--para_r1", "0.5", "--para_r2", "0.5", "--para_r3", "1.0",
+      "--para_r4", "0.2", "--para_r5", "0.2", "--para_r6", "0.2", "--para_r7", "0.2"],
+     ["--loss", "mcm_dpo", "--term_weights", json.dumps(MCM_WEIGHTS)]),
+    (["--task", "DPO", "--use_cross_modal_loss", "True", "--use_cl_reward_num", "4"],
+     ["--loss", "mcm_dpo", "--term_weights", '{"response": 1.0, "image": 0.5, "context": 0.5, "context_response": 0.2}']),
+]
+
+
+def run_of(argv: list[str], tmp_path):
+    from llava.train.train import RESULT_FLAGS, make_objective
+
+    args = parse_args(command_line({}, tmp_path) + argv)[2]
+    objective = make_objective(args)
+    return ({name: getattr(args, name) for name in RESULT_FLAGS}, type(objective).__name__, objective.conditions,
+            getattr(objective, "weights", None))
+
+
+@pytest.mark.parametrize("released,new", SAME_RUN, ids=["dpo", "mcm_dpo_7", "use_cl_reward_num_4"])
+def test_released_flags_and_the_new_config_are_the_same_run(released, new, tmp_path):
+    flags, kind, conditions, weights = run_of(released, tmp_path)
+    assert (flags, kind, conditions, weights) == run_of(new, tmp_path)
+    assert flags["loss"] == new[1] and "task" not in flags and "para_r1" not in flags
+    if new[1] == "mcm_dpo":
+        given = json.loads(new[3])
+        assert flags["term_weights"] == {t: given.get(t, 0.0) for t in MCM_WEIGHTS}  # terms left out weigh 0
+        assert len(conditions) == 1 + len(given)  # the chosen condition and each term's loser
+
+
+def test_the_yaml_mapping_is_the_released_mcmdpo_run(tmp_path):
+    from llava.train.arguments import config_argv
+
+    argv = config_argv(str(REPO / "configs/mcmdpo.yaml"))
+    assert argv[argv.index("--term_weights") + 1] == json.dumps(MCM_WEIGHTS)  # a mapping travels as one JSON word
+    loss = argv.index("--loss")
+    assert run_of(argv[loss:loss + 2] + ["--term_weights", json.dumps(MCM_WEIGHTS)], tmp_path) == run_of(SAME_RUN[1][0], tmp_path)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--loss", "dpo", "--task", "DPO", "--use_cross_modal_loss", "True"],
+     "--loss dpo disagrees with --task DPO --use_cross_modal_loss True (which mean --loss mcm_dpo): give one of them"),
+    (["--loss", "mcm_dpo", "--term_weights", '{"response": 1.0}', "--para_r2", "0.3"],
+     "--para_r2 0.3 disagrees with --term_weights image: 0: give one of them"),
+    (["--loss", "mcm_dpo", "--term_weights", '{"respons": 1.0}'],
+     "--term_weights: unknown term 'respons'; the terms are response, image, context, context_response, "
+     "image_response, context_image, all"),
+])
+def test_released_and_new_flags_that_disagree_stop_with_one_line(argv, message, tmp_path):
+    with pytest.raises(ValueError) as e:
+        parse_args(command_line({}, tmp_path) + argv)
+    assert str(e.value) == message

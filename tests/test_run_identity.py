@@ -75,14 +75,14 @@ def test_an_output_dir_continues_only_its_own_run(tiny_llava_dir, tmp_path, caps
                "--resume_from_checkpoint", "auto")
     train_main(sft)
     identity = json.loads((out / "run.json").read_text())["identity"]
-    assert identity["--task"] == "LM" and identity["model"] == model_fingerprint(tiny_llava_dir)
+    assert identity["--loss"] == "sft" and identity["model"] == model_fingerprint(tiny_llava_dir)
     assert json.loads((out / "checkpoint-1" / "run.json").read_text())["identity"] == identity
     before = snapshot(out)
 
     dpo = argv(tiny_llava_dir, data, out, "--task", "DPO", "--beta", "0.5", "--learning_rate", "1e-3",
                "--save_strategy", "steps", "--save_steps", "1", "--resume_from_checkpoint", "auto")
     assert refused(dpo, capsys).endswith(
-        f"--output_dir {out} holds another run (differs in --beta, --learning_rate, --task, conditions, forward): use another "
+        f"--output_dir {out} holds another run (differs in --beta, --learning_rate, --loss, conditions, forward): use another "
         "--output_dir, or --overwrite_output_dir to start afresh there")
     assert snapshot(out) == before
 
@@ -109,7 +109,7 @@ def test_an_output_dir_continues_only_its_own_run(tiny_llava_dir, tmp_path, caps
     assert (out / "train.log").read_text().count("nothing to train") == 1
 
     train_main(dpo + ["--overwrite_output_dir", "True"])  # the way on: afresh, the SFT checkpoint removed first
-    assert json.loads((out / "run.json").read_text())["identity"]["--task"] == "DPO"
+    assert json.loads((out / "run.json").read_text())["identity"]["--loss"] == "dpo"
     assert json.loads((out / "checkpoint-1" / "run.json").read_text())["identity"]["--beta"] == 0.5
 
 

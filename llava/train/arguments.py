@@ -14,6 +14,7 @@ published values): ``--version`` v1 (released v0), ``--image_aspect_ratio`` pad 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -24,13 +25,12 @@ import transformers
 from llava.conversation import TEMPLATE_NAMES
 from llava.data.images import AspectRatio
 from llava.data.negatives import DIFFUSION_STEPS, ImageType
-from llava.method import CHOSEN, TERM_BY_FLAG, TERMS, term_weights
 from llava.model.attention import AttnImplementation  # auto | sdpa_tree | sdpa | eager | flash_attention_2
 from llava.train.losses import Aggregate
+from llava.train.released_flags import NO_EFFECT, RELEASED_METHOD_FLAGS, Loss, ReleasedFlags, translate
 
 # Each choice is typed once, here or in the module it belongs to; the parser shows and checks the
 # choices (--help lists them; a bad value stops with one line), and the rest of the package reads them.
-Task = Literal["LM", "DPO"]
 ReferenceMode = Literal["cached", "live", "adapters_off"]
 PreferenceForward = Literal["packed", "naive"]
 QuantType = Literal["nf4", "fp4"]
@@ -40,30 +40,6 @@ SelectFeature = Literal["patch", "cls_patch"]
 Version = Literal[TEMPLATE_NAMES]
 
 logger = logging.getLogger("llava.train")
-
-# Released fields that change nothing in this toolkit, and why; accepted so that the released
-# command lines run unchanged.
-NO_EFFECT = {
-    "lazy_preprocess": "records are always processed lazily (the released code never reads it either)",
-    "is_multimodal": "every model here is multimodal (the released trainer sets it itself from --vision_tower)",
-    "mm_patch_merge_type": "the architecture decides: LLaVA flat, LLaVA-NeXT unpadded tiles with a newline row",
-    "mpt_attn_impl": "MPT language models are not supported",
-    "cache_dir": "models load from local directories only: nothing is downloaded or cached",
-    "lora_weight_path": "never read by the released code",
-    "dpo_token_weighted": "never read by the released code",
-    "dpo_token_weight": "never read by the released code",
-    "use_cross_modal_gama": "never read by the released code",
-    "tok_beta": "never read by the released code",
-    "use_tdpo": "never read by the released code",
-}
-
-
-def _term_weight(flag: str):
-    """A ``--para_rN`` field: the term's default weight and its name in the help (``llava.method.TERMS``)."""
-    term = TERM_BY_FLAG[flag]
-    return field(default=term.default_weight, metadata={"help": f"weight of the {term.label} term "
-                                                                f"(prefers {CHOSEN} to {term.loser})"})
-
 
 @dataclass
 class ModelArguments:
@@ -124,19 +100,16 @@ class DataArguments:
 
 
 @dataclass
-class TrainingArguments(transformers.TrainingArguments):
-    task: Task = field(default="LM", metadata={"help": "LM = SFT; DPO = preference optimisation (DPO or MCM-DPO)"})
-    use_cross_modal_loss: bool = field(default=False, metadata={"help": "with --task DPO: True = MCM-DPO, False = plain DPO"})
-    use_cl_reward_num: int = field(default=7, metadata={"help": "MCM-DPO terms on: response and image always; >2 context, "
-                                                        ">3 context+response, >4 image+response, >5 context+image, >6 all three"})
+class TrainingArguments(transformers.TrainingArguments, ReleasedFlags):
+    """transformers' fields, the released ones (``llava.train.released_flags``: aliases of --loss and
+    --term_weights, or without effect) and this toolkit's."""
+
+    loss: Loss | None = field(default=None, metadata={"help": "sft, dpo or mcm_dpo (default: from the released aliases "
+                                                      "below, else sft)"})
+    term_weights: dict | str | None = field(default=None, metadata={"help": "MCM-DPO term weights as JSON, "
+        "'{\"response\": 1.0, \"image\": 0.5}'; terms left out weigh 0 (terms: docs/method.md; default: from the released "
+        "aliases below)"})
     para_norm: float = field(default=2.8, metadata={"help": "divisor of the term weights (not re-derived when terms are off)"})
-    para_r1: float = _term_weight("para_r1")
-    para_r2: float = _term_weight("para_r2")
-    para_r3: float = _term_weight("para_r3")
-    para_r4: float = _term_weight("para_r4")
-    para_r5: float = _term_weight("para_r5")
-    para_r6: float = _term_weight("para_r6")
-    para_r7: float = _term_weight("para_r7")
     beta: float = field(default=0.1, metadata={"help": "DPO temperature beta"})
     mcm_aggregate: Aggregate = field(default="margin", metadata={"help": "margin: one sigmoid over the weighted margins (released code); "
                                                            "loss: weighted sum of seven DPO losses (the paper's second reading)"})
@@ -167,14 +140,6 @@ class TrainingArguments(transformers.TrainingArguments):
                                             "bitsandbytes on a CUDA GPU; 16 (or 32): no quantization"})
     double_quant: bool = field(default=True, metadata={"help": "with --bits 4: quantize the quantization constants too"})
     quant_type: QuantType = field(default="nf4", metadata={"help": "with --bits 4: the 4-bit data type"})
-    cache_dir: str | None = field(default=None, metadata={"help": "accepted, no effect: " + NO_EFFECT["cache_dir"]})
-    mpt_attn_impl: str | None = field(default="triton", metadata={"help": "accepted, no effect: " + NO_EFFECT["mpt_attn_impl"]})
-    lora_weight_path: str = field(default="", metadata={"help": "accepted, no effect: " + NO_EFFECT["lora_weight_path"]})
-    dpo_token_weighted: bool = field(default=False, metadata={"help": "accepted, no effect: " + NO_EFFECT["dpo_token_weighted"]})
-    dpo_token_weight: float = field(default=1.1, metadata={"help": "accepted, no effect: " + NO_EFFECT["dpo_token_weight"]})
-    use_cross_modal_gama: float = field(default=0.3, metadata={"help": "accepted, no effect: " + NO_EFFECT["use_cross_modal_gama"]})
-    tok_beta: float = field(default=0.1, metadata={"help": "accepted, no effect: " + NO_EFFECT["tok_beta"]})
-    use_tdpo: bool = field(default=True, metadata={"help": "accepted, no effect: " + NO_EFFECT["use_tdpo"]})
     max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping norm; 0 (released: no clipping) turns it off"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "start afresh in an --output_dir holding another "
                                        "run (its checkpoints are removed); never one holding files of no training run"})
@@ -204,8 +169,14 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"--diffusion_step must be in 0..{DIFFUSION_STEPS - 1}, got {self.diffusion_step}")
         if self.reference_mode == "adapters_off" and not self.lora_enable:
             raise ValueError("--reference_mode adapters_off needs --lora_enable True")
-        if self.task == "DPO":
-            self.weights()  # validates --use_cl_reward_num
+        if isinstance(self.term_weights, str):
+            try:
+                self.term_weights = json.loads(self.term_weights)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--term_weights {self.term_weights}: not JSON ({e})") from None
+            if not isinstance(self.term_weights, dict):
+                raise ValueError(f"--term_weights: expected a JSON object of term weights, got {self.term_weights!r}")
+        translate(self)  # the released aliases -> loss, term_weights
         if self.negatives_seed is None:
             self.negatives_seed = self.seed
 
@@ -223,10 +194,6 @@ class TrainingArguments(transformers.TrainingArguments):
         if not self.lora_enable:
             raise ValueError(f"--bits {self.bits} trains LoRA adapters on a quantized model: add --lora_enable True")
 
-    def weights(self) -> dict[str, float]:
-        """Weights of the seven MCM-DPO terms (``llava.method.term_weights``)."""
-        return term_weights(self.use_cl_reward_num, {t.flag: getattr(self, t.flag) for t in TERMS})
-
 
 class _OneLineErrors(transformers.HfArgumentParser):
     """A bad flag or value (an unknown choice, a missing value) stops with one line, not the usage of ~200 flags."""
@@ -240,9 +207,8 @@ USAGE = "llava-mcmdpo train [SETTINGS.yaml] [--flag value ...]"
 SETTINGS_HELP = ("SETTINGS.yaml (optional, first): a settings file, such as configs/sft.yaml, configs/dpo.yaml or "
                  "configs/mcmdpo.yaml, whose keys are the flags below; flags given after it win over the file.")
 # The toolkit's own flags, grouped for --help; --help-all adds every field of transformers' TrainingArguments.
-METHOD_FLAGS = ("task", "use_cross_modal_loss", "use_cl_reward_num", "para_norm", *(f"para_r{i}" for i in range(1, 8)),
-                "beta", "mcm_aggregate", "use_image_type", "diffusion_step", "negatives_seed", "reference_mode",
-                "offline_ref_logits", "preference_forward")
+METHOD_FLAGS = ("loss", "term_weights", "para_norm", "beta", "mcm_aggregate", "use_image_type", "diffusion_step", "negatives_seed", "reference_mode",
+                "offline_ref_logits", "preference_forward", *RELEASED_METHOD_FLAGS)
 # transformers' own fields that every run sets, shown with the run group
 RUN_FLAGS_FROM_TRANSFORMERS = ("output_dir", "num_train_epochs", "max_steps", "learning_rate", "lr_scheduler_type",
                                "per_device_train_batch_size", "gradient_accumulation_steps", "save_strategy", "save_steps",
@@ -412,6 +378,9 @@ def config_argv(path: str, parser: _OneLineErrors | None = None) -> list[str]:
             raise ValueError(f"{path}: {key!r} is not a training flag{hint} (see --help)")
         if isinstance(value, list) and len(value) != 1 and actions[key].nargs not in ("+", "*"):
             raise ValueError(f"{path}: {key}: a list ({value!r}), but --{key} takes one value")
+        if isinstance(value, dict) and key == "term_weights":  # the one mapping flag: JSON, as on the command line
+            argv += [f"--{key}", json.dumps(value)]
+            continue
         values = value if isinstance(value, list) else [value]
         for v in values:
             if v is None or isinstance(v, (dict, list)):

@@ -32,9 +32,7 @@ def release_generation_config(tokenizer):
 
 
 def stage_of(args) -> str:
-    if args.task == "LM":
-        return "SFT"
-    return "MCM-DPO" if args.use_cross_modal_loss else "DPO"
+    return {"sft": "SFT", "dpo": "DPO", "mcm_dpo": "MCM-DPO"}[args.loss]
 
 
 def method_lines(args) -> list[str]:
@@ -45,9 +43,9 @@ def method_lines(args) -> list[str]:
     lines = [f"- Reference: `{args.reference_mode}` (`--reference_mode`), beta {args.beta:g}."]
     if stage == "DPO":
         return ["- Objective: DPO, `-log sigmoid(beta * (reward(chosen) - reward(rejected)))`."] + lines
-    weights = args.weights()
+    weights = args.term_weights
     lines = [f"- Objective: MCM-DPO (`--mcm_aggregate {args.mcm_aggregate}`), each term's weight divided by "
-             f"`--para_norm {args.para_norm:g}`; `--use_cl_reward_num {args.use_cl_reward_num}`."] + lines
+             f"`--para_norm {args.para_norm:g}` (`--loss mcm_dpo`, `--term_weights` below)."] + lines
     lines.append(f"- Corrupted image: `{args.use_image_type}`"
                  + (f" (diffusion step {args.diffusion_step})" if args.use_image_type == "diffusion" else "")
                  + f", negatives seed {args.negatives_seed}.")

@@ -85,7 +85,7 @@ def weights_dtype(args: TrainingArguments) -> torch.dtype:
 def attention_for(model_args: ModelArguments, args: TrainingArguments) -> str:
     """The attention kernel of this run's models: flash-attention 2 only where the masks are ordinary
     (SFT, the naive preference forward), never for tree-packed preference rows (a 4-D mask)."""
-    ordinary = args.task == "LM" or args.preference_forward == "naive"
+    ordinary = args.loss == "sft" or args.preference_forward == "naive"
     return attention_here(model_args.attn_implementation, ordinary_masks=ordinary, dtype=compute_dtype(args))
 
 
@@ -116,7 +116,7 @@ def build_model(model_args: ModelArguments, args: TrainingArguments):
 
 
 def task_of(args: TrainingArguments) -> str:
-    return "preference" if args.task == "DPO" else "sft"
+    return "sft" if args.loss == "sft" else "preference"
 
 
 def build_data(records: list[Record], data_args: DataArguments, model_args: ModelArguments, args: TrainingArguments, processor,
@@ -211,10 +211,10 @@ def check_eval_flags(data_args: DataArguments, args: TrainingArguments) -> None:
 
 
 def make_objective(args: TrainingArguments):
-    if args.task == "LM":
+    if args.loss == "sft":
         return SFTObjective()
-    if args.use_cross_modal_loss:
-        return MCMObjective(args.weights(), args.para_norm, args.beta, args.mcm_aggregate)
+    if args.loss == "mcm_dpo":
+        return MCMObjective(args.term_weights, args.para_norm, args.beta, args.mcm_aggregate)
     return DPOObjective(args.beta)
 
 
@@ -258,8 +258,7 @@ def reference_key(model_args, data_args, args, conditions, processor, records) -
 
 # Training flags that change the trained weights (beside ``reference_key``'s model, data and preprocessing);
 # logging, saving, workers, report_to, evaluation and the like do not count.
-RESULT_FLAGS = ("task", "use_cross_modal_loss", "use_cl_reward_num", "para_norm", *(f"para_r{i}" for i in range(1, 8)),
-                "beta", "mcm_aggregate", "reference_mode", "learning_rate", "mm_projector_lr", "mm_vision_tower_lr",
+RESULT_FLAGS = ("loss", "term_weights", "para_norm", "beta", "mcm_aggregate", "reference_mode", "learning_rate", "mm_projector_lr", "mm_vision_tower_lr",
                 "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "lr_scheduler_type",
                 "warmup_ratio", "warmup_steps", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                 "gradient_accumulation_steps", "world_size", "seed", "data_seed", "group_by_modality_length", "lora_enable",
