@@ -67,23 +67,22 @@ def test_the_gpu1b_preset_is_about_a_billion_parameters():
     assert PRESETS["gpu1b"].image_tokens == 576
 
 
-@pytest.mark.parametrize("stage, zero, task, model", [
-    ("sft", "zero2", "LM", "base"), ("mcmdpo_zero2", "zero2", "DPO", "sft"), ("mcmdpo_zero3", "zero3", "DPO", "sft"),
+@pytest.mark.parametrize("stage, zero, loss, model", [
+    ("sft", "zero2", "sft", "base"), ("mcmdpo_zero2", "zero2", "mcm_dpo", "sft"), ("mcmdpo_zero3", "zero3", "mcm_dpo", "sft"),
 ])
-def test_training_stages(dry, stage, zero, task, model):
+def test_training_stages(dry, stage, zero, loss, model):
     caller, _, commands = dry
     argv = commands[stage]
     assert os.path.basename(argv[0]) == "deepspeed" and flag(argv, "--num_gpus") == "1"
     assert flag(argv, "--deepspeed") == str(REPO / "scripts" / f"{zero}.json")
-    assert flag(argv, "--bf16") == "True" and flag(argv, "--task") == task
+    assert flag(argv, "--bf16") == "True" and flag(argv, "--loss") == loss
     assert flag(argv, "--model_name_or_path") == str(caller / "smoke" / model)
     assert flag(argv, "--output_dir") == str(caller / "smoke" / stage)
     assert flag(argv, "--image_folder") == str(REPO / "data" / "sample")
     assert flag(argv, "--max_steps") == "3"
     assert flag(argv, "--save_strategy") == "no"  # the last one wins
     assert flag(argv, "--resume_from_checkpoint") in ("never", "no", "none", "false", "")  # a rerun starts afresh
-    if task == "DPO":
-        assert flag(argv, "--use_cross_modal_loss") == "True"
+    if loss != "sft":
         assert "--reference_mode" not in argv and "--offline_ref_logits" not in argv  # the cached reference, in output_dir
 
 
