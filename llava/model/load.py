@@ -25,6 +25,7 @@ from llava.model.parts import (ModelLoadError, add_llava_tokens, clip_image_sett
                                llava_processor, parse_dtype, read_json, save_model, set_generation_tokens)
 from llava.model.original_layout import load_original
 from llava.model.tokenizer import load_processor, load_tokenizer
+from llava.model.weights import import_model_classes
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def load_model(path: str | Path, model_base: str | Path | None = None, *, dtype:
     ``quantization``: ``from_pretrained``'s ``quantization_config`` and ``device_map`` (QLoRA), for
     HF-format checkpoints.
     """
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     path = resolve(path, revision)
     kind = checkpoint_kind(path)
@@ -100,6 +101,7 @@ def load_model(path: str | Path, model_base: str | Path | None = None, *, dtype:
         raise ModelLoadError(f"{path}: quantized loading needs an HF-format checkpoint: convert it first (python -m llava.model.convert)")
     kwargs.update(quantization or {})
     if kind == "hf":
+        import_model_classes(AutoConfig.from_pretrained(path))
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
         return model, load_processor(path)
     if kind == "original":

@@ -108,6 +108,22 @@ def check_names_and_shapes(expected: dict[str, tuple[int, ...]], sd: dict[str, t
         raise ValueError(f"{what}: " + "; ".join(parts))
 
 
+def import_model_classes(config) -> None:
+    """Import the modeling modules of ``config`` and its sub-configs (language model, vision tower) now.
+
+    transformers imports a model family's module lazily, at its first use. Under ZeRO-3 that is inside
+    ``deepspeed.zero.Init``, which wraps the ``__init__`` of every class defined there and puts back, on
+    exit, the one it saw first: the ``__init__`` that hub-kernel decorators (the ``kernels`` package)
+    install after it is lost, and the next model built in the process (a live reference) breaks with
+    "'LlamaAttention' object has no attribute '_kernel_funcs'". Imported first, the classes are whole.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    for cfg in (config, *(getattr(config, name, None) for name in getattr(config, "sub_configs", {}))):
+        if cfg is not None and type(cfg) in MODEL_MAPPING:
+            MODEL_MAPPING[type(cfg)]  # the lookup imports the family's modeling module
+
+
 def from_state_dict(cls, config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, what: str):
     """A ``cls`` model of ``config`` holding exactly ``state_dict`` (HF in-memory names), in ``dtype``.
 
@@ -117,6 +133,7 @@ def from_state_dict(cls, config, state_dict: dict[str, torch.Tensor], dtype: tor
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
+    import_model_classes(config)
     try:
         model, info = cls.from_pretrained(None, config=config, state_dict=sd, dtype=dtype, output_loading_info=True)
     except RuntimeError as e:  # transformers' own size-mismatch report
