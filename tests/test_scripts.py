@@ -118,7 +118,7 @@ def test_the_published_pipeline_on_an_original_format_llava_16(preference_file, 
                            *released], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    check_run(tmp_path / "released", "sft.sh", steps=3)  # 6 records, 2 processes x accumulation 2
+    check_run(tmp_path / "released", "sft.sh", steps=2)  # 6 records, 2 processes: 3 batches each, accumulation 2
 
     fixtures = REPO / "tests" / "fixtures" / "inference"
     infer = subprocess.run([sys.executable, "mcmdpo_inference.py", "--model_name", str(tmp_path / "mcmdpo"),
