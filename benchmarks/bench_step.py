@@ -404,8 +404,7 @@ def project_runner(variant: str, model_dir: Path, data: Data, device: str, dtype
     from llava.model.load import load_model
     from llava.train.arguments import TrainingArguments
     from llava.train.params import Trainable, set_trainable
-    from llava.train.policy import ResponseLogps
-    from llava.train.reference import CachedReference
+    from llava.train.step import CachedReference, ScoringModel
     from llava.train.trainer import LlavaTrainer
 
     llava, processor = load_model(model_dir, dtype=dtype, attn_implementation="sdpa")
@@ -418,7 +417,7 @@ def project_runner(variant: str, model_dir: Path, data: Data, device: str, dtype
                              **_trainer_common(device, dtype, seed, work / variant))
     reference = CachedReference(work / "ref_cache", {"conditions": list(objective.conditions)})
     reference.table = table  # the cached table, set once computed (see reference_tables)
-    trainer = LlavaTrainer(model=ResponseLogps(llava, naive=naive), args=args,
+    trainer = LlavaTrainer(model=ScoringModel(llava, naive=naive), args=args,
                            train_dataset=data.dataset(objective.conditions),
                            data_collator=data.collator(objective.conditions, packed=not naive),
                            processing_class=processor, objective=objective, reference=reference)

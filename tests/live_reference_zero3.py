@@ -23,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from llava.train.reference import reference_pass  # noqa: E402
+from accelerate.utils import send_to_device  # noqa: E402
+
+from llava.train.reference import ReferenceSetup, reference_pass  # noqa: E402
 from llava.train.train import leave_process_group, prepare  # noqa: E402
 
 
@@ -37,14 +39,15 @@ class Probe(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self.trainer
         acc, reference = trainer.accelerator, trainer.reference
-        cached = reference_pass(trainer)
+        setup = ReferenceSetup(policy=trainer.model_wrapped, accelerator=acc, collator=trainer.data_collator)
+        cached = reference_pass(setup, trainer.train_dataset, trainer.objective.conditions)
         n, world, rank = len(trainer.train_dataset), acc.num_processes, acc.process_index
         mine = list(range(rank, n, world))
         mine += [mine[-1]] * (math.ceil(n / world) - len(mine))
         live = {}
         for i in mine:
-            batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i]]))
-            live[i] = reference.logps(trainer, trainer.model_wrapped, batch).values[0].float().tolist()
+            batch = send_to_device(trainer.data_collator([trainer.train_dataset[i]]), acc.device)
+            live[i] = reference.logps(batch).values[0].float().tolist()
         params = list(reference.model.parameters())
         held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
         total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)

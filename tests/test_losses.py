@@ -180,3 +180,29 @@ def test_objectives_log_the_names_the_method_table_announces(n):
         as_logps = lambda d: ConditionLogps(torch.stack([d[c] for c in objective.conditions], 1), objective.conditions)  # noqa: E731
         _, metrics = objective(as_logps(policy), as_logps(reference), {})
         assert sorted(metrics) == sorted(objective.metric_names)
+
+
+def test_one_step_with_a_cached_reference_needs_no_trainer(tmp_path):
+    """``step_loss``: a model returning ``[B, C]`` and a reference table looked up by record index give
+    the loss written out by hand (``naive_mcm``); the reference's ``logps`` takes the batch alone."""
+    from llava.method import CONDITION_NAMES
+    from llava.train.losses import MCMObjective
+    from llava.train.step import CachedReference, step_loss
+
+    objective = MCMObjective(term_weights(7, PARA), norm=2.8, beta=0.1)
+    names = objective.conditions
+    assert set(names) == set(CONDITION_NAMES)
+    policy, reference = random_logps(5, 11)
+    index = torch.tensor([3, 0, 4])  # the batch's records, in the table's row order
+    table = torch.stack([reference[c] for c in names], 1)
+    cached = CachedReference(tmp_path, {"conditions": list(names)})
+    cached.table = table  # what prepare() computes or reads before step 1
+
+    def model(conditions, input_ids, index):  # stands for the ScoringModel: [B, C] in ``conditions`` order
+        return torch.stack([policy[c][index] for c in conditions], 1)
+
+    batch = {"conditions": names, "input_ids": torch.zeros(3, 1, dtype=torch.long), "index": index}
+    loss, logps, _ = step_loss(model, batch, objective, cached)
+    expected = [naive_mcm(policy, reference, term_weights(7, PARA), 2.8, 0.1, "margin", int(b))[0] for b in index]
+    assert loss.item() == pytest.approx(sum(expected) / 3, rel=1e-12)
+    assert logps.names == names and torch.equal(logps["cw_ml_yl"], policy["cw_ml_yl"][index])

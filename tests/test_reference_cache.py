@@ -151,7 +151,7 @@ def test_cache_is_reused_unchanged_and_recomputed_after_an_image_changes(setup, 
     flags = argv(model, data, tmp_path / "run", "--per_device_eval_batch_size", "4", "--bf16", "True")
 
     first = prepare(flags)
-    first.reference.prepare(first)
+    first.prepare_references()
     assert not first.reference.reused
     dataset, collator = first.train_dataset, first.data_collator
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_cache_is_reused_unchanged_and_recomputed_after_an_image_changes(setup, 
     assert torch.equal(first.reference.table, alone)
 
     again = prepare(flags)
-    again.reference.prepare(again)
+    again.prepare_references()
     assert again.reference.reused and again.reference.path == first.reference.path
 
     shutil.copy(data.parent / "images" / "img_1.png", data.parent / "images" / "img_2.png")
@@ -167,7 +167,7 @@ def test_cache_is_reused_unchanged_and_recomputed_after_an_image_changes(setup, 
         prepare(flags)  # the run in OUTPUT_DIR is another run's now: not continued
     changed = prepare(flags + ["--overwrite_output_dir", "True"])  # afresh; the cache of the old key stays
     assert changed.reference.path != first.reference.path
-    changed.reference.prepare(changed)
+    changed.prepare_references()
     assert not changed.reference.reused
     assert not torch.equal(changed.reference.table[2], first.reference.table[2])
     torch.testing.assert_close(changed.reference.table[3:], first.reference.table[3:], rtol=0, atol=0)
@@ -197,4 +197,4 @@ def test_a_damaged_cache_file_is_named_not_loaded(setup, tmp_path):
     path.parent.mkdir(parents=True)
     path.write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(ValueError, match=rf"^{path}: unreadable reference cache \(.+\); delete it to recompute$"):
-        trainer.reference.prepare(trainer)
+        trainer.prepare_references()

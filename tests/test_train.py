@@ -147,9 +147,9 @@ def test_reference_modes_agree_and_cache_is_reused(tiny_llava_dir, preference_fi
             for n, p in trainer.model.llava.named_parameters():
                 if "lora_B" in n:
                     torch.nn.init.zeros_(p)
-        trainer.reference.prepare(trainer)
+        trainer.prepare_references()
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
-        logps = trainer.reference.logps(trainer, trainer.model, batch)
+        logps = trainer.reference.logps(batch)
         assert logps.names == trainer.objective.conditions  # labelled by condition, in the objective's order
         refs[mode] = logps.values
         policy = trainer.model(**batch).detach()
@@ -160,7 +160,7 @@ def test_reference_modes_agree_and_cache_is_reused(tiny_llava_dir, preference_fi
     torch.testing.assert_close(refs["adapters_off"], refs["cached"], rtol=1e-5, atol=1e-4)
 
     again = prepare(argv(tiny_llava_dir, preference_file, tmp_path / "cached", *common, "--reference_mode", "cached"))
-    again.reference.prepare(again)
+    again.prepare_references()
     assert again.reference.reused
     torch.testing.assert_close(again.reference.table, torch.load(again.reference.path)["logps"])
 

@@ -51,11 +51,10 @@ from llava.train.errors import EXPECTED, error_line, exit_code, rank, write_trac
 from llava.train.model_card import CardFacts, release_generation_config, write_model_card
 from llava.train.pause_points import PauseMidStep
 from llava.train.params import Trainable, apply_lora, quantization, set_trainable
-from llava.train.policy import ResponseLogps
 from llava.train.losses import DPOObjective, MCMObjective, SFTObjective
 from llava.train.projector_file import load_projector_file, trains_projector_only, write_projector_file
 from llava.fingerprint import file_fingerprint, images_fingerprint, model_fingerprint, processor_fingerprint
-from llava.train.reference import AdaptersOffReference, CachedReference, LiveReference
+from llava.train.step import AdaptersOffReference, CachedReference, LiveReference, ScoringModel
 from llava.train.reporting import prepare_wandb
 from llava.train.run_log import PLAN_SHOWN, TrainLog, metrics_logger, plan_lines, quiet_frameworks
 from llava.train.trainer import LlavaTrainer
@@ -218,12 +217,13 @@ def make_objective(args: TrainingArguments):
     return DPOObjective(args.beta)
 
 
-def make_reference(model_args, data_args, args, conditions, processor=None, records=()):
+def make_reference(model_args, data_args, args, conditions, processor=None, records=(), policy=None):
+    """The reference of ``--reference_mode``; ``policy``: the LLaVA model trained (its adapters, for ``adapters_off``)."""
     if args.reference_mode == "adapters_off":
-        return AdaptersOffReference()
+        return AdaptersOffReference(policy)
     if args.reference_mode == "live":
         llava, _ = build_model(model_args, args)
-        return LiveReference(ResponseLogps(llava, naive=args.preference_forward == "naive"))
+        return LiveReference(ScoringModel(llava, naive=args.preference_forward == "naive"))
     key = reference_key(model_args, data_args, args, conditions, processor, records)
     return CachedReference(args.offline_ref_logits or Path(args.output_dir) / "ref_logps", key)
 
@@ -341,12 +341,13 @@ def prepare(argv: list[str] | None = None, parsed=None) -> LlavaTrainer:
     if args.lora_enable:
         llava = apply_lora(llava, trainable, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, bias=args.lora_bias,
                            adapters_in_model_dtype=bool(args.deepspeed))
-    reference = make_reference(model_args, data_args, args, conditions, processor, dataset.records) if objective.needs_reference else None
+    reference = (make_reference(model_args, data_args, args, conditions, processor, dataset.records, policy=llava)
+                 if objective.needs_reference else None)
     eval_reference = None
     if eval_data and isinstance(reference, CachedReference):  # the held-out records get their own cache
         eval_reference = make_reference(model_args, eval_data, args, conditions, processor,
                                         eval_dataset.records).for_split("eval")
-    model = ResponseLogps(llava, naive=args.preference_forward == "naive")
+    model = ScoringModel(llava, naive=args.preference_forward == "naive")
     return LlavaTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=collator,
                         processing_class=processor, objective=objective, reference=reference, eval_reference=eval_reference,
                         card=card)

@@ -1,17 +1,12 @@
-"""One Trainer for SFT, DPO and MCM-DPO; the objective says what a step computes.
+"""One Trainer for SFT, DPO and MCM-DPO; ``llava.train.step`` says what a step computes.
 
-A step, top to bottom (``compute_loss``)::
+``compute_loss`` is ``llava.train.step.step_loss`` (policy log-probs -> reference log-probs -> objective)
+plus the metrics, averaged over ranks and kept until the next log. The model the Trainer holds is a
+``ScoringModel`` (the LLaVA model called on a batch); checkpoints are saved as the LLaVA model
+itself, in HF format with its processor (and its chat template), the released decoding
+(``generation_config.json``) and a model card (``llava.train.model_card``).
 
-    batch (collator) -> model(**batch): summed response log-probs [B, C]   (llava.model.forward)
-                     -> reference log-probs [B, C] when the objective needs them (llava.train.reference)
-                     -> objective: loss and per-example metrics           (llava.train.losses)
-                     -> metrics averaged over ranks, kept until the next log
-
-The model the Trainer holds is ``ResponseLogps`` (the LLaVA model called on a batch); checkpoints
-are saved as the LLaVA model itself, in HF format with its processor (and its chat template), the
-released decoding (``generation_config.json``) and a model card (``llava.train.model_card``).
-
-Held-out evaluation (``evaluate``) runs the same objective on the eval set, with its own reference
+Held-out evaluation (``evaluate``) runs the same step on the eval set, with its own reference
 (a cache of the eval records) when given one, and logs the per-record means of its metrics.
 """
 
@@ -32,17 +27,16 @@ from transformers.utils import GENERATION_CONFIG_NAME
 from accelerate.utils import gather_object
 
 from llava.data.sampler import ModalityLengthGroupedSampler
-from llava.method import ConditionLogps
 from llava.model.weights import save_llava_weights
 from llava.train.checkpoints import IDENTITY_FILE, newest_complete_checkpoint, publish, save_failure, staging_dir
+from llava.train.losses import Metrics
 from llava.train.model_card import CardFacts, write_model_card
 from llava.train.nonfinite import NonFiniteStep, StepRecords, describe_records, gradients_finite, is_finite, stop_message, verdict
 from llava.train.params import parameter_groups
 from llava.train.pause_points import pause_at
-from llava.train.policy import policy_logps
+from llava.train.reference import ReferenceSetup
 from llava.train.run_log import log_metrics
-
-Metrics = dict[str, torch.Tensor]
+from llava.train.step import step_loss
 
 
 class _PrepareReference(TrainerCallback):
@@ -109,21 +103,21 @@ class LlavaTrainer(Trainer):
     def prepare_references(self) -> None:
         if self._references_ready or not self.objective.needs_reference:
             return
-        self.reference.prepare(self)
+        datasets = {"train": self.train_dataset}
+        if self.eval_dataset is not None:
+            datasets["eval"] = self.eval_dataset
+        setup = ReferenceSetup(policy=self.model_wrapped, accelerator=self.accelerator, collator=self.data_collator,
+                               datasets=datasets, num_workers=self.args.dataloader_num_workers,
+                               global_step=self.state.global_step)
+        self.reference.prepare(setup)
         if self.eval_reference is not None and self.eval_dataset is not None:
-            self.eval_reference.prepare(self)
+            self.eval_reference.prepare(setup)
         self._references_ready = True
 
-    # -- the step ---------------------------------------------------------------------------
-
-    def _objective(self, model, inputs, reference) -> tuple[torch.Tensor, ConditionLogps, Metrics]:
-        policy = policy_logps(model, inputs)
-        ref = reference.logps(self, model, inputs) if self.objective.needs_reference else None
-        loss, metrics = self.objective(policy, ref, inputs)
-        return loss, policy, metrics
+    # -- the step (llava.train.step) ------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, policy, metrics = self._objective(model, inputs, self.reference)
+        loss, policy, metrics = step_loss(model, inputs, self.objective, self.reference)
         if model.training and metrics:
             self._store(metrics)
         return (loss, policy) if return_outputs else loss
@@ -206,7 +200,7 @@ class LlavaTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            loss, _, metrics = self._objective(model, inputs, self.eval_reference or self.reference)
+            loss, _, metrics = step_loss(model, inputs, self.objective, self.eval_reference or self.reference)
         if metrics:
             self._eval_names = sorted(metrics)
             rows = torch.stack([metrics[k].float() for k in self._eval_names], dim=1)  # [B, metrics]
