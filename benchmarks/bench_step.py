@@ -133,14 +133,18 @@ def write_checkpoint(out: Path, p: TinySize, seed: int, device: str, dtype) -> d
     """
     model, processor = build("llava", seed, p, device=device)
     model.to(dtype)
-    tok = processor.tokenizer
-    trained = len(tok)
-    # Random weights emit ids across the whole vocabulary; ids the trained tokenizer lacks would decode to
-    # nothing, and inference checks could not tell such answers from NaN logits. Each gets a printable token.
-    tok.add_tokens([f"<|{i}|>" for i in range(trained, model.config.text_config.vocab_size)])
+    trained = len(processor.tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
+    # Random weights emit ids across the whole vocabulary; ids the trained tokenizer lacks would decode to
+    # nothing, and inference checks could not tell such answers from NaN logits. Each gets a printable
+    # entry in the BPE vocabulary itself (no merge makes it, so encoding is unchanged). Not added tokens:
+    # transformers handles each added token in Python when it loads a tokenizer (28,950 of them took
+    # seconds), where LLaMA's real 32000-entry tokenizer has 3.
+    spec = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["model"]["vocab"].update({f"<|{i}|>": i for i in range(trained, model.config.text_config.vocab_size)})
+    (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     facts = {"tokenizer_vocab": trained, "config_vocab_size": model.config.text_config.vocab_size,
              "params": param_counts(model)}
     del model

@@ -20,8 +20,8 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 WANDB_MODE=offline
 demo_size() {
   local epochs
   case "$1" in
-    full)  MODEL_SIZE=small TEST_LIMIT=200 MAX_NEW_TOKENS=48 LOG_STEPS=5 epochs=(4 5 1) STAGE_EXTRA=() ;;
-    smoke) MODEL_SIZE=tiny TEST_LIMIT=6 MAX_NEW_TOKENS=8 LOG_STEPS=1 epochs=(1 1 1) STAGE_EXTRA=(--max_steps 3) ;;
+    full)  MODEL_SIZE=small TEST_LIMIT=200 MAX_NEW_TOKENS=48 LOG_STEPS=5 epochs=(4 5 1) STAGE_EXTRA=() PREF_RECORDS= ;;
+    smoke) MODEL_SIZE=tiny TEST_LIMIT=6 MAX_NEW_TOKENS=8 LOG_STEPS=1 epochs=(1 1 1) STAGE_EXTRA=(--max_steps 3) PREF_RECORDS=12 ;;
     *) echo "the demo's size must be full or smoke (got $1)" >&2; exit 2 ;;
   esac
   # full: the random-weight language model learns to read the image tokens only with many passes.
@@ -63,8 +63,20 @@ demo_sft() {
 demo_preference() {
   local method=$1 model=$2 out=$3 seed=$4
   shift 4
-  MODEL_PATH="$model" DATA_PATH="$DATA/preference.json" OUTPUT_DIR="$out" EPOCHS=$PREF_EPOCHS LR=1e-5 BATCH_SIZE=4 BETA=0.1 \
+  MODEL_PATH="$model" DATA_PATH="$(preference_data "$out")" OUTPUT_DIR="$out" EPOCHS=$PREF_EPOCHS LR=1e-5 BATCH_SIZE=4 BETA=0.1 \
     demo_run "$method.sh" "$seed" --mm_vision_tower_lr 5e-7 --lr_scheduler_type constant "$@"
+}
+
+# preference_data OUT: the preference records a stage trains on. At smoke size, the first PREF_RECORDS of
+# them (3 steps of 4): the cached reference pass scores every record of the set, 500 of which would
+# take minutes for 3 steps. The subset is written beside the stage's output directory.
+preference_data() {
+  if [ -z "${PREF_RECORDS:-}" ]; then echo "$DATA/preference.json"; return; fi
+  local subset="${1%/}.preference-$PREF_RECORDS.json"
+  mkdir -p "$(dirname "$subset")"
+  "$PYTHON" -c 'import json, sys; json.dump(json.load(open(sys.argv[1]))[:int(sys.argv[3])], open(sys.argv[2], "w"))' \
+    "$DATA/preference.json" "$subset" "$PREF_RECORDS"
+  echo "$subset"
 }
 
 # demo_run SCRIPT SEED FLAGS...: one stage script (the caller sets its paths and rates) with what every
