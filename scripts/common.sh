@@ -1,7 +1,10 @@
-# Shared by the stage scripts (sft.sh, dpo.sh, mcmdpo.sh): it assembles the launcher and the flags
-# that depend on the host. The training settings are the stage's YAML file (configs/<stage>.yaml, the
-# released ones); the trainer reads it first, then the flags below, then the script's arguments, and
-# the last value of a flag wins. Every setting here is an environment variable with a working default.
+# Shared by the stage scripts (sft.sh, dpo.sh, mcmdpo.sh, pretrain.sh): it turns their environment
+# variables into a call of the launcher, `llava-mcmdpo train CONFIG --nproc NUM_GPUS --zero ZERO ...`
+# (llava/train/launch.py, which chooses DeepSpeed's launcher for the host, the precision flags and the
+# workers, prints the plan and starts the run). The training settings are the stage's YAML file
+# (configs/<stage>.yaml, the released ones); the trainer reads it first, then the flags below, then the
+# script's arguments, and the last value of a flag wins. Every setting here is an environment variable
+# with a working default.
 #
 # Paths you set (CONFIG, MODEL_PATH, DATA_PATH, IMAGE_FOLDER, OUTPUT_DIR, HOSTFILE, VISION_TOWER,
 # PYTHON, and paths in extra arguments) are taken relative to the directory you run the script from;
