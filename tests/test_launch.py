@@ -98,6 +98,8 @@ def test_which_command_lines_launch(capsys):
     assert code == 0 and "usage: llava-mcmdpo train [SETTINGS.yaml]" in out
     code, out = run_cli(["train", "--nproc", "2", "--help"], capsys)  # the launcher's
     assert code == 0 and "--zero ZERO" in out and "--nnodes NNODES" in out
+    code, out = run_cli(["train", "configs/sft.yaml", "--precision", "bf16", "--dry_run"], capsys)
+    assert (code, out) == (2, "error: --dry_run, --precision: for DeepSpeed's launcher only; add --nproc N (N > 1) or --zero\n")
 
 
 def test_words_are_quoted_as_bash_printf_q_quotes_them():

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master_addr", help="address of node 0, with --node_rank")
     p.add_argument("--master_port", default="29500", help="rendezvous port")
     p.add_argument("--hostfile", help="DeepSpeed hostfile of a multi-node run")
-    p.add_argument("--zero", default="zero3", help="2 | 3 | 3_offload (scripts/zeroN.json; default 3, as released) "
+    p.add_argument("--zero", help="2 | 3 | 3_offload (scripts/zeroN.json; default 3, as released) "
                                                     "or a DeepSpeed config file")
     p.add_argument("--precision", help="bf16 | fp16 | fp32 (default: bf16 with CUDA, fp32 without); --tf32 on NVIDIA GPUs")
     p.add_argument("--num_workers", help="--dataloader_num_workers (default 4 with CUDA, 0 without)")
@@ -73,13 +73,15 @@ LAUNCH_OPTIONS = {s for a in build_parser()._actions for s in a.option_strings}
 
 
 def wants_launch(argv: list[str]) -> bool:
-    """Does ``llava-mcmdpo train ARGV`` name the launcher? ``--nproc 1`` alone does not."""
-    names = [w.split("=", 1)[0] for w in argv if w.startswith("--")]
-    if not set(names) & LAUNCH_OPTIONS:
-        return False
-    options, _ = build_parser().parse_known_args(argv)
-    alone = set(names) & LAUNCH_OPTIONS == {"--nproc"} and options.nproc == "1"
-    return not alone
+    """Does ``llava-mcmdpo train ARGV`` name the launcher? ``--nproc 1`` alone does not (one process runs here)."""
+    names = {w.split("=", 1)[0] for w in argv if w.startswith("--")} & LAUNCH_OPTIONS
+    return bool(names) and not (names == {"--nproc"} and build_parser().parse_known_args(argv)[0].nproc == "1")
+
+
+def starts_processes(options: argparse.Namespace) -> bool:
+    """Do the options ask for DeepSpeed's launcher (rather than only say how it would run)?"""
+    return (options.nproc not in (None, "1") or options.zero is not None or options.nnodes > 1 or bool(options.hostfile)
+            or bool(options.script))
 
 
 def without_nproc_1(argv: list[str]) -> list[str]:
@@ -159,7 +161,7 @@ class Launch:
         return int(given)
 
     def zero_config(self) -> Path:
-        zero = self.options.zero
+        zero = self.options.zero or "zero3"
         if zero.endswith(".json"):
             config = self.cwd / zero  # an absolute path stays as it is
         else:
@@ -313,6 +315,10 @@ def main(argv: list[str]) -> int:
     if "-h" in trainer or "--help" in trainer:
         sys.stdout.write(parser.format_help() + "\nThe other words go to the trainer: llava-mcmdpo train --help.\n")
         return 0
+    if not starts_processes(options):
+        given = sorted({w.split("=", 1)[0] for w in argv if w.startswith("--")} & LAUNCH_OPTIONS)
+        sys.stderr.write(f"error: {', '.join(given)}: for DeepSpeed's launcher only; add --nproc N (N > 1) or --zero\n")
+        return 2
     launch = Launch(options, trainer)
     try:
         host = Host.probe(options.python)
