@@ -45,7 +45,9 @@ class LaunchError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llava-mcmdpo train", add_help=False, allow_abbrev=False)
+    p = argparse.ArgumentParser(prog="llava-mcmdpo train", add_help=False, allow_abbrev=False,
+                                usage="llava-mcmdpo train [SETTINGS.yaml] --nproc N [--zero 2|3|3_offload] "
+                                      "[--nnodes N --node_rank R --master_addr A] [--flag value ...]")
     p.add_argument("--nproc", help="processes per node, one per GPU (CPU processes without CUDA); default: the GPUs "
                                    "torch sees, else 1")
     p.add_argument("--nnodes", type=int, default=1, help="nodes; without --hostfile each node starts its own launcher "
@@ -54,8 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master_addr", help="address of node 0, with --node_rank")
     p.add_argument("--master_port", default="29500", help="rendezvous port")
     p.add_argument("--hostfile", help="DeepSpeed hostfile of a multi-node run")
-    p.add_argument("--zero", help="2 | 3 | 3_offload (scripts/zeroN.json; default 3, as released) "
-                                                    "or a DeepSpeed config file")
+    p.add_argument("--zero", help="2 | 3 | 3_offload (scripts/zeroN.json; default 3, as released) or a DeepSpeed config file")
     p.add_argument("--precision", help="bf16 | fp16 | fp32 (default: bf16 with CUDA, fp32 without); --tf32 on NVIDIA GPUs")
     p.add_argument("--num_workers", help="--dataloader_num_workers (default 4 with CUDA, 0 without)")
     p.add_argument("--python", default=sys.executable, help="the interpreter whose deepspeed runner and torch the run uses")
