@@ -1,6 +1,8 @@
 """``llava-mcmdpo``: one command for the toolkit, a subcommand per job.
 
     llava-mcmdpo train configs/mcmdpo.yaml [--flag value ...]   train (SFT, DPO, MCM-DPO); flags win over the file
+    llava-mcmdpo train configs/mcmdpo.yaml --nproc 4 [--zero 2|3|3_offload] [--nnodes N --node_rank R --master_addr A]
+                                                                 the same under DeepSpeed's launcher (llava/train/launch.py)
     llava-mcmdpo infer --model_name_or_path M --data_path TEST.jsonl --output OUT.jsonl
     llava-mcmdpo score --data_path OUT.jsonl [...] [--output_dir DIR]
     llava-mcmdpo COMMAND --help                                  the command's flags and their choices
@@ -57,6 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # no command, --help, or an unknown name: argparse prints the usage (and the choices)
         build_parser().parse_args(argv[:1])
     name, rest = argv[0], argv[1:]
+    if name == "train":
+        from llava.train import launch
+
+        if launch.wants_launch(rest):  # --nproc N, --zero ...: DeepSpeed's launcher starts the trainer
+            return launch.main(rest)
+        rest = launch.without_nproc_1(rest)  # one process: the trainer runs here, as without --nproc
     code = importlib.import_module(COMMANDS[name].module).main(rest)
     return int(code or 0)
 

@@ -1,7 +1,10 @@
-# Shared by the stage scripts (sft.sh, dpo.sh, mcmdpo.sh): it assembles the launcher and the flags
-# that depend on the host. The training settings are the stage's YAML file (configs/<stage>.yaml, the
-# released ones); the trainer reads it first, then the flags below, then the script's arguments, and
-# the last value of a flag wins. Every setting here is an environment variable with a working default.
+# Shared by the stage scripts (sft.sh, dpo.sh, mcmdpo.sh, pretrain.sh): it turns their environment
+# variables into a call of the launcher, `llava-mcmdpo train CONFIG --nproc NUM_GPUS --zero ZERO ...`
+# (llava/train/launch.py, which chooses DeepSpeed's launcher for the host, the precision flags and the
+# workers, prints the plan and starts the run). The training settings are the stage's YAML file
+# (configs/<stage>.yaml, the released ones); the trainer reads it first, then the flags below, then the
+# script's arguments, and the last value of a flag wins. Every setting here is an environment variable
+# with a working default.
 #
 # Paths you set (CONFIG, MODEL_PATH, DATA_PATH, IMAGE_FOLDER, OUTPUT_DIR, HOSTFILE, VISION_TOWER,
 # PYTHON, and paths in extra arguments) are taken relative to the directory you run the script from;
@@ -159,37 +162,12 @@ cd "$REPO_ROOT"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$REPO_ROOT/.venv/bin/python" ]; then PYTHON="$REPO_ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
-GPU_COUNT=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-case "$GPU_COUNT" in ''|*[!0-9]*) GPU_COUNT=0 ;; esac
-if [ "$GPU_COUNT" -gt 0 ]; then HAS_CUDA=1; else HAS_CUDA=0; fi
-if [ -z "${NUM_GPUS:-}" ]; then
-  if [ "$HAS_CUDA" = 1 ]; then NUM_GPUS=$GPU_COUNT; else NUM_GPUS=1; fi
-fi
-case "$NUM_GPUS" in ''|*[!0-9]*|0) echo "NUM_GPUS must be a positive number (got $NUM_GPUS)" >&2; exit 2 ;; esac
-MASTER_PORT=${MASTER_PORT:-29500}
-ZERO=${ZERO:-zero3}
+# The launcher (llava-mcmdpo train --nproc ..., llava/train/launch.py) runs in the repository's environment;
+# the training in PYTHON's (its torch counts the GPUs, its deepspeed runner starts the ranks).
+LAUNCHER_PYTHON=$REPO_ROOT/.venv/bin/python
+[ -x "$LAUNCHER_PYTHON" ] || LAUNCHER_PYTHON=$PYTHON
 case "${PARADIGM:-d}" in a|b|c|d) ;; *) echo "PARADIGM must be a, b, c or d (got $PARADIGM)" >&2; exit 2 ;; esac
 case "${RESUME:-auto}" in auto|never) ;; *) echo "RESUME must be auto or never (got $RESUME)" >&2; exit 2 ;; esac
-if [ -z "${PRECISION:-}" ]; then
-  if [ "$HAS_CUDA" = 1 ]; then PRECISION=bf16; else PRECISION=fp32; fi
-fi
-# CPU processes share the cores: more threads than cores makes OpenMP spin in the kernel.
-if [ "$HAS_CUDA" != 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
-  OMP_NUM_THREADS=$(( $(nproc) / NUM_GPUS )); [ "$OMP_NUM_THREADS" -ge 1 ] || OMP_NUM_THREADS=1
-  export OMP_NUM_THREADS
-fi
-if [ -z "${NUM_WORKERS:-}" ]; then
-  if [ "$HAS_CUDA" = 1 ]; then NUM_WORKERS=4; else NUM_WORKERS=0; fi
-fi
-
-case "$PRECISION" in
-  bf16) PRECISION_FLAGS=(--bf16 True --fp16 False) ;;
-  fp16) PRECISION_FLAGS=(--bf16 False --fp16 True) ;;
-  fp32) PRECISION_FLAGS=(--bf16 False --fp16 False) ;;
-  *) echo "PRECISION must be bf16, fp16 or fp32 (got $PRECISION)" >&2; exit 2 ;;
-esac
-# TF32 matmuls exist on NVIDIA GPUs only.
-if [ "$HAS_CUDA" = 1 ]; then PRECISION_FLAGS+=(--tf32 True); fi
 
 # vit_trains STAGE: does the vision tower train in this stage (sft | align) under $PARADIGM (default d)?
 #   (a) frozen, frozen  (b) frozen, trained  (c) trained, frozen  (d) trained, trained
@@ -232,46 +210,6 @@ require_own_data() {
   exit 2
 }
 
-# plan_value VAR: the variable's value, marked when it is the script's default (loudly for a model of yours).
-plan_value() {
-  if caller_set "$1"; then echo "${!1}"
-  elif own_model; then echo "${!1}   <- THE BUNDLED SAMPLE'S DEFAULT, not your data (SAMPLE_DATA=1)"
-  else echo "${!1}   (default)"; fi
-}
-
-# print_plan SETTINGS ZERO_CONFIG ARGS...: what the run is about to use, before anything heavy starts.
-print_plan() {
-  local settings=$1 config=$2; shift 2
-  local task resume=${RESUME:-auto} arg prev="" nodes=1 newest
-  case "$SCRIPT_NAME" in
-    sft.sh) task=SFT ;; dpo.sh) task=DPO ;; mcmdpo.sh) task=MCM-DPO ;; pretrain.sh) task="projector alignment (stage 1)" ;;
-  esac
-  for arg in "$@"; do  # RESUME's flag given as an argument wins
-    if [ "$prev" = --resume_from_checkpoint ]; then resume=$arg; fi
-    prev=$arg
-  done
-  if [ -n "${HOSTFILE:-}" ]; then nodes=$(grep -c '[^[:space:]]' "$HOSTFILE" 2>/dev/null || echo "?"); fi
-  case "$resume" in
-    never|none|false|no) resume="afresh (RESUME=never)" ;;
-    auto|true|latest|newest|yes)
-      newest=$(printf '%s\n' "$OUTPUT_DIR"/checkpoint-*/trainer_state.json | sort -V | tail -n 1)
-      if [ -f "$newest" ]; then resume="continues from ${newest%/trainer_state.json} (RESUME=auto; RESUME=never starts afresh)"
-      else resume="afresh: no checkpoint in OUTPUT_DIR (RESUME=auto)"; fi ;;
-    *) resume="from $resume" ;;
-  esac
-  echo "plan of scripts/$SCRIPT_NAME:"
-  echo "  model         $(plan_value MODEL_PATH)"
-  echo "  data          $(plan_value DATA_PATH)"
-  echo "  image folder  $(plan_value IMAGE_FOLDER)"
-  echo "  output dir    $(plan_value OUTPUT_DIR)"
-  echo "  task          ${task:-see the settings}${settings:+, settings $settings}"
-  echo "  ZeRO config   $config"
-  echo "  precision     $PRECISION"
-  echo "  processes     $NUM_GPUS $([ "$HAS_CUDA" = 1 ] && echo GPU || echo CPU) process(es) per node, $nodes node(s)"
-  echo "  resume        $resume"
-  [ ${#SCRIPT_ARGS[@]} = 0 ] || echo "  arguments     ${SCRIPT_ARGS[*]}"
-}
-
 # set_flags VAR=--flag ...: STAGE_FLAGS+=(--flag "$VAR") for each VAR that is set, so that it
 # overrides the YAML's value; unset, the YAML's stands.
 set_flags() {
@@ -301,52 +239,21 @@ stage_flags() {
     NAN_POLICY=--nan_policy
 }
 
-# launch CONFIG ARGS...: the trainer under DeepSpeed's launcher, one process per GPU (or CPU process),
-# run from the caller's directory.
+# launch ARGS...: the trainer under DeepSpeed's launcher, one process per GPU (or CPU process), run from the
+# caller's directory: `llava-mcmdpo train ARGS --nproc NUM_GPUS --zero ZERO ...`, the variables above as the
+# launcher's flags. The launcher (llava/train/launch.py) prints the plan, then the command (DRY_RUN=1) or runs it.
 launch() {
-  local config
-  case "$ZERO" in
-    /*.json) config=$ZERO ;;
-    *.json) config="$CALLER_DIR/$ZERO" ;;
-    *) config="$REPO_ROOT/scripts/${ZERO}.json" ;;
-  esac
-  [ -f "$config" ] || { echo "no DeepSpeed config $config (ZERO=$ZERO)" >&2; exit 2; }
-  local launcher=("$(dirname "$PYTHON")/deepspeed") env=()
-  [ -x "${launcher[0]}" ] || launcher=(deepspeed)
-  if [ -n "${HOSTFILE:-}" ]; then
-    launcher+=(--hostfile "$HOSTFILE")
-    if [ -n "${NODE_RANK:-}" ]; then  # each node starts its own launcher (srun): no ssh
-      launcher+=(--no_ssh --node_rank "$NODE_RANK" --master_addr "${MASTER_ADDR:?MASTER_ADDR is needed with NODE_RANK}")
-    fi
-  elif [ "$HAS_CUDA" = 1 ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
-    # DeepSpeed's --num_gpus would take GPUs 0..N-1 whatever the mask says; without it the
-    # launcher runs on the GPUs CUDA_VISIBLE_DEVICES lists.
-    local visible
-    IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
-    if [ "$NUM_GPUS" -gt "${#visible[@]}" ]; then
-      echo "NUM_GPUS=$NUM_GPUS but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES lists ${#visible[@]} GPU(s)" >&2; exit 2
-    fi
-    env=("CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${visible[*]:0:$NUM_GPUS}")")
-  elif [ "$HAS_CUDA" = 1 ] && [ "$NUM_GPUS" -gt "$GPU_COUNT" ]; then
-    echo "NUM_GPUS=$NUM_GPUS but this host has $GPU_COUNT GPU(s)" >&2; exit 2
-  else
-    launcher+=(--num_gpus "$NUM_GPUS")
-  fi
-  # A settings file must come first (the trainer reads it before the flags): it leads STAGE_FLAGS;
-  # a caller that builds its own flags (pretrain.sh) passes none.
-  local settings=()
-  case "${1:-}" in *.yaml|*.yml) settings=("$1"); shift ;; esac
-  local cmd=("${launcher[@]}" --master_port "$MASTER_PORT" "$REPO_ROOT/llava/train/train.py" "${settings[@]}"
-             --deepspeed "$config" "${PRECISION_FLAGS[@]}" --dataloader_num_workers "$NUM_WORKERS" "$@")
   require_own_data
-  print_plan "${settings[0]:-}" "$config" "$@" >&2
-  if [ "${DRY_RUN:-0}" = 1 ]; then
-    printf '%q ' "${env[@]}" "${cmd[@]}"; echo
-    return 0
-  fi
+  local flags=(--script "$SCRIPT_NAME" --python "$PYTHON" --caller_arguments "${#SCRIPT_ARGS[@]}") pair var defaulted=""
+  for pair in NUM_GPUS=--nproc ZERO=--zero PRECISION=--precision NUM_WORKERS=--num_workers HOSTFILE=--hostfile \
+              NODE_RANK=--node_rank MASTER_ADDR=--master_addr MASTER_PORT=--master_port; do
+    var=${pair%%=*}
+    if [ -n "${!var:-}" ]; then flags+=("${pair#*=}" "${!var}"); fi
+  done
+  for var in MODEL_PATH DATA_PATH IMAGE_FOLDER OUTPUT_DIR; do caller_set "$var" || defaulted+="${defaulted:+,}$var"; done
+  flags+=(--defaulted "$defaulted")
+  if own_model; then flags+=(--own_model); fi
+  if [ "${DRY_RUN:-0}" = 1 ]; then flags+=(--dry_run); fi
   cd "$CALLER_DIR"
-  export LLAVA_MCMDPO_PLAN_SHOWN=1  # the trainer's own plan then goes to OUTPUT_DIR/train.log only
-  set -x
-  env "${env[@]}" "${cmd[@]}"
-  { set +x; } 2>/dev/null
+  PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$LAUNCHER_PYTHON" -m llava.cli train "${flags[@]}" "$@"
 }

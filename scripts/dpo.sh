@@ -5,6 +5,7 @@
 # (scripts/common.sh, which lists the variables that override the YAML; BETA here). Extra arguments
 # go to the trainer and win over the YAML:
 #   bash scripts/dpo.sh --max_steps 2
+# The launch it makes, without the script: llava-mcmdpo train configs/dpo.yaml --nproc 2 --max_steps 2
 # The same settings without DeepSpeed: llava-mcmdpo train configs/dpo.yaml --max_steps 2
 set -euo pipefail
 source "$(dirname "$0")/common.sh"

@@ -6,6 +6,7 @@
 # variables that override the YAML; the stage's own are below). Extra arguments go to the trainer and
 # win over the YAML:
 #   bash scripts/mcmdpo.sh --max_steps 2
+# The launch it makes, without the script: llava-mcmdpo train configs/mcmdpo.yaml --nproc 2 --max_steps 2
 # The same settings without DeepSpeed: llava-mcmdpo train configs/mcmdpo.yaml --max_steps 2
 set -euo pipefail
 source "$(dirname "$0")/common.sh"

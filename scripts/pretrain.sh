@@ -23,9 +23,9 @@ EPOCHS=${EPOCHS:-1}
 LR=${LR:-1e-3}
 BATCH_SIZE=${BATCH_SIZE:-32}                            # per device
 GLOBAL_BATCH=${GLOBAL_BATCH:-256}                       # LLaVA-1.5: 32 per device x 8 GPUs
-if [ -z "${GRAD_ACCUM:-}" ]; then                       # keep the global batch whatever the device count
-  GRAD_ACCUM=$(( GLOBAL_BATCH / (BATCH_SIZE * NUM_GPUS) )); [ "$GRAD_ACCUM" -ge 1 ] || GRAD_ACCUM=1
-fi
+# GRAD_ACCUM, when set, is the accumulation; else the launcher keeps the global batch whatever the process
+# count: GLOBAL_BATCH / (BATCH_SIZE x NUM_GPUS), at least 1
+if [ -n "${GRAD_ACCUM:-}" ]; then ACCUM=(--gradient_accumulation_steps "$GRAD_ACCUM"); else ACCUM=(--global_batch "$GLOBAL_BATCH"); fi
 
 launch \
   --model_name_or_path "$MODEL_PATH" --vision_tower "$VISION_TOWER" --version plain \
@@ -34,7 +34,7 @@ launch \
   --mm_use_im_start_end False --mm_use_im_patch_token False \
   --image_aspect_ratio square --group_by_modality_length False \
   --num_train_epochs "$EPOCHS" --per_device_train_batch_size "$BATCH_SIZE" \
-  --gradient_accumulation_steps "$GRAD_ACCUM" --learning_rate "$LR" --weight_decay 0. \
+  "${ACCUM[@]}" --learning_rate "$LR" --weight_decay 0. \
   --warmup_ratio 0.03 --lr_scheduler_type cosine --logging_steps 1 \
   --model_max_length 2048 --gradient_checkpointing True --lazy_preprocess True \
   --save_strategy steps --save_steps 24000 --save_total_limit 1 \

@@ -6,6 +6,7 @@
 # arguments go to the trainer and win over the YAML. Try it on the tiny test model:
 #   python -m llava.model.tiny --out outputs/tiny-llava     # from the repository root
 #   bash scripts/sft.sh --max_steps 2
+# The launch it makes, without the script: llava-mcmdpo train configs/sft.yaml --nproc 2 --max_steps 2
 # The same settings without DeepSpeed: llava-mcmdpo train configs/sft.yaml --max_steps 2
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
