@@ -1,7 +1,8 @@
 """The trainer reaches transformers' Trainer through public hooks: no override of a private method to break on an upgrade."""
 
-from transformers import Trainer
+from transformers import Trainer, TrainerControl, TrainerState
 
+from llava.train.saving import CheckpointWriter
 from llava.train.trainer import LlavaTrainer
 
 # Private Trainer methods a subclass may override, and why.
@@ -31,3 +32,44 @@ def test_a_private_override_is_seen_in_a_subclass_too():
             pass
 
     assert private_overrides(Patched) - ALLOWED == KEPT | {"_save_checkpoint"}
+
+
+# -- checkpoints are written where the Trainer would write them: after the step's log entry and evaluation --
+
+
+class RecordingWriter(CheckpointWriter):
+    def __init__(self):
+        super().__init__(trainer=None)
+        self.saved_at = []
+
+    def _save(self, control):
+        self.due = None
+        self.saved_at.append(self.event)
+
+
+def run_events(writer, events):
+    """Feed the writer ``(event, control flags, logs)`` as the Trainer's loop would; returns where it saved."""
+    state = TrainerState(global_step=0)
+    writer.on_train_begin(None, state, TrainerControl())
+    for event, flags, logs in events:
+        writer.event = event
+        if event == "step_end":
+            state.global_step += 1
+        control = TrainerControl(**flags)
+        getattr(writer, f"on_{event}")(None, state, control, **({"logs": logs} if event == "log" else {"metrics": {}}))
+        if event in ("step_end", "epoch_end"):
+            assert not control.should_save  # taken from the Trainer: it does not write this checkpoint itself
+    return writer.saved_at
+
+
+def test_a_checkpoint_waits_for_the_log_entry_and_the_evaluation_of_its_step():
+    assert run_events(RecordingWriter(), [("step_end", {"should_save": True}, None)]) == ["step_end"]
+    logged = [("step_end", {"should_save": True, "should_log": True}, None), ("log", {}, {"loss": 1.0})]
+    assert run_events(RecordingWriter(), logged) == ["log"]
+    evaluated = [("step_end", {"should_save": True, "should_log": True, "should_evaluate": True}, None),
+                 ("log", {}, {"loss": 1.0}), ("log", {}, {"eval_loss": 1.0}), ("evaluate", {}, None)]
+    assert run_events(RecordingWriter(), evaluated) == ["evaluate"]
+    # at an epoch's end, the step's entry is already logged: nothing more comes before the save
+    epoch_end = [("step_end", {"should_log": True}, None), ("log", {}, {"loss": 1.0}),
+                 ("epoch_end", {"should_save": True, "should_log": True}, None)]
+    assert run_events(RecordingWriter(), epoch_end) == ["epoch_end"]

@@ -99,9 +99,14 @@ def take_saved_names(module, state_dict, prefix, *args) -> None:
 
 def check_supported(args) -> None:
     """The save settings ``CheckpointWriter`` cannot honour as the Trainer would, refused before any work."""
-    if args.metric_for_best_model is not None or args.load_best_model_at_end or args.save_strategy == "best":
-        raise ValueError("--metric_for_best_model, --load_best_model_at_end and --save_strategy best are not supported: "
-                         "checkpoints are saved by step or epoch (docs/training.md)")
+    # The Trainer updates the best metric, and steps the schedulers that follow it, after on_evaluate and before
+    # it saves: a checkpoint written at on_evaluate would miss that step's update.
+    if args.metric_for_best_model is not None or args.save_strategy == "best":
+        raise ValueError("--metric_for_best_model (also set by --load_best_model_at_end and the reduce_lr_on_plateau "
+                         "and greedy schedulers) and --save_strategy best are not supported: checkpoints are saved "
+                         "by step or epoch")
+    if args.fsdp:
+        raise ValueError("--fsdp: not supported; shard the model with DeepSpeed ZeRO-3 (--deepspeed scripts/zero3.json)")
     if args.push_to_hub and args.hub_strategy not in ("every_save", "end"):
         raise ValueError(f"--hub_strategy {args.hub_strategy}: not supported; use every_save (the model at each save) "
                          "or end")

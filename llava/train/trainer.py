@@ -4,7 +4,10 @@
 plus the metrics, averaged over ranks and kept until the next log. The model the Trainer holds is a
 ``ScoringModel`` (the LLaVA model called on a batch); checkpoints are saved as the LLaVA model
 itself, in HF format with its processor (and its chat template), the released decoding
-(``generation_config.json``) and a model card (``llava.train.model_card``).
+(``generation_config.json``) and a model card (``llava.train.model_card``), and written whole
+(``llava.train.saving``). The Trainer is reached through public hooks (and ``_get_train_sampler``,
+its hook for a custom sampler); ``_load_from_checkpoint`` is overridden for one case, resuming LoRA
+without DeepSpeed (the method says why).
 
 Held-out evaluation (``evaluate``) runs the same step on the eval set, with its own reference
 (a cache of the eval records) when given one, and logs the per-record means of its metrics.
