@@ -98,7 +98,7 @@ def take_saved_names(module, state_dict, prefix, *args) -> None:
 
 
 def check_supported(args) -> None:
-    """The save settings ``CheckpointWriter`` cannot honour as the Trainer would, refused before any work."""
+    """The save settings ``CheckpointWriter`` cannot honour as the Trainer would, refused before training starts."""
     # The Trainer updates the best metric, and steps the schedulers that follow it, after on_evaluate and before
     # it saves: a checkpoint written at on_evaluate would miss that step's update.
     if args.metric_for_best_model is not None or args.save_strategy == "best":
