@@ -166,6 +166,14 @@ def hub_name(key: str) -> str:
     return key
 
 
+def memory_name(key: str) -> str:
+    """The in-memory name of a llava-hf checkpoint name: ``hub_name``'s inverse; unknown names as they are."""
+    for memory, hub in HUB_NAMES:
+        if key.startswith(hub):
+            return memory + key[len(hub):]
+    return key
+
+
 def save_llava_weights(model, out_dir, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """``model.save_pretrained`` with the weights under their llava-hf names (``HUB_NAMES``).
 

@@ -4,7 +4,10 @@
 plus the metrics, averaged over ranks and kept until the next log. The model the Trainer holds is a
 ``ScoringModel`` (the LLaVA model called on a batch); checkpoints are saved as the LLaVA model
 itself, in HF format with its processor (and its chat template), the released decoding
-(``generation_config.json``) and a model card (``llava.train.model_card``).
+(``generation_config.json``) and a model card (``llava.train.model_card``), and written whole
+(``llava.train.saving``). The Trainer is reached through public hooks (and ``_get_train_sampler``,
+its hook for a custom sampler); ``_load_from_checkpoint`` is overridden for one case, resuming LoRA
+without DeepSpeed (the method says why).
 
 Held-out evaluation (``evaluate``) runs the same step on the eval set, with its own reference
 (a cache of the eval records) when given one, and logs the per-record means of its metrics.
@@ -12,31 +15,26 @@ Held-out evaluation (``evaluate``) runs the same step on the eval set, with its 
 
 from __future__ import annotations
 
+import logging
 import math
-import os
-import shutil
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
-from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
-from transformers.utils import GENERATION_CONFIG_NAME
 from accelerate.utils import gather_object
 
 from llava.data.sampler import ModalityLengthGroupedSampler
-from llava.model.weights import save_llava_weights
-from llava.train.checkpoints import IDENTITY_FILE, newest_complete_checkpoint, publish, save_failure, staging_dir
+from llava.train.checkpoints import newest_complete_checkpoint
 from llava.train.losses import Metrics
 from llava.train.model_card import CardFacts, write_model_card
 from llava.train.nonfinite import NonFiniteStep, StepRecords, describe_records, gradients_finite, is_finite, stop_message, verdict
 from llava.train.params import parameter_groups
-from llava.train.pause_points import pause_at
 from llava.train.reference import ReferenceSetup
 from llava.train.run_log import log_metrics
+from llava.train.saving import CheckpointWriter, check_supported, take_saved_names, write_model_dir
 from llava.train.step import step_loss
+
+logger = logging.getLogger(__name__)
 
 
 class _PrepareReference(TrainerCallback):
@@ -87,6 +85,10 @@ class LlavaTrainer(Trainer):
             self.add_callback(_PrepareReference(self))
         self.add_callback(_CheckFiniteStep(self))
         self.add_callback(_LogToFile())
+        check_supported(self.args)
+        self.model.register_load_state_dict_pre_hook(take_saved_names)  # resume: the Trainer loads saved weights
+        self.checkpoint_writer = CheckpointWriter(self)  # writes each checkpoint whole (llava.train.saving)
+        self.add_callback(self.checkpoint_writer)
         if self.is_deepspeed_enabled:
             # transformers accumulates itself and gives Accelerate 1 step, but fills the DeepSpeed config's
             # "auto" with --gradient_accumulation_steps, which DeepSpeed's engine then runs; Accelerate takes
@@ -241,88 +243,33 @@ class LlavaTrainer(Trainer):
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
-    # -- checkpoints: written whole into a staging directory, then renamed into place --------------
+    # -- saving: checkpoints (llava.train.saving.CheckpointWriter) and the LLaVA model itself, in HF format --
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint (model, optimizer, scheduler, scaler, RNG states, trainer state), with the
-        Trainer's own writers, into ``.tmp-checkpoint-N``; renamed to ``checkpoint-N`` once every rank has
-        written its part (``llava.train.checkpoints``). Then, as the Trainer does, push and rotate."""
-        if self.hp_search_backend is None and trial is None:
-            self.store_flos()
-        run_dir = self._get_output_dir(trial=trial)
-        checkpoint = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = staging_dir(checkpoint)
-        if self.args.should_save and staging.exists():  # left by a save killed at this same step
-            shutil.rmtree(staging)
-        self.accelerator.wait_for_everyone()
-        self._note_best_checkpoint(run_dir, checkpoint)
-        try:
-            self._write_checkpoint(str(staging))
-            self.accelerator.wait_for_everyone()  # every rank's files are in: DeepSpeed shards, RNG states
-            if self.args.should_save:
-                publish(staging, checkpoint)
-        except Exception as e:
-            error = save_failure(f"checkpoint {checkpoint}", staging, e, run_dir)
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)  # give the space back now; the next start would
-            raise error from e
-        self.accelerator.wait_for_everyone()  # no rank goes on before the checkpoint is in place
-        if self.args.push_to_hub:
-            self._push_from_checkpoint(str(checkpoint))
-        if self.args.should_save:
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+    def train(self, *args, **kwargs):
+        # The checkpoint writer takes the saves other callbacks ask for: it goes last, after those added since.
+        self.remove_callback(self.checkpoint_writer)
+        self.add_callback(self.checkpoint_writer)
+        return super().train(*args, **kwargs)
 
-    def _note_best_checkpoint(self, run_dir: str, checkpoint: Path) -> None:
-        """``state.best_model_checkpoint``, set before the state is written (the Trainer looks for it on disk,
-        where this save's directory has no final name yet)."""
-        strategies = (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
-        if self.args.save_strategy in strategies and self.state.best_global_step:
-            best = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
-            if best == checkpoint or best.exists():
-                self.state.best_model_checkpoint = str(best)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The LLaVA model (not the wrapper the Trainer holds) as a directory ``from_pretrained`` loads.
 
-    def _write_checkpoint(self, output_dir: str) -> None:
-        """What the Trainer writes into a checkpoint directory, ``trainer_state.json`` last."""
-        self.save_model(output_dir, _internal_call=True)
-        pause_at("save", self.state.global_step)
-        if not self.args.save_only_model:
-            self._save_optimizer_and_scheduler(output_dir)
-            self._save_scaler(output_dir)
-            self._save_rng_state(output_dir)
-        if self.args.should_save:
-            for cb in [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]:
-                name = cb.__class__.__name__
-                if isinstance(self.state.stateful_callbacks[name], list):
-                    self.state.stateful_callbacks[name].append(cb.state())
-                else:
-                    self.state.stateful_callbacks[name] = cb.state()
-            self.state.save_to_json(os.path.join(output_dir, TRAINER_STATE_NAME))
-
-    # -- saved directories: the LLaVA model itself, in HF format ------------------------------------
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        Every rank calls it: under DeepSpeed the weights are gathered first (ZeRO-3's 16-bit consolidation)."""
         output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        llava = self.accelerator.unwrap_model(self.model).llava
-        if state_dict is not None:  # ZeRO-3's consolidated weights, named as the wrapper holds them
-            state_dict = {k.removeprefix("llava."): v for k, v in state_dict.items()}
-        if hasattr(llava, "peft_config"):  # LoRA: the adapter's own files
-            llava.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
-        else:
-            save_llava_weights(llava, output_dir, state_dict)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-        if not os.path.isfile(os.path.join(output_dir, GENERATION_CONFIG_NAME)):  # a LoRA adapter's directory
-            llava.generation_config.save_pretrained(output_dir)
-        if self.card is not None:
-            write_model_card(output_dir, self.card, self.state.log_history)
-        identity = Path(self.args.output_dir) / IDENTITY_FILE  # every checkpoint says which run made it
-        if identity.is_file() and Path(output_dir).resolve() != identity.parent.resolve():
-            shutil.copy2(identity, Path(output_dir) / IDENTITY_FILE)
+        state_dict, gathered = None, True
+        if self.is_deepspeed_enabled:
+            try:
+                state_dict = self.accelerator.get_state_dict(self.model_wrapped)
+            except ValueError:  # ZeRO-3 with stage3_gather_16bit_weights_on_model_save false: nothing to gather
+                logger.warning("stage3_gather_16bit_weights_on_model_save=false: saving DeepSpeed's sharded checkpoint "
+                               "in %s instead of the weights; zero_to_fp32.py there recovers them", output_dir)
+                gathered = False
+        if self.args.should_save:
+            write_model_dir(self, output_dir, state_dict, weights=gathered)
+        if not gathered:
+            self.model_wrapped.save_checkpoint(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     # -- publishing: every saved directory carries its card; push_to_hub uploads output_dir as saved --
 
@@ -335,18 +282,15 @@ class LlavaTrainer(Trainer):
         if self.is_world_process_zero():
             write_model_card(self.args.output_dir, self.card, self.state.log_history)
 
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        # The Trainer copies the checkpoint's weights into output_dir and uploads that: the card goes with them.
-        if self.card is not None:
-            self.create_model_card()
-        super()._push_from_checkpoint(checkpoint_folder)
-
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # The one private override left (issue 27), for one case: resuming LoRA without DeepSpeed. The Trainer
+        # reads a checkpoint's adapter files only into a model that is itself a PeftModel, and the model it holds
+        # is the wrapper around one (ScoringModel); no public hook reaches that loader. Everything else goes the
+        # Trainer's way: full weights through its loader (llava.train.saving.take_saved_names), DeepSpeed runs
+        # through the engine's own checkpoint.
         llava = (model or self.model).llava
-        if hasattr(llava, "peft_config"):
-            from peft import load_peft_weights, set_peft_model_state_dict
+        if not hasattr(llava, "peft_config"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from peft import load_peft_weights, set_peft_model_state_dict
 
-            set_peft_model_state_dict(llava, load_peft_weights(resume_from_checkpoint))
-            return
-        saved = type(llava).from_pretrained(resume_from_checkpoint, dtype=llava.dtype)
-        llava.load_state_dict(saved.state_dict(), strict=True)
+        set_peft_model_state_dict(llava, load_peft_weights(resume_from_checkpoint))

@@ -1,0 +1,75 @@
+"""The trainer reaches transformers' Trainer through public hooks: no override of a private method to break on an upgrade."""
+
+from transformers import Trainer, TrainerControl, TrainerState
+
+from llava.train.saving import CheckpointWriter
+from llava.train.trainer import LlavaTrainer
+
+# Private Trainer methods a subclass may override, and why.
+ALLOWED = {"_get_train_sampler"}  # LLaVA's grouped sampler: the Trainer's hook for a custom training sampler
+# Still overridden, with the reason in the method: resuming LoRA without DeepSpeed (the Trainer loads an adapter
+# only into a model that is itself a PeftModel).
+KEPT = {"_load_from_checkpoint"}
+
+
+def private_overrides(cls) -> set[str]:
+    """The names of the Trainer's private methods that ``cls`` or a class between it and Trainer defines."""
+    mro = cls.__mro__
+    return {name for klass in mro[:mro.index(Trainer)] for name in vars(klass)
+            if name.startswith("_") and not name.startswith("__") and callable(getattr(Trainer, name, None))}
+
+
+def test_the_trainer_overrides_no_private_trainer_method():
+    assert private_overrides(LlavaTrainer) - ALLOWED == KEPT
+
+
+def test_a_private_override_is_seen_in_a_subclass_too():
+    class Patched(LlavaTrainer):
+        def _save_checkpoint(self, model, trial):
+            pass
+
+        def _own_helper(self):  # not the Trainer's
+            pass
+
+    assert private_overrides(Patched) - ALLOWED == KEPT | {"_save_checkpoint"}
+
+
+# -- checkpoints are written where the Trainer would write them: after the step's log entry and evaluation --
+
+
+class RecordingWriter(CheckpointWriter):
+    def __init__(self):
+        super().__init__(trainer=None)
+        self.saved_at = []
+
+    def _save(self, control):
+        self.due = None
+        self.saved_at.append(self.event)
+
+
+def run_events(writer, events):
+    """Feed the writer ``(event, control flags, logs)`` as the Trainer's loop would; returns where it saved."""
+    state = TrainerState(global_step=0)
+    writer.on_train_begin(None, state, TrainerControl())
+    for event, flags, logs in events:
+        writer.event = event
+        if event == "step_end":
+            state.global_step += 1
+        control = TrainerControl(**flags)
+        getattr(writer, f"on_{event}")(None, state, control, **({"logs": logs} if event == "log" else {"metrics": {}}))
+        if event in ("step_end", "epoch_end"):
+            assert not control.should_save  # taken from the Trainer: it does not write this checkpoint itself
+    return writer.saved_at
+
+
+def test_a_checkpoint_waits_for_the_log_entry_and_the_evaluation_of_its_step():
+    assert run_events(RecordingWriter(), [("step_end", {"should_save": True}, None)]) == ["step_end"]
+    logged = [("step_end", {"should_save": True, "should_log": True}, None), ("log", {}, {"loss": 1.0})]
+    assert run_events(RecordingWriter(), logged) == ["log"]
+    evaluated = [("step_end", {"should_save": True, "should_log": True, "should_evaluate": True}, None),
+                 ("log", {}, {"loss": 1.0}), ("log", {}, {"eval_loss": 1.0}), ("evaluate", {}, None)]
+    assert run_events(RecordingWriter(), evaluated) == ["evaluate"]
+    # at an epoch's end, the step's entry is already logged: nothing more comes before the save
+    epoch_end = [("step_end", {"should_log": True}, None), ("log", {}, {"loss": 1.0}),
+                 ("epoch_end", {"should_save": True, "should_log": True}, None)]
+    assert run_events(RecordingWriter(), epoch_end) == ["epoch_end"]
