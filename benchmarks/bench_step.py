@@ -143,7 +143,9 @@ def write_checkpoint(out: Path, p: TinySize, seed: int, device: str, dtype) -> d
     # transformers handles each added token in Python when it loads a tokenizer (28,950 of them took
     # seconds), where LLaMA's real 32000-entry tokenizer has 3.
     spec = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
-    spec["model"]["vocab"].update({f"<|{i}|>": i for i in range(trained, model.config.text_config.vocab_size)})
+    vocab = spec["model"]["vocab"]
+    vocab.update({t["content"]: t["id"] for t in spec["added_tokens"]})  # <pad>, <image>: ids 0..V-1 all in it, as LLaMA's
+    vocab.update({f"<|{i}|>": i for i in range(trained, model.config.text_config.vocab_size)})
     (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     facts = {"tokenizer_vocab": trained, "config_vocab_size": model.config.text_config.vocab_size,
              "params": param_counts(model)}

@@ -201,8 +201,10 @@ def test_shared_prompt_layer_appends_and_reorders_after_the_prompt():
     from llava.eval.generate import SharedPromptLayer
 
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randn(2, 2, 5, 4, generator=g).repeat_interleave(2, dim=0)  # 2 records x 2 beams
-    layer = SharedPromptLayer(prompt.clone(), -prompt.clone(), room=1)  # room for 1: the third append grows it
+    records = torch.randn(2, 2, 5, 4, generator=g)
+    prompt = records.repeat_interleave(2, dim=0)  # 2 records x 2 beams
+    layer = SharedPromptLayer(records, -records, room=1, beams=2)  # room for 1: the third append grows it
+    assert torch.equal(layer.keys, prompt) and torch.equal(layer.values, -prompt)
     keys = prompt.clone()
     for step, order in enumerate(([1, 1, 2, 3], [0, 0, 3, 2], [1, 0, 2, 2])):
         new = torch.randn(4, 2, 1, 4, generator=g)

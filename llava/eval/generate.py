@@ -103,15 +103,22 @@ class SharedPromptLayer(DynamicLayer):
     after the prompt: a beam's prompt is its record's prompt, whichever beam it descends from.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int, beams: int = 1):
+        """``keys``, ``values``: ``[records, heads, prompt, dim]``, each record's written once into each of
+        its ``beams`` rows (``repeat_interleave``'s order, the one ``generate`` gives a batch's beams)
+        straight into the buffer: no repeated copy is made first."""
         super().__init__()
         self.device, self.shared, self.length = keys.device, keys.shape[-2], keys.shape[-2]
-        self._keys = keys.new_empty(*keys.shape[:2], self.shared + room, keys.shape[-1])
-        self._values = values.new_empty(*values.shape[:2], self.shared + room, values.shape[-1])
-        self._keys[:, :, :self.shared] = keys
-        self._values[:, :, :self.shared] = values
+        self._keys = self._buffer(keys, beams, room)
+        self._values = self._buffer(values, beams, room)
         self.is_initialized = True
         self._expose()
+
+    def _buffer(self, prompt: torch.Tensor, beams: int, room: int) -> torch.Tensor:
+        records, heads, _, dim = prompt.shape
+        buffer = prompt.new_empty(records * beams, heads, self.shared + room, dim)
+        buffer.view(records, beams, heads, -1, dim)[:, :, :, :self.shared] = prompt.unsqueeze(1)
+        return buffer
 
     def _expose(self) -> None:
         self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
@@ -154,9 +161,7 @@ def prompt_cache(model, embeds: torch.Tensor, mask: torch.Tensor, positions: tor
     computed = DynamicCache(config=llava.config.get_text_config())
     llava.model.language_model(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
                                cache=computed, use_cache=True)
-    return Cache(layers=[SharedPromptLayer(layer.keys.repeat_interleave(beams, dim=0),
-                                           layer.values.repeat_interleave(beams, dim=0), room)
-                         for layer in computed.layers])
+    return Cache(layers=[SharedPromptLayer(layer.keys, layer.values, room, beams) for layer in computed.layers])
 
 
 def model_device(model) -> torch.device:
