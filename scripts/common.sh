@@ -92,7 +92,7 @@ set_flags() {
 # directory; it refuses a model of yours on the sample's data, adds the stage's flags and starts
 # `llava-mcmdpo train ARGS --nproc NUM_GPUS --zero ZERO ...` (the plan, then the command with DRY_RUN=1).
 launch() {
-  local flags=(--script "$0" --caller_dir "$CALLER_DIR" --caller_set "$CALLER_SET" --caller_arguments "$CALLER_ARGUMENTS"
+  local flags=(--script "$0" --caller_dir "$CALLER_DIR" --repo_root "$REPO_ROOT" --caller_set "$CALLER_SET" --caller_arguments "$CALLER_ARGUMENTS"
                ${_DEFAULT_MODEL[@]+"${_DEFAULT_MODEL[@]}"} ${_STAGE[@]+"${_STAGE[@]}"}) var
   for var in $SCRIPT_VARIABLES; do
     if [ -n "${!var:-}" ]; then flags+=(--variable "$var=${!var}"); fi

@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="script_env launch", allow_abbrev=False)
     p.add_argument("--script", required=True, help="the stage script's path ($0)")
     p.add_argument("--caller_dir", required=True)
+    p.add_argument("--repo_root", default=str(REPO), help="the repository as the script reached it (links kept)")
     p.add_argument("--caller_set", default=" ", help="the path variables the caller set, space-separated")
     p.add_argument("--caller_arguments", type=int, default=0, help="how many trailing words are the caller's")
     p.add_argument("--variable", action="append", default=[], help="NAME=VALUE of each script variable that is set")
@@ -175,15 +176,16 @@ def launcher_argv(o: argparse.Namespace, words: list[str]) -> list[str]:
     """``llava-mcmdpo train``'s words for the stage script: its checks in the scripts' order, then the stage's
     flags (settings file, paths, the variables set) before ``words`` and the launcher's options from the variables."""
     values = dict(v.split("=", 1) for v in o.variable)
-    caller_set = set(o.caller_set.split())
-    model = values.get("MODEL_PATH", "")
-    if o.default_model_hint is not None and "MODEL_PATH" not in caller_set and not os.path.isdir(REPO / model):
-        raise ScriptError(f"no model at {REPO}/{model} (the default MODEL_PATH): {o.default_model_hint}")
+    caller_set, repo = set(o.caller_set.split()), o.repo_root
+    if o.default_model_hint is not None and "MODEL_PATH" not in caller_set:
+        model = values.get("MODEL_PATH", "")
+        if not os.path.isdir(os.path.join(repo, model)):
+            raise ScriptError(f"no model at {repo}/{model} (the default MODEL_PATH): {o.default_model_hint}")
     if o.stage:
         values.setdefault("CONFIG", o.stage_config)
-        for var in PATHS[:5] + ("VISION_TOWER",):  # the defaults are the repository's
+        for var in ("CONFIG", "MODEL_PATH", "DATA_PATH", "IMAGE_FOLDER", "OUTPUT_DIR", "VISION_TOWER"):
             if var not in caller_set and values.get(var) and not values[var].startswith("/"):
-                values[var] = f"{REPO}/{values[var]}"
+                values[var] = f"{repo}/{values[var]}"  # the defaults are the repository's
         if not os.path.isfile(values["CONFIG"]):
             raise ScriptError(f"no settings file {values['CONFIG']} (CONFIG)")
         stage = [values["CONFIG"], "--model_name_or_path", values.get("MODEL_PATH", ""), "--data_path",
@@ -194,7 +196,7 @@ def launcher_argv(o: argparse.Namespace, words: list[str]) -> list[str]:
         words = stage + [w for var, flag in STAGE_VARIABLES if values.get(var) for w in (flag, values[var])] + words
     default = script_default(o.script, "MODEL_PATH")
     model = values.get("MODEL_PATH", "")
-    own_model = "MODEL_PATH" in caller_set and model not in (default, f"{REPO}/{default}")
+    own_model = "MODEL_PATH" in caller_set and model not in (default, f"{repo}/{default}")
     missing = [f"{var} (default {script_default(o.script, var)})" for var in ("DATA_PATH", "IMAGE_FOLDER", "OUTPUT_DIR")
                if var not in caller_set]
     if own_model and values.get("SAMPLE_DATA") != "1" and missing:
@@ -211,6 +213,8 @@ def launcher_argv(o: argparse.Namespace, words: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     try:
+        if not argv:
+            raise ScriptError("a step is needed: help, prepare or launch")
         if argv[0] == "help":
             sys.stdout.write(help_text(argv[1]))
         elif argv[0] == "prepare":
