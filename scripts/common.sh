@@ -66,7 +66,7 @@ done
 _prepared=$(script_env prepare "$0" "$CALLER_DIR" "$@") || exit
 eval "$_prepared"
 unset _arg _prepared
-_DEFAULT_MODEL=() _STAGE=()  # what require_default_model and stage_flags hand to launch
+_DEFAULT_MODEL=() _STAGE=() _SET_FLAGS=()  # what the steps below hand to launch
 
 # The stage scripts' defaults below are relative to the repository.
 cd "$REPO_ROOT"
@@ -76,24 +76,18 @@ cd "$REPO_ROOT"
 require_default_model() { _DEFAULT_MODEL=(--default_model_hint "$1"); }
 # stage_flags STAGE CONFIG: the settings file (CONFIG unless the caller set another), the paths and the
 # variables the caller set as the trainer's flags; PARADIGM's tower flag for STAGE (sft | align).
-stage_flags() { _STAGE=(--stage "$1" --stage_config "$2"); STAGE_FLAGS=(); }
-
-# set_flags VAR=--flag ...: STAGE_FLAGS+=(--flag "$VAR") for each VAR that is set, so that it
-# overrides the YAML's value; unset, the YAML's stands.
-set_flags() {
-  local pair
-  for pair in "$@"; do
-    local var=${pair%%=*}
-    if [ -n "${!var:-}" ]; then STAGE_FLAGS+=("${pair#*=}" "${!var}"); fi
-  done
-}
+stage_flags() { _STAGE=(--stage "$1" --stage_config "$2"); }
+# set_flags VAR=--flag ...: the trainer gets --flag "$VAR" for each VAR that is set, after the stage's flags, so
+# that it overrides the YAML's value; unset, the YAML's stands.
+set_flags() { local pair; for pair in "$@"; do _SET_FLAGS+=(--set_flag "$pair"); done; }
 
 # launch ARGS...: the variables that are set and ARGS to llava/train/script_env.py, run from the caller's
 # directory; it refuses a model of yours on the sample's data, adds the stage's flags and starts
 # `llava-mcmdpo train ARGS --nproc NUM_GPUS --zero ZERO ...` (the plan, then the command with DRY_RUN=1).
 launch() {
   local flags=(--script "$0" --caller_dir "$CALLER_DIR" --repo_root "$REPO_ROOT" --caller_set "$CALLER_SET" --caller_arguments "$CALLER_ARGUMENTS"
-               ${_DEFAULT_MODEL[@]+"${_DEFAULT_MODEL[@]}"} ${_STAGE[@]+"${_STAGE[@]}"}) var
+               ${_DEFAULT_MODEL[@]+"${_DEFAULT_MODEL[@]}"} ${_STAGE[@]+"${_STAGE[@]}"}
+               ${_SET_FLAGS[@]+"${_SET_FLAGS[@]}"}) var
   for var in $SCRIPT_VARIABLES; do
     if [ -n "${!var:-}" ]; then flags+=(--variable "$var=${!var}"); fi
   done

@@ -74,9 +74,11 @@ def test_prepare_writes_assignments_bash_reads_back(tmp_path):
         prepare("scripts/dpo.sh", str(tmp_path), [], {"DATA_PTAH": "x", "PARADIGM": "e"})
 
 
-def launched(*variables, caller_set="", hint=None, stage=("align", "configs/dpo.yaml"), script="dpo.sh", words=()):
+def launched(*variables, caller_set="", hint=None, stage=("align", "configs/dpo.yaml"), script="dpo.sh", words=(),
+             set_flags=()):
     options = ["--script", str(REPO / "scripts" / script), "--caller_dir", "/c", "--caller_set", caller_set,
-               "--caller_arguments", "1", *[w for v in variables for w in ("--variable", v)]]
+               "--caller_arguments", "1", *[w for v in variables for w in ("--variable", v)],
+               *[w for pair in set_flags for w in ("--set_flag", pair)]]
     options += ["--default_model_hint", hint] if hint is not None else []
     options += ["--stage", stage[0], "--stage_config", stage[1]] if stage else []
     return launcher_argv(build_parser().parse_args(options), list(words))
@@ -88,7 +90,8 @@ DEFAULTS = ("MODEL_PATH=outputs/sft", "DATA_PATH=data/sample/preference.json", "
 
 def test_the_stage_flags_and_the_launchers_options_from_the_variables():
     argv = launched(*DEFAULTS[1:], "MODEL_PATH=/m", "PARADIGM=c", "LR=1e-4", "RESUME=never", "NUM_GPUS=2", "ZERO=zero2",
-                    "MASTER_PORT=7", "DRY_RUN=1", "SAMPLE_DATA=1", caller_set=" MODEL_PATH ", words=["--beta", "0.3", "--x"])
+                    "MASTER_PORT=7", "DRY_RUN=1", "SAMPLE_DATA=1", "BETA=0.3", caller_set=" MODEL_PATH ", words=["--x"],
+                    set_flags=["BETA=--beta", "IMAGE_TYPE=--use_image_type"])
     assert argv == ["--script", "dpo.sh", "--python", "py", "--caller_arguments", "1", "--nproc", "2", "--zero", "zero2",
                     "--master_port", "7", "--defaulted", "DATA_PATH,IMAGE_FOLDER,OUTPUT_DIR", "--own_model", "--dry_run",
                     f"{REPO}/configs/dpo.yaml", "--model_name_or_path", "/m", "--data_path",
@@ -100,6 +103,8 @@ def test_the_stage_flags_and_the_launchers_options_from_the_variables():
                     script="pretrain.sh", words=["--task", "LM"])
     assert argv == ["--script", "pretrain.sh", "--python", "py", "--caller_arguments", "1", "--defaulted",
                     "DATA_PATH,IMAGE_FOLDER,OUTPUT_DIR", "--task", "LM"]
+    with pytest.raises(ScriptError, match=r"^set_flags FOO: not in SCRIPT_VARIABLES \(llava/train/script_env.py\)$"):
+        launched(*DEFAULTS, set_flags=["FOO=--foo"])
 
 
 def refusal(*variables, **kwargs):

@@ -169,7 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default_model_hint", help="how to make the default model (require_default_model)")
     p.add_argument("--stage", choices=("sft", "align"), help="with --stage_config: the trainer's flags of the stage")
     p.add_argument("--stage_config", help="the stage's settings file, relative to the repository")
+    p.add_argument("--set_flag", action="append", default=[], help="VAR=--flag: --flag VAR's value when VAR is set")
     return p
+
+
+def flags_of(pairs, values: dict[str, str]) -> list[str]:
+    """``--flag value`` for each (VAR, --flag) whose VAR is set (not empty); unset, the YAML's or the default stands."""
+    return [w for var, flag in pairs if values.get(var) for w in (flag, values[var])]
 
 
 def launcher_argv(o: argparse.Namespace, words: list[str]) -> list[str]:
@@ -181,6 +187,9 @@ def launcher_argv(o: argparse.Namespace, words: list[str]) -> list[str]:
         model = values.get("MODEL_PATH", "")
         if not os.path.isdir(os.path.join(repo, model)):
             raise ScriptError(f"no model at {repo}/{model} (the default MODEL_PATH): {o.default_model_hint}")
+    own_flags = [tuple(pair.split("=", 1)) for pair in o.set_flag]  # the stage script's set_flags, after the stage's
+    if unknown := [var for var, _ in own_flags if var not in SCRIPT_VARIABLES]:
+        raise ScriptError(f"set_flags {' '.join(unknown)}: not in SCRIPT_VARIABLES (llava/train/script_env.py)")
     if o.stage:
         values.setdefault("CONFIG", o.stage_config)
         for var in ("CONFIG", "MODEL_PATH", "DATA_PATH", "IMAGE_FOLDER", "OUTPUT_DIR", "VISION_TOWER"):
@@ -193,7 +202,9 @@ def launcher_argv(o: argparse.Namespace, words: list[str]) -> list[str]:
                  values.get("OUTPUT_DIR", "")]
         if values.get("PARADIGM"):
             stage += ["--unfreeze_mm_vision_tower", vit_trains(values["PARADIGM"], o.stage)]
-        words = stage + [w for var, flag in STAGE_VARIABLES if values.get(var) for w in (flag, values[var])] + words
+        words = stage + flags_of(STAGE_VARIABLES, values) + flags_of(own_flags, values) + words
+    else:
+        words = flags_of(own_flags, values) + words
     default = script_default(o.script, "MODEL_PATH")
     model = values.get("MODEL_PATH", "")
     own_model = "MODEL_PATH" in caller_set and model not in (default, f"{repo}/{default}")
@@ -205,7 +216,7 @@ def launcher_argv(o: argparse.Namespace, words: list[str]) -> list[str]:
                           "or SAMPLE_DATA=1 to train on the sample on purpose")
     argv = ["--script", Path(o.script).name, "--python", values.get("PYTHON", "python3"), "--caller_arguments",
             str(o.caller_arguments)]
-    argv += [w for var, option in LAUNCH_VARIABLES if values.get(var) for w in (option, values[var])]
+    argv += flags_of(LAUNCH_VARIABLES, values)
     argv += ["--defaulted", ",".join(v for v in ("MODEL_PATH", "DATA_PATH", "IMAGE_FOLDER", "OUTPUT_DIR") if v not in caller_set)]
     argv += ["--own_model"] * own_model + ["--dry_run"] * (values.get("DRY_RUN") == "1")
     return argv + words
