@@ -19,4 +19,4 @@ OUTPUT_DIR=${OUTPUT_DIR:-outputs/dpo}
 require_default_model "run scripts/sft.sh first, or set MODEL_PATH to an SFT checkpoint"
 stage_flags align configs/dpo.yaml
 set_flags BETA=--beta
-launch "${STAGE_FLAGS[@]}" "$@"
+launch "$@"

@@ -24,4 +24,4 @@ CL_REWARD_NUM=${CL_REWARD_NUM:-${TERMS:-}}
 require_default_model "run scripts/sft.sh first, or set MODEL_PATH to an SFT checkpoint"
 stage_flags align configs/mcmdpo.yaml
 set_flags BETA=--beta IMAGE_TYPE=--use_image_type CL_REWARD_NUM=--use_cl_reward_num
-launch "${STAGE_FLAGS[@]}" "$@"
+launch "$@"

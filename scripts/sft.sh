@@ -19,4 +19,4 @@ VISION_TOWER=${VISION_TOWER:-}                          # a CLIP directory, to c
 
 require_default_model "set MODEL_PATH to a LLaVA checkpoint, or build the tiny test model with: $PYTHON -m llava.model.tiny --out $REPO_ROOT/outputs/tiny-llava"
 stage_flags sft configs/sft.yaml
-launch "${STAGE_FLAGS[@]}" "$@"
+launch "$@"

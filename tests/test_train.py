@@ -62,19 +62,18 @@ def test_exactly_the_expected_parameters_train(name, tiny_llava_dir, preference_
 
 @pytest.mark.parametrize("paradigm", sorted(METHOD_PARADIGMS))
 def test_method_paradigms_per_stage(paradigm, tiny_llava_dir, preference_file, tmp_path):
-    """scripts/common.sh's vit_trains mapping gives, stage by stage, the flag that trains the tower or not.
+    """The stage scripts' PARADIGM mapping (llava/train/script_env.py's vit_trains) gives, stage by stage, the flag
+    that trains the tower or not.
 
     That the flag trains exactly those parameters is test_exactly_the_expected_parameters_train's job;
     here the flag is parsed as the trainer parses it (no model is built).
     """
-    import subprocess
-
     from llava.train.arguments import parse_args
     from llava.train.params import Trainable
+    from llava.train.script_env import vit_trains
 
     for stage, task, expect in (("sft", "LM", METHOD_PARADIGMS[paradigm][0]), ("align", "DPO", METHOD_PARADIGMS[paradigm][1])):
-        flag = subprocess.run(["bash", "-c", f"export PYTHON=true PARADIGM={paradigm}; source scripts/common.sh && vit_trains {stage}"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+        flag = vit_trains(paradigm, stage)
         assert flag == str(expect)
         model_args, _, _ = parse_args(argv(tiny_llava_dir, preference_file, tmp_path / stage, "--task", task,
                                            "--unfreeze_mm_vision_tower", flag))
