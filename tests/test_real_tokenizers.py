@@ -152,7 +152,7 @@ def test_llama_vectors_through_the_original_layout_and_the_checkpoint_it_saves(l
     model, processor = load_model(original_checkpoint)
     assert is_legacy(processor.tokenizer)
     assert_vectors(processor.tokenizer, llama[1], "original layout")
-    save_model(model, processor, tmp_path / "saved")  # what LlavaTrainer._save writes: processor.save_pretrained
+    save_model(model, processor, tmp_path / "saved")  # what a saved directory holds (llava.train.saving.write_model_dir): processor.save_pretrained
     from transformers import AutoProcessor
 
     for where, tok in (("saved, reloaded", load_model(tmp_path / "saved")[1].tokenizer),

@@ -34,7 +34,7 @@ NOISE = (
 FRAMEWORKS = ("DeepSpeed", "accelerate", "transformers", "torch")
 # setuptools' compiler probes, which DeepSpeed runs on import (gcc command lines)
 DROPPED = ("compilers",)
-# set by scripts/common.sh, which printed the plan before launching: the trainer's goes to train.log only
+# set by the launcher (llava.train.launch), which printed the plan before launching: the trainer's goes to train.log only
 PLAN_SHOWN = "LLAVA_MCMDPO_PLAN_SHOWN"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
