@@ -54,6 +54,7 @@ from llava.train.params import Trainable, apply_lora, quantization, set_trainabl
 from llava.train.losses import DPOObjective, MCMObjective, SFTObjective
 from llava.train.projector_file import load_projector_file, trains_projector_only, write_projector_file
 from llava.fingerprint import file_fingerprint, images_fingerprint, model_fingerprint, processor_fingerprint
+from llava.train.saving import check_supported
 from llava.train.step import AdaptersOffReference, CachedReference, LiveReference, ScoringModel
 from llava.train.reporting import prepare_wandb
 from llava.train.run_log import PLAN_SHOWN, TrainLog, metrics_logger, plan_lines, quiet_frameworks
@@ -283,6 +284,7 @@ def prepare(argv: list[str] | None = None, parsed=None) -> LlavaTrainer:
     argv = sys.argv[1:] if argv is None else list(argv)  # the model card records the command as given
     model_args, data_args, args = parsed or parse_args(argv)
     check_eval_flags(data_args, args)
+    check_supported(args)  # save settings the checkpoint writer refuses: said before any data or model loads
     # "auto" becomes the kernel that runs, so the model card and the reference cache's key name it
     model_args.attn_implementation = attention_for(model_args, args)
     resolve_hub_arguments(model_args)
