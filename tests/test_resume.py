@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -148,4 +149,31 @@ def test_a_finished_run_run_again_trains_nothing(tiny_llava_dir, tmp_path):
     rewritten = {Path("trainer_state.json"), Path("README.md")}
     assert {k: v for k, v in snapshot().items() if k not in rewritten} == {k: v for k, v in before.items() if k not in rewritten}
     assert (out / "README.md").is_file()
+    assert [(h["step"], h["loss"]) for h in log_history(out) if "loss" in h] == losses
+
+
+@pytest.mark.slow
+def test_a_lora_run_cut_after_a_checkpoint_ends_with_the_adapters_of_one_not_cut(tiny_llava_dir, tmp_path):
+    """LoRA without DeepSpeed: the Trainer's own resume reloads the adapters (and the projector trained beside
+    them) from checkpoint-2, with the optimizer's state, so the run ends bit for bit where one not cut ends."""
+    from safetensors.torch import load_file
+
+    data = write_preference_set(tmp_path / "data", n=8, seed=1)
+    out = tmp_path / "run"
+    args = argv(tiny_llava_dir, data, out, "--task", "DPO", "--use_cross_modal_loss", "True", "--max_steps", "4",
+                "--learning_rate", "1e-2", "--lora_enable", "True", "--lora_r", "4", "--save_strategy", "steps",
+                "--save_steps", "2", "--resume_from_checkpoint", "auto")
+    train(prepare(args))
+    whole = load_file(out / "adapter_model.safetensors")
+    losses = [(h["step"], h["loss"]) for h in log_history(out) if "loss" in h]
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in whole.items())  # the adapters trained
+
+    # cut after checkpoint-2: no checkpoint-4, no final model
+    shutil.rmtree(out / "checkpoint-4")
+    for name in ("adapter_model.safetensors", "trainer_state.json"):
+        (out / name).unlink()
+    train(prepare(args))
+    resumed = load_file(out / "adapter_model.safetensors")
+    assert resumed.keys() == whole.keys()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole), [k for k in whole if not torch.equal(resumed[k], whole[k])]
     assert [(h["step"], h["loss"]) for h in log_history(out) if "loss" in h] == losses

@@ -104,7 +104,7 @@ def test_lora_checkpoint_loads_and_merges(tiny_llava_dir, preference_file, tmp_p
     train(trainer)
     assert (out / "adapter_config.json").is_file()
     merged = AutoModelForImageTextToText.from_pretrained(out / "merged")
-    trained = trainer.model.llava.merge_and_unload()
+    trained = trainer.model.merge_and_unload().llava  # the peft model holds the ScoringModel, which holds the LLaVA model
     for (n, p), (m, q) in zip(sorted(merged.state_dict().items()), sorted(trained.state_dict().items())):
         assert n == m and torch.allclose(p, q, atol=1e-6), n
 

@@ -7,9 +7,6 @@ from llava.train.trainer import LlavaTrainer
 
 # Private Trainer methods a subclass may override, and why.
 ALLOWED = {"_get_train_sampler"}  # LLaVA's grouped sampler: the Trainer's hook for a custom training sampler
-# Still overridden, with the reason in the method: resuming LoRA without DeepSpeed (the Trainer loads an adapter
-# only into a model that is itself a PeftModel).
-KEPT = {"_load_from_checkpoint"}
 
 
 def private_overrides(cls) -> set[str]:
@@ -20,7 +17,7 @@ def private_overrides(cls) -> set[str]:
 
 
 def test_the_trainer_overrides_no_private_trainer_method():
-    assert private_overrides(LlavaTrainer) - ALLOWED == KEPT
+    assert private_overrides(LlavaTrainer) - ALLOWED == set()
 
 
 def test_a_private_override_is_seen_in_a_subclass_too():
@@ -31,7 +28,7 @@ def test_a_private_override_is_seen_in_a_subclass_too():
         def _own_helper(self):  # not the Trainer's
             pass
 
-    assert private_overrides(Patched) - ALLOWED == KEPT | {"_save_checkpoint"}
+    assert private_overrides(Patched) - ALLOWED == {"_save_checkpoint"}
 
 
 # -- checkpoints are written where the Trainer would write them: after the step's log entry and evaluation --

@@ -65,18 +65,22 @@ def set_trainable(model: torch.nn.Module, trainable: Trainable) -> None:
 
 def apply_lora(model, trainable: Trainable, *, r: int, alpha: int, dropout: float, bias: str = "none",
                adapters_in_model_dtype: bool = False):
-    """Wrap ``model`` in peft LoRA adapters on the language model; a trainable projector/vision tower as modules_to_save.
+    """Wrap ``model`` (a LLaVA model, or the ``ScoringModel`` that holds one under the same names) in peft
+    LoRA adapters on the language model; a trainable projector/vision tower as modules_to_save.
 
+    The result is a plain ``PeftModel``: its forward is ``model``'s own, and its adapters are saved as
+    a LLaVA model's (``task_type`` ``CAUSAL_LM``, the same names), loadable onto the base model.
     peft keeps new adapters in float32 over a half-precision model (they train under autocast);
     ``adapters_in_model_dtype``: in the model's dtype instead, as DeepSpeed wants every trained weight
     in one dtype (it keeps the float32 master copies itself)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel
 
     modules_to_save = [module for module, trains in (("multi_modal_projector", trainable.projector),
                                                      ("vision_tower", trainable.vision)) if trains]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias=bias, target_modules=LORA_TARGETS,
-                        modules_to_save=modules_to_save or None, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config, autocast_adapter_dtype=not adapters_in_model_dtype)
+                        modules_to_save=modules_to_save or None, task_type="CAUSAL_LM",
+                        base_model_name_or_path=model.config.name_or_path or None)
+    peft_model = PeftModel(model, config, autocast_adapter_dtype=not adapters_in_model_dtype)
     projector_type = getattr(model.config, "mm_projector_type", None)
     for name, p in peft_model.named_parameters():
         if _frozen_identity(name, projector_type):

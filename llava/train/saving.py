@@ -47,17 +47,16 @@ logger = logging.getLogger(__name__)
 def write_model_dir(trainer, output_dir: str, state_dict: dict | None = None, weights: bool = True) -> None:
     """The LLaVA model the trainer holds, as a directory ``from_pretrained`` loads; call it where ``should_save``.
 
-    ``state_dict``: the wrapper's gathered weights (ZeRO), named as the wrapper holds them (``llava.*``);
+    ``state_dict``: the model's gathered weights (ZeRO), named as the Trainer's model holds them;
     ``None``: the model's own. ``weights=False``: everything but the weights (ZeRO-3 without 16-bit gathering).
     """
     os.makedirs(output_dir, exist_ok=True)
-    llava = trainer.accelerator.unwrap_model(trainer.model).llava
-    if state_dict is not None:
-        state_dict = {k.removeprefix("llava."): v for k, v in state_dict.items()}
+    model = trainer.accelerator.unwrap_model(trainer.model)  # a ScoringModel, or a peft model around one
+    llava = model.llava
     if not weights:
         llava.config.save_pretrained(output_dir)
-    elif hasattr(llava, "peft_config"):  # LoRA: the adapter's own files
-        llava.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+    elif hasattr(model, "peft_config"):  # LoRA: the adapter's own files
+        model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
     else:
         save_llava_weights(llava, output_dir, state_dict)
     if trainer.processing_class is not None:
@@ -73,15 +72,15 @@ def write_model_dir(trainer, output_dir: str, state_dict: dict | None = None, we
 
 
 def take_saved_names(module, state_dict, prefix, *args) -> None:
-    """A ``load_state_dict`` pre-hook of the wrapper the Trainer holds (``llava.train.step.ScoringModel``): a saved
-    directory's weights, under their llava-hf names, renamed to the wrapper's own (``llava.`` + in-memory names).
+    """A ``load_state_dict`` pre-hook of the ``ScoringModel`` the Trainer holds: a saved directory's weights,
+    under their llava-hf names, renamed to the in-memory ones.
 
     What the Trainer's resume (without DeepSpeed) hands the model it holds is ``model.safetensors`` as saved;
-    names the wrapper already uses (DeepSpeed's engine checkpoints) pass untouched.
+    in-memory names (DeepSpeed's engine checkpoints) pass untouched.
     """
-    if prefix or not state_dict or any(k.startswith("llava.") for k in state_dict):
+    if prefix or not state_dict:
         return
-    renamed = {"llava." + memory_name(k): v for k, v in state_dict.items()}
+    renamed = {memory_name(k): v for k, v in state_dict.items()}
     own = module.state_dict(keep_vars=True)
     for name, tensor in own.items():  # a tied weight is written once (save_llava_weights): its twin's
         twin = next((k for k, v in own.items() if v is tensor and k in renamed), None) if name not in renamed else None

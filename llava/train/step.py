@@ -32,21 +32,41 @@ from llava.train.reference import ReferenceSetup, cache_path, cached_table, froz
 
 
 class ScoringModel(torch.nn.Module):
-    """The LLaVA model (plain or peft) called on a collated batch: ``[B, C]`` summed response log-probs.
+    """The LLaVA model (``llava``) called on a collated batch: ``[B, C]`` summed response log-probs.
 
     One call runs the whole step's forward (images, language model, head on the scored positions)
     through the DeepSpeed engine's own forward, which ZeRO's backward bookkeeping hooks into. It
     returns a plain tensor: ZeRO-3 hooks module outputs, and only tensors and their tuples and dicts.
+
+    It holds the LLaVA model's parts under their own names (``model``, ``lm_head``), so its weights are
+    named as the LLaVA model's are: a saved model loads into it as it is, and LoRA wraps it as it would
+    wrap the LLaVA model (``llava.train.params.apply_lora``), the Trainer then holding a peft model whose
+    adapters its own resume reloads.
     """
 
     def __init__(self, llava, naive: bool = False):
         super().__init__()
-        self.llava = llava
+        for name, part in llava.named_children():
+            self.add_module(name, part)
+        object.__setattr__(self, "llava", llava)  # not a submodule: its parts are this module's
         self.naive = naive  # --preference_forward naive: the published full-sequence computation
 
     @property
     def config(self):
         return self.llava.config
+
+    # What peft reads of the model it wraps: the LLaVA model's.
+    @property
+    def base_model_prefix(self) -> str:
+        return self.llava.base_model_prefix
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.llava.is_activation_checkpointing
+
+    def train(self, mode: bool = True):
+        self.llava.training = mode
+        return super().train(mode)
 
     def forward(self, conditions: tuple[str, ...], **batch) -> torch.Tensor:
         """``[B, C]`` summed response log-probabilities, columns in ``conditions`` order."""

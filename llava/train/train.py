@@ -219,7 +219,7 @@ def make_objective(args: TrainingArguments):
 
 
 def make_reference(model_args, data_args, args, conditions, processor=None, records=(), policy=None):
-    """The reference of ``--reference_mode``; ``policy``: the LLaVA model trained (its adapters, for ``adapters_off``)."""
+    """The reference of ``--reference_mode``; ``policy``: the model trained (its adapters, for ``adapters_off``)."""
     if args.reference_mode == "adapters_off":
         return AdaptersOffReference(policy)
     if args.reference_mode == "live":
@@ -340,16 +340,16 @@ def prepare(argv: list[str] | None = None, parsed=None) -> LlavaTrainer:
 
         llava = prepare_model_for_kbit_training(llava, use_gradient_checkpointing=args.gradient_checkpointing)
     set_trainable(llava, trainable)
-    if args.lora_enable:
-        llava = apply_lora(llava, trainable, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, bias=args.lora_bias,
+    model = ScoringModel(llava, naive=args.preference_forward == "naive")
+    if args.lora_enable:  # the Trainer holds the peft model: its own resume reloads the adapters
+        model = apply_lora(model, trainable, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, bias=args.lora_bias,
                            adapters_in_model_dtype=bool(args.deepspeed))
-    reference = (make_reference(model_args, data_args, args, conditions, processor, dataset.records, policy=llava)
+    reference = (make_reference(model_args, data_args, args, conditions, processor, dataset.records, policy=model)
                  if objective.needs_reference else None)
     eval_reference = None
     if eval_data and isinstance(reference, CachedReference):  # the held-out records get their own cache
         eval_reference = make_reference(model_args, eval_data, args, conditions, processor,
                                         eval_dataset.records).for_split("eval")
-    model = ScoringModel(llava, naive=args.preference_forward == "naive")
     return LlavaTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, data_collator=collator,
                         processing_class=processor, objective=objective, reference=reference, eval_reference=eval_reference,
                         card=card)
@@ -395,7 +395,7 @@ def save_final_model(trainer: LlavaTrainer) -> None:
     if trains_projector_only(trainer.model) and trainer.is_world_process_zero():  # stage 1: LLaVA's mm_projector.bin too
         write_projector_file(args.output_dir)
     if args.lora_enable and args.merge_lora and trainer.is_world_process_zero():
-        base = trainer.model.llava.peft_config["default"].base_model_name_or_path
+        base = trainer.model.peft_config["default"].base_model_name_or_path
         merged, processor = load_model(args.output_dir, model_base=base, merge_lora=True)
         merged.generation_config = release_generation_config(processor.tokenizer)
         save_model(merged, processor, Path(args.output_dir) / "merged")

@@ -2,12 +2,12 @@
 
 ``compute_loss`` is ``llava.train.step.step_loss`` (policy log-probs -> reference log-probs -> objective)
 plus the metrics, averaged over ranks and kept until the next log. The model the Trainer holds is a
-``ScoringModel`` (the LLaVA model called on a batch); checkpoints are saved as the LLaVA model
-itself, in HF format with its processor (and its chat template), the released decoding
-(``generation_config.json``) and a model card (``llava.train.model_card``), and written whole
-(``llava.train.saving``). The Trainer is reached through public hooks (and ``_get_train_sampler``,
-its hook for a custom sampler); ``_load_from_checkpoint`` is overridden for one case, resuming LoRA
-without DeepSpeed (the method says why).
+``ScoringModel`` (the LLaVA model called on a batch), or with LoRA the peft model around one;
+checkpoints are saved as the LLaVA model itself (or its adapter), in HF format with its processor
+(and its chat template), the released decoding (``generation_config.json``) and a model card
+(``llava.train.model_card``), and written whole (``llava.train.saving``). The Trainer is reached
+through public hooks only (and ``_get_train_sampler``, its hook for a custom sampler); its own resume
+reloads the weights, the adapters included.
 
 Held-out evaluation (``evaluate``) runs the same step on the eval set, with its own reference
 (a cache of the eval records) when given one, and logs the per-record means of its metrics.
@@ -32,7 +32,7 @@ from llava.train.params import parameter_groups
 from llava.train.reference import ReferenceSetup
 from llava.train.run_log import log_metrics
 from llava.train.saving import CheckpointWriter, check_supported, take_saved_names, write_model_dir
-from llava.train.step import step_loss
+from llava.train.step import ScoringModel, step_loss
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ class LlavaTrainer(Trainer):
         self.add_callback(_CheckFiniteStep(self))
         self.add_callback(_LogToFile())
         check_supported(self.args)
-        self.model.register_load_state_dict_pre_hook(take_saved_names)  # resume: the Trainer loads saved weights
+        if isinstance(self.model, ScoringModel):  # resume: the Trainer loads saved weights (peft: their adapters)
+            self.model.register_load_state_dict_pre_hook(take_saved_names)
         self.checkpoint_writer = CheckpointWriter(self)  # writes each checkpoint whole (llava.train.saving)
         self.add_callback(self.checkpoint_writer)
         if self.is_deepspeed_enabled:
@@ -281,16 +282,3 @@ class LlavaTrainer(Trainer):
             return super().create_model_card(**kwargs)
         if self.is_world_process_zero():
             write_model_card(self.args.output_dir, self.card, self.state.log_history)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        # The one private override left (issue 27), for one case: resuming LoRA without DeepSpeed. The Trainer
-        # reads a checkpoint's adapter files only into a model that is itself a PeftModel, and the model it holds
-        # is the wrapper around one (ScoringModel); no public hook reaches that loader. Everything else goes the
-        # Trainer's way: full weights through its loader (llava.train.saving.take_saved_names), DeepSpeed runs
-        # through the engine's own checkpoint.
-        llava = (model or self.model).llava
-        if not hasattr(llava, "peft_config"):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from peft import load_peft_weights, set_peft_model_state_dict
-
-        set_peft_model_state_dict(llava, load_peft_weights(resume_from_checkpoint))
