@@ -109,6 +109,43 @@ def test_lora_checkpoint_loads_and_merges(tiny_llava_dir, preference_file, tmp_p
         assert n == m and torch.allclose(p, q, atol=1e-6), n
 
 
+def test_lora_on_an_original_format_checkpoint_records_its_base_and_merges(tiny_llava_dir, preference_file, tmp_path):
+    """The adapter names the directory its base loads from (an original-format one here, built from a state dict),
+    so --merge_lora and a later load find it; it used to record the string "None"."""
+    from transformers import AutoModelForImageTextToText
+
+    from llava.model.convert import main as convert
+    from llava.model.load import load_model
+
+    original = tmp_path / "original"
+    convert(["to-original", "--src", str(tiny_llava_dir), "--out", str(original)])
+    out = tmp_path / "lora"
+    trainer = prepare(argv(original, preference_file, out, "--task", "LM", "--max_steps", "1", "--learning_rate", "1e-2",
+                           "--lora_enable", "True", "--lora_r", "4", "--merge_lora", "True"))
+    train(trainer)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(original)
+    merged = AutoModelForImageTextToText.from_pretrained(out / "merged")
+    adapted, _ = load_model(out, merge_lora=True)  # the base found from the adapter alone
+    trained = trainer.model.merge_and_unload().llava
+    for (n, p), (m, q), (k, r) in zip(sorted(merged.state_dict().items()), sorted(trained.state_dict().items()),
+                                      sorted(adapted.state_dict().items())):
+        assert n == m == k and torch.allclose(p, q, atol=1e-6) and torch.equal(p, r), n
+
+
+def test_merge_lora_on_a_composed_model_is_refused_before_it_loads(tmp_path, preference_file):
+    from transformers import LlamaForCausalLM
+
+    from llava.model.tiny import build
+
+    model, processor = build("llava", seed=4)
+    LlamaForCausalLM(model.config.text_config).save_pretrained(tmp_path / "lm")
+    processor.tokenizer.save_pretrained(tmp_path / "lm")
+    with pytest.raises(ValueError, match=r"--merge_lora True: a model composed from .*lm and --vision_tower is saved nowhere"):
+        prepare(argv(tmp_path / "lm", preference_file, tmp_path / "out", "--task", "LM", "--vision_tower", tmp_path / "clip",
+                     "--lora_enable", "True", "--merge_lora", "True"))
+    assert not (tmp_path / "out").exists()
+
+
 # -- learning ---------------------------------------------------------------------------------
 
 

@@ -359,7 +359,7 @@ def load_original(
         if clip_dir is None:  # unreachable: _vision_config raised already
             raise FileNotFoundError("no vision tower weights")
         hf.update(clip_vision_weights(clip_dir, HF_VISION))
-    model = from_state_dict(cls, config, hf, target_dtype, f"converting {path}")
+    model = from_state_dict(cls, config, hf, target_dtype, f"converting {path}", source=str(path))
     model.eval()
     set_generation_tokens(model, tok)
 

@@ -124,11 +124,13 @@ def import_model_classes(config) -> None:
             MODEL_MAPPING[type(cfg)]  # the lookup imports the family's modeling module
 
 
-def from_state_dict(cls, config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, what: str):
+def from_state_dict(cls, config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, what: str, source: str = ""):
     """A ``cls`` model of ``config`` holding exactly ``state_dict`` (HF in-memory names), in ``dtype``.
 
     Built by ``from_pretrained`` (ZeRO-3 aware); then every name and whole shape is checked against
     the model, so a tensor the model does not have, or lacks, is an error rather than a fresh init.
+    ``source``: the directory the model loads from again (its ``name_or_path``, which a LoRA adapter
+    records as its base); empty for a model that no single directory holds.
     """
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -142,6 +144,7 @@ def from_state_dict(cls, config, state_dict: dict[str, torch.Tensor], dtype: tor
     check_names_and_shapes(full_shapes(model), sd, what)
     if not is_deepspeed_zero3_enabled() and (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]):
         raise ValueError(f"{what}: transformers did not take the weights as they are: {info}")
+    model.config.name_or_path = model.name_or_path = source  # from_pretrained(None) leaves the string "None"
     return model
 
 

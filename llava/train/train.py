@@ -288,6 +288,10 @@ def prepare(argv: list[str] | None = None, parsed=None) -> LlavaTrainer:
     # "auto" becomes the kernel that runs, so the model card and the reference cache's key name it
     model_args.attn_implementation = attention_for(model_args, args)
     resolve_hub_arguments(model_args)
+    if args.lora_enable and args.merge_lora and checkpoint_kind(model_args.model_name_or_path) == "causal_lm":
+        raise ValueError(f"--merge_lora True: a model composed from {model_args.model_name_or_path} and --vision_tower is "
+                         "saved nowhere, so there is no base to merge the adapter into; start LoRA from a saved LLaVA "
+                         "model (the projector stage's output, say)")
     if args.deepspeed:
         refuse_abandoned_build_locks()
     # Set up the process group now: ZeRO-3 partitions weights while they load, which needs it.
@@ -396,7 +400,8 @@ def save_final_model(trainer: LlavaTrainer) -> None:
         write_projector_file(args.output_dir)
     if args.lora_enable and args.merge_lora and trainer.is_world_process_zero():
         base = trainer.model.peft_config["default"].base_model_name_or_path
-        merged, processor = load_model(args.output_dir, model_base=base, merge_lora=True)
+        tower = trainer.card.vision_tower if trainer.card else None  # an original-format base's CLIP directory
+        merged, processor = load_model(args.output_dir, model_base=base, merge_lora=True, vision_tower=tower)
         merged.generation_config = release_generation_config(processor.tokenizer)
         save_model(merged, processor, Path(args.output_dir) / "merged")
         write_model_card(Path(args.output_dir) / "merged", trainer.card.merged(), trainer.state.log_history)
