@@ -53,6 +53,9 @@ def test_the_gpu_mask_is_the_launchers_and_counts_are_checked_in_the_callers_wor
         launch("--nproc", "3").command(masked)
     with pytest.raises(LaunchError, match=r"^NUM_GPUS=3 but CUDA_VISIBLE_DEVICES=2,3 lists 2 GPU\(s\)$"):
         launch("--nproc", "3", "--script", "dpo.sh").command(masked)
+    with pytest.raises(LaunchError, match=r"^--nproc 3 but CUDA_VISIBLE_DEVICES=2,3, lists 2 GPU\(s\)$"):
+        launch("--nproc", "3").command(Host(gpus=2, cpus=32, visible="2,3,"))  # a trailing comma is no third GPU
+    assert launch("--nproc", "2").command(Host(gpus=2, cpus=32, visible="2, 3,"))[0] == ["CUDA_VISIBLE_DEVICES=2,3"]
     with pytest.raises(LaunchError, match=r"^--nproc 9 but this host has 8 GPU\(s\)$"):
         launch("--nproc", "9").command(GPU_HOST)
     for bad, message in ((["--nproc", "0"], "--nproc must be a positive number (got 0)"),

@@ -209,7 +209,7 @@ class Launch:
         elif host.cuda and host.visible:
             # DeepSpeed's --num_gpus would take GPUs 0..N-1 whatever the mask says; without it the
             # launcher runs on the GPUs CUDA_VISIBLE_DEVICES lists.
-            visible = host.visible.split(",")
+            visible = [gpu.strip() for gpu in host.visible.split(",") if gpu.strip()]  # "2,3," lists two
             if nproc > len(visible):
                 raise LaunchError(f"{self.said('nproc', nproc)} but CUDA_VISIBLE_DEVICES={host.visible} lists "
                                   f"{len(visible)} GPU(s)")
