@@ -6,7 +6,7 @@
 #   stage 1 on captions (scripts/pretrain.sh) -> SFT -> DPO and MCM-DPO from the SFT checkpoint
 #   (DeepSpeed, 2 CPU processes) -> inference on the test records -> scores, HTML report, curves
 #
-# DEMO_SIZE=full (default; 720 s measured on 2 CPU cores, see README) or smoke (a few
+# DEMO_SIZE=full (default; 714 s measured on 2 CPU cores, see README) or smoke (a few
 # steps, for CI).
 # Everything lands under $OUT (default outputs/demo). Settings: the variables below, and every
 # stage's in scripts/demo_stages.sh (shared with scripts/ablate.sh).
