@@ -57,7 +57,7 @@ def direct_published(responses: list[str], references: list[str]) -> tuple[dict,
 
     cider = CiderScorer(n=4, sigma=6.0)
     per_sample = []
-    for response, reference in zip(responses, references):
+    for response, reference in zip(responses, references, strict=True):
         if response.startswith("Assistant:"):
             response = response[len("Assistant:") :]
         response = response.strip()
@@ -81,7 +81,7 @@ def direct_published(responses: list[str], references: list[str]) -> tuple[dict,
         )
         cider += (response, [reference])
     _, cider_each = cider.compute_score()
-    for sample, value in zip(per_sample, cider_each):
+    for sample, value in zip(per_sample, cider_each, strict=True):
         sample["CIDEr"] = float(value)
     n = len(per_sample)
     values = {k: round(sum(s[k] for s in per_sample) / n, 5) * 100 for k in P.SCALED_KEYS if k != "CIDEr"}
@@ -94,7 +94,7 @@ def assert_matches_direct(row: dict, samples: list[dict], responses: list[str], 
     values, each = direct_published(responses, references)
     for key in P.PUBLISHED_KEYS:
         assert row[f"published_{key}"] == pytest.approx(values[key], rel=0, abs=1e-9), key
-        for i, (sample, direct) in enumerate(zip(samples, each)):
+        for i, (sample, direct) in enumerate(zip(samples, each, strict=True)):
             scale = 100.0 if key in P.SCALED_KEYS else 1.0
             assert sample[f"published_{key}"] == pytest.approx(scale * direct[key], rel=0, abs=1e-9), (key, i)
 
@@ -202,7 +202,7 @@ def test_cider_equals_pycocoevalcap_scorer_on_whitespace_tokens():
     references = ["A dog running on a beach", "Two cats sleeping on a sofa", "a red bike by a wall",
                   "a red bike leaning against a brick wall", "an empty room"]
     scorer = CiderScorer(n=4, sigma=6.0)
-    for c, r in zip(candidates, references):
+    for c, r in zip(candidates, references, strict=True):
         scorer += (c, [r])
     _, expected = scorer.compute_score()
     assert P.cider_d(candidates, references) == pytest.approx(list(expected), rel=0, abs=1e-12)
@@ -211,7 +211,7 @@ def test_cider_equals_pycocoevalcap_scorer_on_whitespace_tokens():
 def test_rounding_as_released():
     # round(mean, 5) * 100 keeps the float noise of the multiplication, as released
     raw = [dict.fromkeys(P.PUBLISHED_KEYS, 0.0) for _ in range(3)]
-    for sample, v in zip(raw, (0.1, 0.2, 0.123456)):
+    for sample, v in zip(raw, (0.1, 0.2, 0.123456), strict=True):
         sample["bleu_1"] = v
         sample["edit_distance"] = 3 * v
     values = P.file_values(raw, [0.0, 0.0, 0.0])

@@ -10,6 +10,7 @@ from llava.model.tiny import build, build_tokenizer
 
 PLAIN = r"""
 import sys
+import torch
 from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, AutoProcessor
 path = sys.argv[1]
@@ -23,6 +24,8 @@ inputs = processor(images=image, text=prompt, return_tensors="pt")
 out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
 new = out[0, inputs["input_ids"].shape[1]:]
 assert len(new) > 0
+with torch.no_grad():  # greedy decoding's first token is the plain forward's most likely next token
+    assert new[0] == model(**inputs).logits[0, -1].argmax()
 assert not any(m == "llava" or m.startswith("llava.") for m in sys.modules), "the project was imported"
 print(type(model).__name__, type(processor).__name__, prompt.count("<image>"), repr(processor.decode(new)))
 """

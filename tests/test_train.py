@@ -105,7 +105,7 @@ def test_lora_checkpoint_loads_and_merges(tiny_llava_dir, preference_file, tmp_p
     assert (out / "adapter_config.json").is_file()
     merged = AutoModelForImageTextToText.from_pretrained(out / "merged")
     trained = trainer.model.merge_and_unload().llava  # the peft model holds the ScoringModel, which holds the LLaVA model
-    for (n, p), (m, q) in zip(sorted(merged.state_dict().items()), sorted(trained.state_dict().items())):
+    for (n, p), (m, q) in zip(sorted(merged.state_dict().items()), sorted(trained.state_dict().items()), strict=True):
         assert n == m and torch.allclose(p, q, atol=1e-6), n
 
 
@@ -128,7 +128,7 @@ def test_lora_on_an_original_format_checkpoint_records_its_base_and_merges(tiny_
     adapted, _ = load_model(out, merge_lora=True)  # the base found from the adapter alone
     trained = trainer.model.merge_and_unload().llava
     for (n, p), (m, q), (k, r) in zip(sorted(merged.state_dict().items()), sorted(trained.state_dict().items()),
-                                      sorted(adapted.state_dict().items())):
+                                      sorted(adapted.state_dict().items()), strict=True):
         assert n == m == k and torch.allclose(p, q, atol=1e-6) and torch.equal(p, r), n
 
 
