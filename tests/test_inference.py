@@ -454,8 +454,13 @@ def test_lora_adapter_with_model_base(tiny_llava_dir, tmp_path):
     adapter.save_pretrained(tmp_path / "lora")
     run_main(tmp_path / "lora", [FIX / "pope.jsonl"], tmp_path / "lora.jsonl", "--model_base", tiny_llava_dir, *FAST)
     run_main(tiny_llava_dir, [FIX / "pope.jsonl"], tmp_path / "base.jsonl", *FAST)
+    # the same adapter folded in by peft itself and saved as a plain checkpoint: the answers the adapter gives
+    shutil.copytree(tiny_llava_dir, tmp_path / "merged")
+    adapter.merge_and_unload().save_pretrained(tmp_path / "merged")
+    run_main(tmp_path / "merged", [FIX / "pope.jsonl"], tmp_path / "merged.jsonl", *FAST)
     lora, base = read_jsonl(tmp_path / "lora.jsonl"), read_jsonl(tmp_path / "base.jsonl")
     assert len(lora) == 3 and [r["response"] for r in lora] != [r["response"] for r in base]
+    assert [r["response"] for r in lora] == [r["response"] for r in read_jsonl(tmp_path / "merged.jsonl")]
 
 
 # ---------------------------------------------------------------------------------------------
