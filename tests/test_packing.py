@@ -173,9 +173,10 @@ def test_packed_equals_naive_in_bf16(kernel, tiny_llava_dir, preference_file):
 
     bf16 keeps 8 bits of mantissa (a rounding error of up to 2^-9 = 0.2 % per operation); the
     packed and naive paths round in different places (other shapes, other kernels, the head in
-    chunks), so they cannot agree to fp32's 1e-5. The bar: the packed step's log-probs stay within
-    2e-2 of the naive bf16 step's, and its gradient is no further from the fp32 gradient than
-    twice the published (naive) bf16 step's own error (both are about 1 % here).
+    chunks), so they cannot agree to fp32's 1e-5. The bar: the packed step's log-probs and gradient
+    are no further from the fp32 step's than twice the published (naive) bf16 step's own error
+    (measured: 1e-4 relative for the log-probs, summed in float32, and about 1 % for the gradient),
+    and its log-probs stay within 1e-3 of the naive bf16 step's (measured: 1e-5 and below).
     """
     reference = {c: torch.full((3,), -30.0) for c in CONDITIONS}
 
@@ -187,8 +188,8 @@ def test_packed_equals_naive_in_bf16(kernel, tiny_llava_dir, preference_file):
     truth, naive_bf16, packed_bf16 = step(torch.float32, True), step(torch.bfloat16, True), step(torch.bfloat16, False, kernel)
     assert packed_bf16[0].dtype == torch.float32  # log-softmax in float32 even for a bf16 model
     assert all(g.dtype == torch.bfloat16 for g in packed_bf16[1].values())
-    assert ((packed_bf16[0] - naive_bf16[0]).abs() / naive_bf16[0].abs()).max().item() < 2e-2
-    _, naive_err = relative_errors(naive_bf16, truth)
+    assert ((packed_bf16[0] - naive_bf16[0]).abs() / naive_bf16[0].abs()).max().item() < 1e-3
+    naive_logp_err, naive_err = relative_errors(naive_bf16, truth)
     logp_err, packed_err = relative_errors(packed_bf16, truth)
-    assert logp_err < 2e-2
+    assert 0 < logp_err <= 2 * naive_logp_err and logp_err < 1e-3, (logp_err, naive_logp_err)
     assert 0 < packed_err <= 2 * naive_err and packed_err < 3e-2, (packed_err, naive_err)
