@@ -389,6 +389,11 @@ def test_clear_errors(tmp_path, tiny_llava_dir):
         O.original_to_hf(tmp_path / "empty", tmp_path / "out")
     with pytest.raises(ValueError, match="already in the original"):
         C.hf_to_original(ckpt, tmp_path / "out2")
+    # A model loaded from the original layout names that directory, which holds no HF processor: asked for
+    model, _ = O.load_original(ckpt)
+    assert model.name_or_path == str(ckpt)
+    with pytest.raises(ValueError, match="hf_to_original needs the processor"):
+        C.hf_to_original(model, tmp_path / "out3")
 
 
 def test_standard_openai_tower_is_named_not_copied():

@@ -193,7 +193,7 @@ def hf_to_original(
         model = model_or_path
     if processor is None:
         name = getattr(model, "name_or_path", "") or ""
-        if name and Path(name).is_dir():
+        if name and Path(name).is_dir() and not is_original_format(name):  # an HF directory holds the processor
             from llava.model.tokenizer import load_processor
 
             src_dir = Path(name)
