@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import BatchSampler
 from accelerate.data_loader import BatchSamplerShard, DataLoaderShard, skip_first_batches
 
 from llava.data.sampler import ModalityLengthGroupedSampler
