@@ -1,8 +1,12 @@
 """The trainer reaches transformers' Trainer through public hooks: no override of a private method to break on an upgrade."""
 
+import pytest
+import torch
 from transformers import Trainer, TrainerControl, TrainerState
 
-from llava.train.saving import CheckpointWriter
+from llava.model.weights import hub_name
+from llava.train.saving import CheckpointWriter, take_saved_names
+from llava.train.step import ScoringModel
 from llava.train.trainer import LlavaTrainer
 
 # Private Trainer methods a subclass may override, and why.
@@ -70,3 +74,26 @@ def test_a_checkpoint_waits_for_the_log_entry_and_the_evaluation_of_its_step():
     epoch_end = [("step_end", {"should_log": True}, None), ("log", {}, {"loss": 1.0}),
                  ("epoch_end", {"should_save": True, "should_log": True}, None)]
     assert run_events(RecordingWriter(), epoch_end) == ["epoch_end"]
+
+
+# -- full-weight resume: the Trainer hands the model it holds the saved file's names ------------------------
+
+
+def test_saved_names_load_into_the_scoring_model():
+    """llava-hf names (a saved model.safetensors, the tied head left out as saved), in-memory names (an engine
+    checkpoint) and the older ``llava.``-prefixed ones all load the same tensors; a foreign name is refused."""
+    from llava.model.tiny import build
+
+    model = ScoringModel(build("llava", seed=0)[0])
+    model.register_load_state_dict_pre_hook(take_saved_names)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    assert set(own) == set(model.llava.state_dict())  # the wrapper's names are the LLaVA model's own
+    target = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in own.items()}
+    tied = model.llava.config.get_text_config().tie_word_embeddings
+    for names in ({hub_name(k): v for k, v in target.items() if not (tied and k == "lm_head.weight")}, dict(target),
+                  {"llava." + k: v for k, v in target.items()}):
+        model.load_state_dict(own)
+        model.load_state_dict(names)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in target.items())
+    with pytest.raises(ValueError, match=r"not this model's: 1 unknown, e.g. head.weight"):
+        model.load_state_dict({**target, "head.weight": torch.zeros(1)})

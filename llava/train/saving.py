@@ -76,11 +76,12 @@ def take_saved_names(module, state_dict, prefix, *args) -> None:
     under their llava-hf names, renamed to the in-memory ones.
 
     What the Trainer's resume (without DeepSpeed) hands the model it holds is ``model.safetensors`` as saved;
-    in-memory names (DeepSpeed's engine checkpoints) pass untouched.
+    in-memory names (DeepSpeed's engine checkpoints) pass untouched, and so do those of engine checkpoints
+    written when the wrapper held the LLaVA model as ``llava`` (``llava.`` + in-memory names).
     """
     if prefix or not state_dict:
         return
-    renamed = {memory_name(k): v for k, v in state_dict.items()}
+    renamed = {memory_name(k.removeprefix("llava.")): v for k, v in state_dict.items()}
     own = module.state_dict(keep_vars=True)
     for name, tensor in own.items():  # a tied weight is written once (save_llava_weights): its twin's
         twin = next((k for k, v in own.items() if v is tensor and k in renamed), None) if name not in renamed else None
