@@ -73,6 +73,7 @@ demo_preference() {
 preference_data() {
   if [ -z "${PREF_RECORDS:-}" ]; then echo "$DATA/preference.json"; return; fi
   local subset="${1%/}.preference-$PREF_RECORDS.json"
+  case "$subset" in /*) ;; *) subset="$PWD/$subset" ;; esac  # absolute, as the stage script makes a path that exists
   if [ "${DRY_RUN:-0}" = 1 ]; then echo "$subset"; return; fi  # a dry run writes nothing
   mkdir -p "$(dirname "$subset")"
   "$PYTHON" -c 'import json, sys; json.dump(json.load(open(sys.argv[1]))[:int(sys.argv[3])], open(sys.argv[2], "w"))' \
